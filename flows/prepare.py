@@ -1,0 +1,111 @@
+"""The preparation flow: fetch -> inspect -> quantize + pack per layer -> write -> verify.
+
+Orchestration only: retries on fetch, per-layer tasks whose finished work survives an
+interruption (the stage keeps each finished layer in the staging folder; the task's cache key
+says whether it is there, so a rerun skips it), a summary artifact, progress in the log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from ..manifests.checkpoint import SourceCheckpoint
+from ..stages.fetch import fetch_source
+from ..stages.pack import LayerJob, pack_layer, staged_layer
+from ..stages.quantize import ExpertRecipe
+from ..stages.write import SourceInfo, finalize, staging_dir, write_bundle
+
+
+@task(name="fetch", retries=3, retry_delay_seconds=[2, 10, 30])
+def fetch_task(source: str, revision: str | None):
+    return fetch_source(source, revision=revision)
+
+
+@task(name="inspect")
+def inspect_task(path: Path) -> dict:
+    ckpt = SourceCheckpoint.open(path)
+    dims = ckpt.dims
+    get_run_logger().info(
+        "%s: %d MoE layers x %d experts, top-%d, hidden %d, expert intermediate %d",
+        ckpt.family.name, len(ckpt.expert_layers), dims.num_experts, dims.experts_per_token,
+        dims.hidden_size, dims.expert_intermediate_size,
+    )
+    return {"family": ckpt.family.name, "layers": ckpt.expert_layers, **asdict(dims)}
+
+
+def _layer_cache_key(context, parameters) -> str:
+    # A finished layer (its file and sidecar in the staging folder, for this very job) is a cache
+    # hit; anything else runs. The staging folder stays the source of truth for what is done.
+    job, staging = parameters["job"], Path(parameters["staging"])
+    done = staged_layer(staging, job) is not None
+    digest = hashlib.sha256(f"{staging.resolve()}|{job.key()}|{done}".encode()).hexdigest()
+    return f"moestream-layer-{job.layer}-{digest}" if done else f"moestream-layer-run-{digest}-{id(context)}"
+
+
+@task(name="pack-layer", cache_key_fn=_layer_cache_key, persist_result=True)
+def pack_layer_task(path: Path, job: LayerJob, staging: Path):
+    extents = pack_layer(SourceCheckpoint.open(path), job, staging)
+    get_run_logger().info("layer %d: %d experts packed, %.1f MB", job.layer, len(extents), sum(e.nbytes for e in extents) / 1e6)
+    return extents
+
+
+@task(name="write")
+def write_task(path: Path, staging: Path, extents, recipe, source: SourceInfo, resident_bits):
+    return write_bundle(SourceCheckpoint.open(path), staging, extents, recipe, source, resident_bits)
+
+
+@task(name="verify")
+def verify_task(staging: Path, out: Path, overwrite: bool) -> str:
+    return str(finalize(staging, out, overwrite).root)
+
+
+def summary_markdown(meta: dict, out: Path) -> str:
+    e, lay = meta["experts"], meta["layout"]
+    return "\n".join(
+        [
+            f"# moestream bundle: {out.name}",
+            f"- family: `{meta['family']}`, source: `{meta['source'].get('repo_id') or 'local folder'}`",
+            f"- {e['num_moe_layers']} MoE layers x {e['num_experts']} experts, top-{e['experts_per_token']}",
+            f"- expert bits: {e['bits']} (group size {e['group_size']}), resident bits: {meta['resident']['bits'] or 'source'}",
+            f"- expert bytes: {lay['expert_bytes']:,}; resident bytes: {meta['resident']['nbytes']:,}",
+            f"- expert bytes read per token with nothing cached: {lay['expert_bytes_per_token']:,}",
+        ]
+    )
+
+
+@flow(name="prepare-bundle", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+def prepare_bundle(
+    source: str,
+    out: str,
+    expert_bits: int = 4,
+    group_size: int = 64,
+    resident_bits: int | None = None,
+    revision: str | None = None,
+    overwrite: bool = False,
+) -> dict:
+    out_path = Path(out).absolute()
+    if out_path.exists() and not overwrite:
+        raise FileExistsError(f"{out_path} exists; pass --overwrite to replace it")
+    recipe = ExpertRecipe(bits=expert_bits, group_size=group_size)
+    fetched = fetch_task(source, revision)
+    info = inspect_task(fetched.path)
+    staging = staging_dir(out_path)
+    staging.mkdir(parents=True, exist_ok=True)
+    order = tuple(range(info["num_experts"]))
+    bits = (expert_bits,) * info["num_experts"]
+    futures = [
+        pack_layer_task.submit(fetched.path, LayerJob(layer, recipe, order, bits), staging)
+        for layer in info["layers"]
+    ]
+    extents = [e for f in futures for e in f.result()]
+    source_info = SourceInfo(fetched.repo_id, fetched.revision, fetched.commit)
+    meta = write_task(fetched.path, staging, extents, recipe, source_info, resident_bits)
+    final = verify_task(staging, out_path, overwrite)
+    create_markdown_artifact(markdown=summary_markdown(meta, out_path), key="bundle-summary", description="moestream bundle")
+    return {"bundle": final, **meta["layout"], "resident_bytes": meta["resident"]["nbytes"]}

@@ -1,0 +1,265 @@
+"""The bundle format, version 1: what the files are, how an expert extent is packed, and a
+validating reader. This module (with layout.py) is the only code that knows the format.
+
+A bundle is untrusted input (it may come from the Hub): `open_bundle` checks the format version,
+that every path stays inside the bundle, every extent lies inside its file and overlaps no
+other, and that sizes agree with shapes, dtypes and bits; `verify_bundle` also checks every
+checksum. Any violation is a `BundleError` naming the file and the row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+
+from .tensors import DTYPES, from_buffer, nbytes_of
+
+FORMAT_NAME = "moestream-bundle"
+FORMAT_VERSION = 1
+EXTENT_ALIGNMENT = 16 * 1024  # extents start on 16 KiB boundaries: O_DIRECT-friendly on every OS
+TENSOR_ALIGNMENT = 64  # tensors inside an extent, so views are aligned for any dtype / SIMD
+
+BUNDLE_JSON = "bundle.json"
+CONFIG_JSON = "config.json"
+RESIDENT_FILE = "resident.safetensors"
+LAYOUT_FILE = "layout.parquet"
+EXPERTS_DIR = "experts"
+CODECS = ("none", "zstd")
+QUANT_MODES = ("affine",)
+
+
+class BundleError(ValueError):
+    """The bundle is malformed or does not match its manifest; the message names where."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor inside an expert extent, named relative to the layer's switch module."""
+
+    name: str  # e.g. "gate_proj.weight", "gate_proj.scales", "down_proj.bias"
+    offset: int  # within the (decoded) extent
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+    bits: int | None = None  # set on the three tensors of a quantized projection
+    group_size: int | None = None
+    mode: str | None = None
+
+
+@dataclass(frozen=True)
+class ExpertExtent:
+    layer: int
+    expert: int
+    file: str  # relative to the bundle root, e.g. "experts/layer_003.bin"
+    offset: int
+    nbytes: int  # bytes on disk
+    checksum: str  # "sha256:<hex>" of the bytes on disk
+    codec: str
+    raw_nbytes: int  # decoded size (== nbytes for codec "none")
+    tensors: tuple[TensorEntry, ...] = field(default_factory=tuple)
+
+    @property
+    def label(self) -> str:
+        return f"layer {self.layer} expert {self.expert} ({self.file} @ {self.offset})"
+
+
+def sha256_hex(data) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path, chunk: int = 16 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def align(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+# ---------------------------------------------------------------- packing one expert
+
+
+@dataclass(frozen=True)
+class PackedTensor:
+    """A tensor ready to pack: its bytes plus what the entry records about it."""
+
+    name: str
+    data: bytes
+    dtype: str
+    shape: tuple[int, ...]
+    bits: int | None = None
+    group_size: int | None = None
+    mode: str | None = None
+
+
+def pack_extent(tensors: list[PackedTensor]) -> tuple[bytes, tuple[TensorEntry, ...]]:
+    """Concatenate tensors (each 64-byte aligned) into one extent's bytes, and their entries."""
+    parts, entries, offset = [], [], 0
+    for t in tensors:
+        pad = align(offset, TENSOR_ALIGNMENT) - offset
+        if pad:
+            parts.append(b"\0" * pad)
+            offset += pad
+        entries.append(TensorEntry(t.name, offset, len(t.data), t.dtype, tuple(t.shape), t.bits, t.group_size, t.mode))
+        parts.append(t.data)
+        offset += len(t.data)
+    return b"".join(parts), tuple(entries)
+
+
+def unpack_extent(buf, entries: tuple[TensorEntry, ...]) -> dict[str, mx.array]:
+    """The MLX arrays of one decoded extent (copies: the buffer may be reused afterwards)."""
+    view = memoryview(buf)
+    return {e.name: from_buffer(view[e.offset : e.offset + e.nbytes], e.dtype, e.shape) for e in entries}
+
+
+# ---------------------------------------------------------------- checks on one row
+
+
+def check_tensor_entry(entry: TensorEntry, raw_nbytes: int) -> str | None:
+    """What is wrong with one tensor entry, or None."""
+    if entry.dtype not in DTYPES:
+        return f"tensor {entry.name!r} has unknown dtype {entry.dtype!r}"
+    if any((not isinstance(s, int)) or s < 0 for s in entry.shape):
+        return f"tensor {entry.name!r} has a bad shape {list(entry.shape)}"
+    if entry.offset < 0 or entry.offset + entry.nbytes > raw_nbytes:
+        return f"tensor {entry.name!r} [{entry.offset}, +{entry.nbytes}) lies outside the extent of {raw_nbytes} bytes"
+    if nbytes_of(entry.dtype, entry.shape) != entry.nbytes:
+        return (
+            f"tensor {entry.name!r} is {entry.nbytes} bytes but {entry.dtype}{list(entry.shape)} "
+            f"needs {nbytes_of(entry.dtype, entry.shape)}"
+        )
+    if entry.bits is not None:
+        if entry.bits not in (2, 3, 4, 5, 6, 8) or entry.group_size not in (32, 64, 128):
+            return f"tensor {entry.name!r} has unsupported bits={entry.bits} group_size={entry.group_size}"
+        if entry.mode not in QUANT_MODES:
+            return f"tensor {entry.name!r} has unsupported quantization mode {entry.mode!r}"
+    return None
+
+
+def check_quantized_shapes(extent: ExpertExtent) -> str | None:
+    """For each quantized projection: weight, scales and biases must describe the same matrix."""
+    by_name = {t.name: t for t in extent.tensors}
+    for t in extent.tensors:
+        if t.bits is None or not t.name.endswith(".weight"):
+            continue
+        proj = t.name[: -len(".weight")]
+        if t.dtype != "uint32" or len(t.shape) != 2:
+            return f"quantized {t.name!r} must be a 2-D uint32 tensor, got {t.dtype}{list(t.shape)}"
+        in_dims = t.shape[1] * 32 // t.bits
+        if t.shape[1] * 32 % t.bits or in_dims % t.group_size:
+            return f"quantized {t.name!r}: {t.shape[1]} words of {t.bits} bits do not make whole groups of {t.group_size}"
+        want = (t.shape[0], in_dims // t.group_size)
+        for part in ("scales", "biases"):
+            other = by_name.get(f"{proj}.{part}")
+            if other is None:
+                return f"quantized {t.name!r} has no {proj}.{part}"
+            if tuple(other.shape) != want or other.bits != t.bits or other.group_size != t.group_size:
+                return (
+                    f"{proj}.{part} {list(other.shape)} (bits={other.bits}, group={other.group_size}) does not "
+                    f"match {t.name!r}: want {list(want)} (bits={t.bits}, group={t.group_size})"
+                )
+    return None
+
+
+def check_extent(extent: ExpertExtent) -> str | None:
+    if extent.codec not in CODECS:
+        return f"unknown codec {extent.codec!r} (known: {', '.join(CODECS)})"
+    if extent.nbytes <= 0 or extent.offset < 0 or extent.raw_nbytes <= 0:
+        return f"bad extent [{extent.offset}, +{extent.nbytes}) raw {extent.raw_nbytes}"
+    if extent.codec == "none" and extent.raw_nbytes != extent.nbytes:
+        return f"codec 'none' but nbytes {extent.nbytes} != raw_nbytes {extent.raw_nbytes}"
+    if not extent.tensors:
+        return "the extent lists no tensors"
+    for t in extent.tensors:
+        problem = check_tensor_entry(t, extent.raw_nbytes)
+        if problem:
+            return problem
+    return check_quantized_shapes(extent)
+
+
+# ---------------------------------------------------------------- paths
+
+
+def safe_path(root: Path, rel: str, what: str) -> Path:
+    """`root/rel`, refusing absolute paths, `..`, and symlinks that lead outside the bundle."""
+    if not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or os.path.isabs(rel):
+        raise BundleError(f"{what}: path {rel!r} is absolute or empty; bundle paths must be relative")
+    parts = Path(rel).parts
+    if ".." in parts or "\\" in rel:
+        raise BundleError(f"{what}: path {rel!r} escapes the bundle")
+    path = root / rel
+    real_root = root.resolve()
+    real = path.resolve()
+    if real != real_root and real_root not in real.parents:
+        raise BundleError(f"{what}: path {rel!r} resolves outside the bundle (symlink to {real})")
+    return path
+
+
+# ---------------------------------------------------------------- bundle.json
+
+
+def read_bundle_json(root: Path) -> dict:
+    path = root / BUNDLE_JSON
+    if not path.is_file():
+        raise BundleError(f"{root}: no {BUNDLE_JSON}; not a moestream bundle")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise BundleError(f"{path}: format is {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT_NAME!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{path}: format_version {meta.get('format_version')!r} is not supported "
+            f"(this moestream reads version {FORMAT_VERSION}); upgrade moestream or re-prepare the bundle"
+        )
+    return meta
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def extent_to_dict(e: ExpertExtent) -> dict:
+    d = asdict(e)
+    d["tensors"] = [asdict(t) for t in e.tensors]
+    return d
+
+
+def extent_from_dict(d: dict) -> ExpertExtent:
+    tensors = tuple(
+        TensorEntry(
+            name=t["name"], offset=int(t["offset"]), nbytes=int(t["nbytes"]), dtype=t["dtype"],
+            shape=tuple(int(s) for s in t["shape"]), bits=t.get("bits"), group_size=t.get("group_size"),
+            mode=t.get("mode"),
+        )
+        for t in d["tensors"]
+    )
+    return ExpertExtent(
+        layer=int(d["layer"]), expert=int(d["expert"]), file=d["file"], offset=int(d["offset"]),
+        nbytes=int(d["nbytes"]), checksum=d["checksum"], codec=d["codec"], raw_nbytes=int(d["raw_nbytes"]),
+        tensors=tensors,
+    )
+
+
+def expert_bytes_per_token(extents: list[ExpertExtent], experts_per_token: int, num_layers: int) -> int:
+    """Expert bytes read per token with nothing cached: k mean-sized experts in every MoE layer."""
+    if not extents:
+        return 0
+    mean = sum(e.nbytes for e in extents) / len(extents)
+    return int(math.ceil(mean * experts_per_token * num_layers))

@@ -1,0 +1,101 @@
+"""layout.parquet: one row per (layer, expert) saying where its extent lives and what it holds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .bundle import BundleError, ExpertExtent, TensorEntry
+
+TENSOR_TYPE = pa.struct(
+    [
+        ("name", pa.string()),
+        ("offset", pa.int64()),
+        ("nbytes", pa.int64()),
+        ("dtype", pa.string()),
+        ("shape", pa.list_(pa.int64())),
+        ("bits", pa.int32()),
+        ("group_size", pa.int32()),
+        ("mode", pa.string()),
+    ]
+)
+
+SCHEMA = pa.schema(
+    [
+        ("layer", pa.int32()),
+        ("expert", pa.int32()),
+        ("file", pa.string()),
+        ("offset", pa.int64()),
+        ("nbytes", pa.int64()),
+        ("checksum", pa.string()),
+        ("codec", pa.string()),
+        ("raw_nbytes", pa.int64()),
+        ("tensors", pa.list_(TENSOR_TYPE)),
+    ]
+)
+
+
+def write_layout(path: Path, extents: list[ExpertExtent]) -> None:
+    """Write layout.parquet atomically (temp name, fsync, rename)."""
+    rows = sorted(extents, key=lambda e: (e.layer, e.expert))
+    columns = {name: [] for name in SCHEMA.names}
+    for e in rows:
+        for name in SCHEMA.names:
+            if name == "tensors":
+                columns[name].append(
+                    [
+                        {
+                            "name": t.name, "offset": t.offset, "nbytes": t.nbytes, "dtype": t.dtype,
+                            "shape": list(t.shape), "bits": t.bits, "group_size": t.group_size, "mode": t.mode,
+                        }
+                        for t in e.tensors
+                    ]
+                )
+            else:
+                columns[name].append(getattr(e, name))
+    table = pa.table(columns, schema=SCHEMA)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_layout(path: Path) -> list[ExpertExtent]:
+    """Read layout.parquet, checking its columns and types; rows are not validated here."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise BundleError(f"{path}: cannot read as Parquet ({e})") from None
+    missing = [n for n in SCHEMA.names if n not in table.column_names]
+    if missing:
+        raise BundleError(f"{path}: missing columns {missing}")
+    try:
+        table = table.select(SCHEMA.names).cast(SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise BundleError(f"{path}: columns have the wrong types ({e})") from None
+    extents = []
+    for i, row in enumerate(table.to_pylist()):
+        if any(row[n] is None for n in SCHEMA.names):
+            raise BundleError(f"{path} row {i}: null in a required column")
+        try:
+            tensors = tuple(
+                TensorEntry(
+                    name=t["name"], offset=t["offset"], nbytes=t["nbytes"], dtype=t["dtype"],
+                    shape=tuple(t["shape"]), bits=t["bits"], group_size=t["group_size"], mode=t["mode"],
+                )
+                for t in row["tensors"]
+            )
+        except (TypeError, KeyError) as e:
+            raise BundleError(f"{path} row {i}: malformed tensor list ({e})") from None
+        extents.append(
+            ExpertExtent(
+                layer=row["layer"], expert=row["expert"], file=row["file"], offset=row["offset"],
+                nbytes=row["nbytes"], checksum=row["checksum"], codec=row["codec"],
+                raw_nbytes=row["raw_nbytes"], tensors=tensors,
+            )
+        )
+    return extents

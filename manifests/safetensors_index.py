@@ -1,0 +1,113 @@
+"""Where each tensor of a safetensors checkpoint lives: file, byte offset, dtype, shape.
+
+We parse the safetensors header ourselves instead of using `safe_open(...).get_slice`: the
+numpy/MLX backends of `safetensors` cannot hand out bfloat16 slices, and the runtime's
+CheckpointStore needs the raw byte range of one expert anyway (to read it with its own
+O_DIRECT reader). One expert of a stacked [E, ...] tensor is a contiguous run of rows, so the
+byte range is exact and memory stays bounded by one expert.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+from .tensors import SAFETENSORS_DTYPES, from_buffer, itemsize
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class CheckpointError(ValueError):
+    """A source checkpoint that cannot be read as it claims to be."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: str  # our dtype name, e.g. "bfloat16"
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in `file`
+    nbytes: int
+
+    def rows_range(self, start: int, stop: int) -> tuple[int, int]:
+        """(absolute offset, nbytes) of rows [start, stop) along axis 0."""
+        row = self.nbytes // self.shape[0] if self.shape and self.shape[0] else 0
+        return self.offset + start * row, (stop - start) * row
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse one safetensors file's header, checking every entry lies inside the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (hlen,) = struct.unpack("<Q", raw)
+        if hlen > min(MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(f"{path}: safetensors header length {hlen} is not plausible")
+        try:
+            header = json.loads(f.read(hlen))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    base = 8 + hlen
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has dtype {entry.get('dtype')!r}, which moestream "
+                f"does not read (supported: {', '.join(SAFETENSORS_DTYPES)})"
+            )
+        shape = tuple(int(s) for s in entry["shape"])
+        begin, end = (int(x) for x in entry["data_offsets"])
+        if end - begin != itemsize(dtype) * math.prod(shape) or base + end > size:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} {dtype}{list(shape)} has data_offsets "
+                f"[{begin}, {end}] inconsistent with its shape or past the end of the file"
+            )
+        out[name] = TensorInfo(name, path, dtype, shape, base + begin, end - begin)
+    return out
+
+
+def index_folder(folder: Path) -> dict[str, TensorInfo]:
+    """Every tensor of every `*.safetensors` file in `folder` (shards included)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no *.safetensors files (moestream reads safetensors only)")
+    tensors: dict[str, TensorInfo] = {}
+    for path in files:
+        for name, info in read_header(path).items():
+            if name in tensors:
+                raise CheckpointError(f"{folder}: tensor {name!r} appears in {tensors[name].file.name} and {path.name}")
+            tensors[name] = info
+    return tensors
+
+
+def read_bytes(info_file: Path, offset: int, nbytes: int) -> bytes:
+    fd = os.open(info_file, os.O_RDONLY)
+    try:
+        data = os.pread(fd, nbytes, offset)
+    finally:
+        os.close(fd)
+    if len(data) != nbytes:
+        raise CheckpointError(f"{info_file}: short read at offset {offset} ({len(data)} of {nbytes} bytes)")
+    return data
+
+
+def read_tensor(info: TensorInfo) -> mx.array:
+    return from_buffer(read_bytes(info.file, info.offset, info.nbytes), info.dtype, info.shape)
+
+
+def read_rows(info: TensorInfo, start: int, stop: int) -> mx.array:
+    """Rows [start, stop) of a tensor along axis 0, reading only those bytes."""
+    offset, nbytes = info.rows_range(start, stop)
+    return from_buffer(read_bytes(info.file, offset, nbytes), info.dtype, (stop - start, *info.shape[1:]))

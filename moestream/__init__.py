@@ -1,0 +1,1 @@
+"""moestream: stream MoE experts from disk."""

@@ -1,0 +1,80 @@
+"""Layout + write for one MoE layer: every expert's tensors packed into one aligned extent,
+in a given order, into one file per layer; written to a temporary name and renamed into place,
+with a sidecar that lets an interrupted preparation resume without redoing the layer."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..manifests.bundle import (
+    EXTENT_ALIGNMENT,
+    EXPERTS_DIR,
+    ExpertExtent,
+    align,
+    extent_from_dict,
+    extent_to_dict,
+    pack_extent,
+    sha256_hex,
+)
+from ..manifests.checkpoint import SourceCheckpoint
+from .quantize import ExpertRecipe, quantize_expert
+
+
+@dataclass(frozen=True)
+class LayerJob:
+    layer: int
+    recipe: ExpertRecipe
+    order: tuple[int, ...]  # experts in file order (identity unless a profile says otherwise)
+    bits: tuple[int, ...]  # per expert (index = expert id): the bit plan
+
+    def key(self) -> str:
+        """What the layer's bytes depend on; a staged layer with another key is redone."""
+        return json.dumps({"recipe": asdict(self.recipe), "order": self.order, "bits": self.bits}, sort_keys=True)
+
+
+def layer_file(layer: int) -> str:
+    return f"{EXPERTS_DIR}/layer_{layer:03d}.bin"
+
+
+def staged_layer(staging: Path, job: LayerJob) -> list[ExpertExtent] | None:
+    """The extents of a layer finished by an earlier run with the same job, if any."""
+    sidecar = staging / (layer_file(job.layer) + ".json")
+    if not sidecar.is_file() or not (staging / layer_file(job.layer)).is_file():
+        return None
+    data = json.loads(sidecar.read_text())
+    if data.get("key") != job.key():
+        return None
+    return [extent_from_dict(d) for d in data["extents"]]
+
+
+def pack_layer(ckpt: SourceCheckpoint, job: LayerJob, staging: Path) -> list[ExpertExtent]:
+    """Quantize and pack one layer's experts into `staging/experts/layer_NNN.bin`."""
+    done = staged_layer(staging, job)
+    if done is not None:
+        return done
+    rel = layer_file(job.layer)
+    path = staging / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    extents, offset = [], 0
+    with open(tmp, "wb") as f:
+        for expert in job.order:
+            where = f"layer {job.layer} expert {expert}"
+            tensors = ckpt.read_expert(job.layer, expert)
+            data, entries = pack_extent(quantize_expert(tensors, job.bits[expert], job.recipe, where))
+            extents.append(ExpertExtent(job.layer, expert, rel, offset, len(data), sha256_hex(data), "none", len(data), entries))
+            f.write(data)
+            end = align(offset + len(data), EXTENT_ALIGNMENT)
+            f.write(b"\0" * (end - offset - len(data)))
+            offset = end
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    sidecar = path.with_name(path.name + ".json")
+    sidecar_tmp = sidecar.with_name(sidecar.name + ".tmp")
+    sidecar_tmp.write_text(json.dumps({"key": job.key(), "extents": [extent_to_dict(e) for e in extents]}))
+    os.replace(sidecar_tmp, sidecar)
+    return extents

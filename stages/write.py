@@ -1,0 +1,179 @@
+"""Write: assemble the bundle in its staging folder (config, tokenizer, resident weights,
+layout, bundle.json), verify it, and only then rename it into place."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+import mlx.core as mx
+
+from ..manifests.bundle import (
+    BUNDLE_JSON,
+    CONFIG_JSON,
+    EXTENT_ALIGNMENT,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LAYOUT_FILE,
+    RESIDENT_FILE,
+    ExpertExtent,
+    expert_bytes_per_token,
+    file_sha256,
+    write_json_atomic,
+)
+from ..manifests.checkpoint import SourceCheckpoint
+from ..manifests.layout import write_layout
+from ..manifests.open import Bundle, open_bundle
+from .quantize import ExpertRecipe
+
+TOKENIZER_PATTERNS = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "*.tiktoken", "chat_template.jinja",
+    "chat_template.json", "generation_config.json",
+)
+ROUTER_SUFFIXES = ("mlp.gate", "block_sparse_moe.gate", "mlp.router", "shared_expert_gate")
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    repo_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+
+
+def staging_dir(out: Path) -> Path:
+    """Deterministic, so that a rerun after an interruption finds the finished layers."""
+    return out.parent / f".{out.name}.partial"
+
+
+def copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for pattern in TOKENIZER_PATTERNS:
+        for path in sorted(src.glob(pattern)):
+            shutil.copyfile(path, dst / path.name)
+            copied.append(path.name)
+    return copied
+
+
+def quantize_resident(weights: dict, model, bits: int, group_size: int) -> dict:
+    """Optionally store resident Linear/Embedding weights at `bits` (never routers/gates)."""
+    modules = dict(model.named_modules())
+    out = {}
+    for name, w in weights.items():
+        path = name[: -len(".weight")] if name.endswith(".weight") else None
+        module = modules.get(path) if path else None
+        quantizable = (
+            module is not None and hasattr(module, "to_quantized") and w.ndim == 2
+            and w.shape[-1] % group_size == 0 and not path.endswith(ROUTER_SUFFIXES)
+        )
+        if not quantizable:
+            out[name] = w
+            continue
+        wq, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
+        out[name], out[f"{path}.scales"], out[f"{path}.biases"] = wq, scales, biases
+    return out
+
+
+def write_resident(ckpt: SourceCheckpoint, staging: Path, resident_bits: int | None, group_size: int) -> tuple[dict, int]:
+    model = ckpt.build_mlx_model()
+    weights = ckpt.resident_weights(model)
+    config = ckpt.mlx_config()
+    if resident_bits:
+        weights = quantize_resident(weights, model, resident_bits, group_size)
+        config["quantization"] = {"group_size": group_size, "bits": resident_bits, "mode": "affine"}
+        config["quantization_config"] = config["quantization"]
+    tmp = staging / "resident.tmp.safetensors"
+    mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
+    os.replace(tmp, staging / RESIDENT_FILE)
+    nbytes = sum(w.nbytes for w in weights.values())
+    return config, nbytes
+
+
+def tool_versions() -> dict:
+    out = {}
+    for dist in ("moestream", "mlx", "mlx-lm", "safetensors", "pyarrow"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def write_bundle(
+    ckpt: SourceCheckpoint,
+    staging: Path,
+    extents: list[ExpertExtent],
+    recipe: ExpertRecipe,
+    source: SourceInfo,
+    resident_bits: int | None = None,
+    order: str = "identity",
+) -> dict:
+    """Write everything but the expert files into `staging`; return bundle.json's content."""
+    config, resident_bytes = write_resident(ckpt, staging, resident_bits, recipe.group_size)
+    write_json_atomic(staging / CONFIG_JSON, config)
+    copy_tokenizer(ckpt.folder, staging)
+    write_layout(staging / LAYOUT_FILE, extents)
+    dims = ckpt.dims
+    layers = ckpt.expert_layers
+    bits_used = sorted({t.bits or 16 for e in extents for t in e.tensors if t.name.endswith(".weight")})
+    files = {}
+    for path in sorted(staging.rglob("*")):
+        rel = path.relative_to(staging).as_posix()
+        if path.is_file() and rel != BUNDLE_JSON and not rel.endswith((".json.tmp", ".tmp")) and not (
+            rel.startswith("experts/") and rel.endswith(".json")
+        ):
+            # expert files are covered extent by extent in layout.parquet: hashing them whole too
+            # would make every verify read the experts twice
+            checksum = None if rel.startswith("experts/") else file_sha256(path)
+            files[rel] = {"nbytes": path.stat().st_size, "checksum": checksum}
+    expert_bytes = sum(e.nbytes for e in extents)
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "source": asdict(source),
+        "family": ckpt.family.name,
+        "model_type": ckpt.config.get("model_type"),
+        "experts": {
+            "num_experts": dims.num_experts,
+            "experts_per_token": dims.experts_per_token,
+            "num_moe_layers": len(layers),
+            "bits": bits_used[0] if len(bits_used) == 1 else "mixed",
+            "bits_used": bits_used,
+            "group_size": recipe.group_size,
+            "mode": recipe.mode,
+            "plan": "uniform" if len(bits_used) == 1 else "per-expert",
+        },
+        "layers": [{"layer": layer, "module": ckpt.family.module_path(layer)} for layer in layers],
+        "resident": {"bits": resident_bits, "nbytes": resident_bytes},
+        "layout": {
+            "extent_alignment": EXTENT_ALIGNMENT,
+            "order": order,
+            "expert_bytes": expert_bytes,
+            "expert_bytes_per_token": expert_bytes_per_token(extents, dims.experts_per_token, len(layers)),
+        },
+        "files": files,
+        "tools": tool_versions(),
+    }
+    write_json_atomic(staging / BUNDLE_JSON, meta)
+    return meta
+
+
+def finalize(staging: Path, out: Path, overwrite: bool = False) -> Bundle:
+    """Verify the staged bundle, drop the resume sidecars, then rename it into place."""
+    bundle = open_bundle(staging, verify=True)
+    for sidecar in (staging / "experts").glob("*.json"):
+        sidecar.unlink()
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+        trash = out.parent / f".{out.name}.old"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(out, trash)
+        os.replace(staging, out)
+        shutil.rmtree(trash)
+    else:
+        os.replace(staging, out)
+    return open_bundle(out)
