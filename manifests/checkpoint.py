@@ -17,8 +17,23 @@ import numpy as np
 
 from .families import Family, family_for_config
 from .families.base import ExpertSlice, ModelDims
-from .safetensors_index import CheckpointError, TensorInfo, index_folder, read_rows, read_tensor
-from .tensors import from_numpy_bits, to_numpy_bits
+from .safetensors_index import CheckpointError, TensorInfo, index_folder, read_bytes, read_tensor
+from .tensors import from_buffer, from_numpy_bits, to_numpy_bits
+
+
+def finish_slice(s: ExpertSlice, info: TensorInfo, buf) -> mx.array:
+    """The MLX tensor of a slice from the bytes `slice_range` named."""
+    shape = info.shape if s.expert is None else info.shape[1:]
+    arr = from_buffer(buf, info.dtype, shape)
+    if s.start == 0 and s.stop is None and s.step == 1 and not s.transpose:
+        return arr
+    bits = to_numpy_bits(arr)  # exact bit patterns: slicing and transposing never round
+    index = [slice(None)] * bits.ndim
+    index[s.axis] = slice(s.start, s.stop, s.step)
+    bits = bits[tuple(index)]
+    if s.transpose:
+        bits = np.swapaxes(bits, -1, -2)
+    return from_numpy_bits(bits, info.dtype)
 
 
 def load_config(folder: Path) -> dict:
@@ -85,27 +100,22 @@ class SourceCheckpoint:
 
     def read_expert(self, layer: int, expert: int) -> dict[str, mx.array]:
         """One expert's MLX tensors in the source dtype, reading only that expert's bytes."""
-        return {name: self._read_slice(s) for name, s in self.expert_slices(layer, expert).items()}
+        out = {}
+        for name, s in self.expert_slices(layer, expert).items():
+            info, offset, nbytes = self.slice_range(s)
+            out[name] = finish_slice(s, info, read_bytes(info.file, offset, nbytes))
+        return out
 
-    def _read_slice(self, s: ExpertSlice) -> mx.array:
+    def slice_range(self, s: ExpertSlice) -> tuple[TensorInfo, int, int]:
+        """The tensor a slice comes from and the (offset, nbytes) of the bytes it needs."""
         if s.tensor not in self.tensors:
             raise CheckpointError(f"expected tensor {s.tensor!r} is missing from the checkpoint")
         info = self.tensors[s.tensor]
         if s.expert is None:
-            arr = read_tensor(info)
-        else:
-            if not info.shape or s.expert >= info.shape[0]:
-                raise CheckpointError(f"{s.tensor} {list(info.shape)} has no expert {s.expert}")
-            arr = read_rows(info, s.expert, s.expert + 1)[0]
-        if s.start == 0 and s.stop is None and s.step == 1 and not s.transpose:
-            return arr
-        bits = to_numpy_bits(arr)  # exact bit patterns: slicing and transposing never round
-        index = [slice(None)] * bits.ndim
-        index[s.axis] = slice(s.start, s.stop, s.step)
-        bits = bits[tuple(index)]
-        if s.transpose:
-            bits = np.swapaxes(bits, -1, -2)
-        return from_numpy_bits(bits, info.dtype)
+            return info, info.offset, info.nbytes
+        if not info.shape or s.expert >= info.shape[0]:
+            raise CheckpointError(f"{s.tensor} {list(info.shape)} has no expert {s.expert}")
+        return (info, *info.rows_range(s.expert, s.expert + 1))
 
     def resident_names(self) -> list[str]:
         return [n for n in self.tensors if not self.family.is_expert_tensor(n)]

@@ -81,6 +81,9 @@ def write_resident(ckpt: SourceCheckpoint, staging: Path, resident_bits: int | N
     model = ckpt.build_mlx_model()
     weights = ckpt.resident_weights(model)
     config = ckpt.mlx_config()
+    # sanitize has turned any source quantization (fp8 blocks ...) into plain resident weights
+    config.pop("quantization_config", None)
+    config.pop("quantization", None)
     if resident_bits:
         weights = quantize_resident(weights, model, resident_bits, group_size)
         config["quantization"] = {"group_size": group_size, "bits": resident_bits, "mode": "affine"}
@@ -163,7 +166,7 @@ def write_bundle(
 
 def finalize(staging: Path, out: Path, overwrite: bool = False) -> Bundle:
     """Verify the staged bundle, drop the resume sidecars, then rename it into place."""
-    bundle = open_bundle(staging, verify=True)
+    open_bundle(staging, verify=True)
     for sidecar in (staging / "experts").glob("*.json"):
         sidecar.unlink()
     if out.exists():

@@ -1,0 +1,103 @@
+"""Expert stores: where the runtime gets one layer's experts from.
+
+`BundleStore` reads packed extents of a prepared bundle; `CheckpointStore` reads experts
+straight from a source checkpoint's safetensors through the family table, so an unprepared
+checkpoint (one larger than memory included) runs the same way. Both read through the same
+ExtentReader (O_DIRECT, coalescing) and return MLX arrays in the compute dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from ..manifests.bundle import ExpertExtent, TensorEntry, unpack_extent
+from ..manifests.checkpoint import SourceCheckpoint, finish_slice
+from ..manifests.open import Bundle
+from ..manifests.tensors import DTYPES
+from .reader import ExtentReader, ReadRequest
+
+
+@dataclass(frozen=True)
+class ProjectionQuant:
+    """How a projection of an expert is stored: None bits means plain (unquantized) weights."""
+
+    bits: int | None
+    group_size: int | None
+    mode: str | None
+
+
+def _cast(arrays: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.array]:
+    if dtype is None:
+        return arrays
+    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in arrays.items()}
+
+
+def _entry_nbytes(t: TensorEntry, dtype: mx.Dtype | None) -> int:
+    if dtype is not None and t.dtype in ("bfloat16", "float16", "float32"):
+        return t.nbytes // DTYPES[t.dtype][0] * dtype.size
+    return t.nbytes
+
+
+class BundleStore:
+    def __init__(self, bundle: Bundle, reader: ExtentReader, dtype: mx.Dtype | None = None):
+        self.bundle, self.reader, self.dtype = bundle, reader, dtype
+
+    @property
+    def layers(self) -> dict[int, str]:
+        return self.bundle.layers
+
+    def quant(self, layer: int, expert: int) -> dict[str, ProjectionQuant]:
+        e = self.bundle.extent(layer, expert)
+        return {t.name.rsplit(".", 1)[0]: ProjectionQuant(t.bits, t.group_size, t.mode) for t in e.tensors if t.name.endswith(".weight")}
+
+    def nbytes(self, layer: int, expert: int) -> int:
+        """Bytes the expert takes in memory once loaded (in the compute dtype)."""
+        return sum(_entry_nbytes(t, self.dtype) for t in self.bundle.extent(layer, expert).tensors)
+
+    def read(self, layer: int, experts: list[int]) -> dict[int, dict[str, mx.array]]:
+        extents: list[ExpertExtent] = sorted((self.bundle.extent(layer, e) for e in experts), key=lambda x: (x.file, x.offset))
+        requests = [ReadRequest(str(self.bundle.path(x.file)), x.offset, x.nbytes, x.label) for x in extents]
+        out = {}
+        for x, buf in zip(extents, self.reader.read(requests)):
+            if x.codec == "zstd":
+                import zstandard
+
+                buf = zstandard.ZstdDecompressor().decompress(buf, max_output_size=x.raw_nbytes)
+            out[x.expert] = _cast(unpack_extent(buf, x.tensors), self.dtype)
+        return out
+
+
+class CheckpointStore:
+    def __init__(self, ckpt: SourceCheckpoint, reader: ExtentReader, dtype: mx.Dtype | None = None):
+        self.ckpt, self.reader, self.dtype = ckpt, reader, dtype
+        self._layers = {layer: ckpt.family.module_path(layer) for layer in ckpt.expert_layers}
+
+    @property
+    def layers(self) -> dict[int, str]:
+        return self._layers
+
+    def quant(self, layer: int, expert: int) -> dict[str, ProjectionQuant]:
+        return {n.rsplit(".", 1)[0]: ProjectionQuant(None, None, None) for n in self.ckpt.expert_slices(layer, expert) if n.endswith(".weight")}
+
+    def nbytes(self, layer: int, expert: int) -> int:
+        total = 0
+        for s in self.ckpt.expert_slices(layer, expert).values():
+            info, _, nbytes = self.ckpt.slice_range(s)
+            item = DTYPES[info.dtype][0]
+            total += nbytes // item * (self.dtype.size if self.dtype is not None else item)
+        return total
+
+    def read(self, layer: int, experts: list[int]) -> dict[int, dict[str, mx.array]]:
+        plan = []  # (expert, name, slice, tensor info)
+        requests = []
+        for e in experts:
+            for name, s in self.ckpt.expert_slices(layer, e).items():
+                info, offset, nbytes = self.ckpt.slice_range(s)
+                plan.append((e, name, s, info))
+                requests.append(ReadRequest(str(info.file), offset, nbytes, f"layer {layer} expert {e} {s.tensor}"))
+        out: dict[int, dict[str, mx.array]] = {e: {} for e in experts}
+        for (e, name, s, info), buf in zip(plan, self.reader.read(requests)):
+            out[e][name] = finish_slice(s, info, buf)
+        return {e: _cast(t, self.dtype) for e, t in out.items()}

@@ -1,0 +1,134 @@
+"""The streaming MoE layer: a drop-in for mlx-lm's SwitchGLU that fetches routed experts.
+
+mlx-lm builds the model (router, score weighting, shared experts: all its own code); we swap
+each `SwitchGLU` for `StreamingSwitchGLU`, whose call `(x, indices) -> [..., k, H]` reads the
+distinct routed experts (each once per call, prefill included) through the expert cache and
+runs the same `gather_qmm` / `gather_mm` math on just those experts, so the result equals
+mlx-lm's with the same weights fully in memory.
+"""
+
+from __future__ import annotations
+
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.switch_layers import _gather_sort, _scatter_unsort
+
+from .cache import ExpertCache
+from .stores import ProjectionQuant
+
+
+class ExpertStreamer:
+    """Store + cache: hands out one layer's experts, pinned while that layer computes."""
+
+    def __init__(self, store, cache: ExpertCache):
+        self.store, self.cache = store, cache
+        self.compute_s = 0.0
+
+    def groups(self, layer: int, experts: np.ndarray) -> list[list[int]]:
+        """Split sorted experts into runs that fit the cache together and share a quantization
+        (gather_qmm takes one bit width), in expert order."""
+        cap = self.cache.capacity_bytes
+        groups: list[list[int]] = []
+        used, key = 0, None
+        for e in experts.tolist():
+            size = self.store.nbytes(layer, e)
+            q = tuple(sorted(self.store.quant(layer, e).items()))
+            if not groups or q != key or (cap is not None and used + size > cap):
+                groups.append([])
+                used, key = 0, q
+            groups[-1].append(e)
+            used += size
+        return groups
+
+    def acquire(self, layer: int, experts: list[int]) -> dict[int, dict[str, mx.array]]:
+        """The experts' tensors, read if missing (one batched, coalesced read) and pinned."""
+        got, missing = {}, []
+        for e in experts:
+            value = self.cache.get((layer, e))
+            if value is None:
+                missing.append(e)
+            else:
+                got[e] = value
+                self.cache.pin((layer, e))
+        if missing:
+            for e, tensors in self.store.read(layer, missing).items():
+                self.cache.put((layer, e), tensors, self.store.nbytes(layer, e))
+                self.cache.pin((layer, e))
+                got[e] = tensors
+        return got
+
+    def release(self, layer: int, experts: list[int]) -> None:
+        for e in experts:
+            self.cache.unpin((layer, e))
+
+
+def _projection(x, w: dict[str, mx.array], name: str, q: ProjectionQuant, idx, sorted_indices: bool):
+    if q.bits is not None:
+        y = mx.gather_qmm(
+            x, w[f"{name}.weight"], w[f"{name}.scales"], w.get(f"{name}.biases"), rhs_indices=idx,
+            transpose=True, group_size=q.group_size, bits=q.bits, mode=q.mode, sorted_indices=sorted_indices,
+        )
+    else:
+        y = mx.gather_mm(x, w[f"{name}.weight"].swapaxes(-1, -2), rhs_indices=idx, sorted_indices=sorted_indices)
+    if f"{name}.bias" in w:
+        y = y + mx.expand_dims(w[f"{name}.bias"][idx], -2)
+    return y
+
+
+class StreamingSwitchGLU(nn.Module):
+    def __init__(self, streamer: ExpertStreamer, layer: int, activation: nn.Module):
+        super().__init__()
+        self.streamer = streamer
+        self.layer = layer
+        self.activation = activation
+
+    def _mlp(self, x, experts: list[int], idx, sorted_indices: bool):
+        fetched = self.streamer.acquire(self.layer, experts)
+        try:
+            names = fetched[experts[0]].keys()
+            w = {n: mx.stack([fetched[e][n] for e in experts]) for n in names}
+            q = self.streamer.store.quant(self.layer, experts[0])
+            x_up = _projection(x, w, "up_proj", q["up_proj"], idx, sorted_indices)
+            x_gate = _projection(x, w, "gate_proj", q["gate_proj"], idx, sorted_indices)
+            y = _projection(self.activation(x_up, x_gate), w, "down_proj", q["down_proj"], idx, sorted_indices)
+            # Evaluate before unpinning: until then the graph holds the expert arrays, and the
+            # memory budget must count them.
+            mx.eval(y)
+            return y
+        finally:
+            self.streamer.release(self.layer, experts)
+
+    def __call__(self, x, indices) -> mx.array:
+        x = mx.expand_dims(x, (-2, -3))
+        indices = mx.stop_gradient(indices)
+        routed = np.array(indices)  # the one host sync per layer: which experts to fetch
+        experts = np.unique(routed)
+        groups = self.streamer.groups(self.layer, experts)
+        start = time.perf_counter()
+        if len(groups) == 1:
+            # Same path as mlx-lm's SwitchGLU, on just the routed experts (renumbered 0..n-1).
+            do_sort = indices.size >= 64
+            local = mx.array(np.searchsorted(experts, routed).astype(np.uint32))
+            idx, inv_order = local, None
+            if do_sort:
+                x, idx, inv_order = _gather_sort(x, local)
+            y = self._mlp(x, groups[0], idx, do_sort)
+            if do_sort:
+                y = _scatter_unsort(y, inv_order, indices.shape)
+        else:
+            # More experts than fit at once (long prefill, small budget) or mixed bit widths:
+            # sort the rows by expert so each group is one contiguous range of rows.
+            x, idx_sorted, inv_order = _gather_sort(x, indices)
+            flat = np.sort(routed.reshape(-1), kind="stable")
+            parts, row = [], 0
+            for group in groups:
+                n = int(np.searchsorted(flat, group[-1], side="right")) - row
+                local = mx.array(np.searchsorted(np.array(group), flat[row : row + n]).astype(np.uint32))
+                parts.append(self._mlp(x[row : row + n], group, local, True))
+                row += n
+            y = _scatter_unsort(mx.concatenate(parts, axis=0), inv_order, indices.shape)
+        self.streamer.compute_s += time.perf_counter() - start
+        return y.squeeze(-2)
