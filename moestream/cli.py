@@ -1,0 +1,180 @@
+"""The `moestream` command. Each subcommand imports its code only when it runs, so
+`moestream generate` starts fast and never imports the preparation pipeline (Prefect)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+EXPECTED_ERRORS = ("BundleError", "CheckpointError", "FetchError", "BudgetError", "UnsupportedFamily",
+                   "ReadError", "CacheFullError", "PublishError")
+
+
+def _add_runtime_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", help="bundle folder (or a source checkpoint folder)")
+    p.add_argument("--memory-budget", default=None, help="e.g. 8GB: resident weights + expert cache + KV cache + buffers")
+    p.add_argument("--experts-per-token", type=int, default=None, help="lower the routed top-k of every MoE layer")
+    p.add_argument("--io-mode", choices=("direct", "buffered"), default="direct",
+                   help="direct: bypass the OS page cache (honest budget); buffered: trust the OS")
+    p.add_argument("--io-threads", type=int, default=None)
+    p.add_argument("--cache-policy", default="lru", help="expert cache policy: lru or lfu")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="compute dtype (default: float32 on CPU, the source dtype on GPU)")
+    p.add_argument("--verify", action="store_true", help="check every checksum before loading")
+
+
+def _load(args):
+    from moestream import load
+
+    return load(args.bundle, memory_budget=args.memory_budget, experts_per_token=args.experts_per_token,
+                dtype=args.dtype, io_mode=args.io_mode, io_threads=args.io_threads,
+                cache_policy=args.cache_policy, verify=args.verify)
+
+
+def cmd_synth(args):
+    from moestream.stages.synth import synth_checkpoint
+
+    r = synth_checkpoint(args.family, args.out, preset=args.preset, seed=args.seed, layers=args.layers)
+    print(f"wrote {r.path}: {r.family} {args.preset}, {r.total_bytes / 1e6:.1f} MB ({r.expert_bytes / 1e6:.1f} MB experts)")
+
+
+def cmd_prepare(args):
+    from moestream.flows.prepare import prepare_bundle
+
+    result = prepare_bundle(args.source, args.out, expert_bits=args.expert_bits, group_size=args.group_size,
+                            resident_bits=args.resident_bits, revision=args.revision, overwrite=args.overwrite)
+    print(json.dumps(result, indent=2))
+
+
+def cmd_verify(args):
+    from moestream.manifests.open import open_bundle
+
+    open_bundle(args.bundle, verify=True)
+    print(f"{args.bundle}: OK (structure and every checksum)")
+
+
+def cmd_inspect(args):
+    from moestream.manifests.describe import describe_bundle
+
+    info = describe_bundle(args.bundle)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        print(f"{key:>24}: {value}")
+
+
+def cmd_generate(args):
+    from moestream.runtime.generate import format_prompt, generate_text
+
+    model, tokenizer = _load(args)
+    prompt = format_prompt(tokenizer, args.prompt, not args.ignore_chat_template)
+    _, report = generate_text(model, tokenizer, prompt, max_tokens=args.max_tokens, temp=args.temp,
+                              top_p=args.top_p, seed=args.seed)
+    print()
+    print(report.line())
+    if args.stats_json:
+        with open(args.stats_json, "w") as f:
+            json.dump(report.as_dict(), f, indent=2)
+
+
+def cmd_chat(args):
+    from moestream.runtime.chat import chat_loop
+
+    model, tokenizer = _load(args)
+    chat_loop(model, tokenizer, max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p, seed=args.seed)
+
+
+def cmd_serve(args):
+    from moestream.runtime.serve import serve
+
+    serve(args)
+
+
+def cmd_demo(args):
+    from moestream.demo import run_demo
+
+    run_demo(workdir=args.workdir, family=args.family, preset=args.preset)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moestream", description=(
+        "Run Mixture-of-Experts models larger than memory: prepare a bundle once, then stream "
+        "the routed experts from disk at inference."))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="synth a small MoE, prepare it, generate inside a small memory budget")
+    p.add_argument("--workdir", default="moestream-demo", help="where the demo writes its model and bundle")
+    p.add_argument("--family", default="qwen3_moe")
+    p.add_argument("--preset", default="tiny")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("synth", help="write a random-weight MoE checkpoint in the Hub layout (for tests and benchmarks)")
+    p.add_argument("family", help="qwen3_moe, qwen3_5_moe, mixtral, olmoe, deepseek_v3 or gpt_oss")
+    p.add_argument("--out", required=True)
+    p.add_argument("--preset", default="tiny", help="tiny (tests), small (CPU benchmarks), a397b (Qwen3.5-397B layer shapes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", type=int, default=None, help="number of layers (a397b: default 2)")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("prepare", help="turn a Hub repo id or checkpoint folder into a verified bundle (Prefect flow)")
+    p.add_argument("source", help="Hugging Face repo id (org/name) or local checkpoint folder")
+    p.add_argument("--out", required=True, help="bundle folder to create")
+    p.add_argument("--expert-bits", type=int, default=4, choices=(2, 3, 4, 8, 16), help="16 keeps source precision")
+    p.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
+    p.add_argument("--resident-bits", type=int, default=None, choices=(8,), help="quantize resident Linear weights too")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("verify", help="check a bundle's structure and every checksum (exit code says the result)")
+    p.add_argument("bundle")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("inspect", help="describe a bundle: family, experts, bits, bytes per token")
+    p.add_argument("bundle")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    for name, func, helptext in (("generate", cmd_generate, "generate text, streaming experts from disk"),
+                                 ("chat", cmd_chat, "interactive multi-turn chat (chat template)")):
+        p = sub.add_parser(name, help=helptext)
+        _add_runtime_options(p)
+        if name == "generate":
+            p.add_argument("--prompt", required=True)
+            p.add_argument("--ignore-chat-template", action="store_true")
+            p.add_argument("--stats-json", default=None, help="write the run's figures to this file")
+        p.add_argument("--max-tokens", type=int, default=256)
+        p.add_argument("--temp", type=float, default=0.0)
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--seed", type=int, default=None)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (mlx_lm.server) with streaming and tool calling")
+    _add_runtime_options(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # expected failures: one clear line, no traceback
+        if type(e).__name__ in EXPECTED_ERRORS or isinstance(e, (FileExistsError, FileNotFoundError, ValueError)):
+            if os.environ.get("MOESTREAM_DEBUG"):
+                raise
+            print(f"moestream {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

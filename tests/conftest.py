@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny random MoE checkpoints (synth) and bundles made from them with the
+plain stage functions (no Prefect: the flow itself is tested in test_flow.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# MLX's CPU backend runs with one thread per core; keep the tests' threads from fighting.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_bundle(checkpoint: Path, out: Path, bits: int = 4, group_size: int = 64, resident_bits=None,
+                 order=None) -> Path:
+    """synth checkpoint -> bundle through the stage functions, in the flow's order."""
+    from moestream.manifests.checkpoint import SourceCheckpoint
+    from moestream.stages.pack import LayerJob, pack_layer
+    from moestream.stages.quantize import ExpertRecipe
+    from moestream.stages.write import SourceInfo, finalize, staging_dir, write_bundle
+
+    ckpt = SourceCheckpoint.open(checkpoint)
+    recipe = ExpertRecipe(bits=bits, group_size=group_size)
+    staging = staging_dir(out)
+    staging.mkdir(parents=True, exist_ok=True)
+    n = ckpt.dims.num_experts
+    extents = []
+    for layer in ckpt.expert_layers:
+        job = LayerJob(layer, recipe, tuple(order or range(n)), (bits,) * n)
+        extents += pack_layer(ckpt, job, staging)
+    write_bundle(ckpt, staging, extents, recipe, SourceInfo(), resident_bits)
+    finalize(staging, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    """A function family -> tiny checkpoint folder, made once per test session."""
+    from moestream.stages.synth import synth_checkpoint
+
+    made = {}
+    root = tmp_path_factory.mktemp("synth")
+
+    def make(family: str, seed: int = 0) -> Path:
+        key = (family, seed)
+        if key not in made:
+            made[key] = synth_checkpoint(family, root / f"{family}-{seed}", preset="tiny", seed=seed).path
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory, synth_dir):
+    """A function (family, bits, group_size) -> bundle folder, made once per test session."""
+    made = {}
+    root = tmp_path_factory.mktemp("bundles")
+
+    def make(family: str = "qwen3_moe", bits: int = 4, group_size: int = 64) -> Path:
+        key = (family, bits, group_size)
+        if key not in made:
+            made[key] = build_bundle(synth_dir(family), root / f"{family}-{bits}-{group_size}", bits, group_size)
+        return made[key]
+
+    return make
