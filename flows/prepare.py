@@ -8,6 +8,8 @@ says whether it is there, so a rerun skips it), a summary artifact, progress in 
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 from dataclasses import asdict
 from pathlib import Path
 
@@ -51,6 +53,9 @@ def _layer_cache_key(context, parameters) -> str:
 @task(name="pack-layer", cache_key_fn=_layer_cache_key, persist_result=True)
 def pack_layer_task(path: Path, job: LayerJob, staging: Path):
     extents = pack_layer(SourceCheckpoint.open(path), job, staging)
+    # Fault injection for the resume test: die like `kill -9` once this layer is on disk.
+    if os.environ.get("MOESTREAM_FAULT_KILL_AFTER_LAYER") == str(job.layer):
+        os.kill(os.getpid(), signal.SIGKILL)
     get_run_logger().info("layer %d: %d experts packed, %.1f MB", job.layer, len(extents), sum(e.nbytes for e in extents) / 1e6)
     return extents
 

@@ -41,6 +41,10 @@ def cmd_synth(args):
 
 
 def cmd_prepare(args):
+    from pathlib import Path
+
+    if Path(args.out).exists() and not args.overwrite:  # fail before Prefect's server starts
+        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
     from moestream.flows.prepare import prepare_bundle
 
     result = prepare_bundle(args.source, args.out, expert_bits=args.expert_bits, group_size=args.group_size,

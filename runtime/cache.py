@@ -1,0 +1,240 @@
+"""The expert cache: holds decoded experts in memory, bounded in bytes, with a pluggable policy.
+
+The byte bound is part of one memory budget (resident weights, KV cache, buffers, this cache), so
+the cache never exceeds it: when everything evictable is pinned and a new item does not fit, it
+raises instead of growing, because that means the caller sized the budget wrong.
+
+Pins are counted (pin twice, unpin twice) so that independent users (the layer being computed,
+a hot set from the profile) can pin the same expert. A key may be pinned before it is inserted.
+
+A policy only orders keys; the cache owns values, sizes, pins and the byte accounting.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Any, Protocol
+
+
+class CacheFullError(RuntimeError):
+    """Nothing evictable is left and the new item still does not fit."""
+
+
+class CachePolicy(Protocol):
+    """Orders the keys of the cache for eviction. The cache calls on_insert/on_access/on_remove
+    as keys come, are read and go; victim returns the key to evict next among those for which
+    evictable(key) is true (pinned keys are not), or None if there is none."""
+
+    def on_insert(self, key: Hashable) -> None: ...
+    def on_access(self, key: Hashable) -> None: ...
+    def on_remove(self, key: Hashable) -> None: ...
+    def victim(self, evictable: Callable[[Hashable], bool]) -> Hashable | None: ...
+
+
+class LRUPolicy:
+    """Least recently used first; O(1) per operation (an OrderedDict, oldest first)."""
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[Hashable, None] = OrderedDict()
+
+    def on_insert(self, key: Hashable) -> None:
+        self._order[key] = None
+        self._order.move_to_end(key)
+
+    def on_access(self, key: Hashable) -> None:
+        self._order.move_to_end(key)
+
+    def on_remove(self, key: Hashable) -> None:
+        del self._order[key]
+
+    def victim(self, evictable: Callable[[Hashable], bool]) -> Hashable | None:
+        # Pinned keys are few (one layer's experts, a hot set), so the scan stops early.
+        return next((k for k in self._order if evictable(k)), None)
+
+
+class LFUPolicy:
+    """Least frequently used first, ties broken by recency (least recent first).
+    Keys live in one OrderedDict per access count; a new key starts at count 1."""
+
+    def __init__(self) -> None:
+        self._count: dict[Hashable, int] = {}
+        self._buckets: dict[int, OrderedDict[Hashable, None]] = {}
+
+    def on_insert(self, key: Hashable) -> None:
+        if key in self._count:
+            self.on_access(key)
+            return
+        self._count[key] = 1
+        self._buckets.setdefault(1, OrderedDict())[key] = None
+
+    def on_access(self, key: Hashable) -> None:
+        n = self._count[key]
+        self._unlink(key, n)
+        self._count[key] = n + 1
+        self._buckets.setdefault(n + 1, OrderedDict())[key] = None
+
+    def on_remove(self, key: Hashable) -> None:
+        self._unlink(key, self._count.pop(key))
+
+    def victim(self, evictable: Callable[[Hashable], bool]) -> Hashable | None:
+        for n in sorted(self._buckets):
+            k = next((k for k in self._buckets[n] if evictable(k)), None)
+            if k is not None:
+                return k
+        return None
+
+    def _unlink(self, key: Hashable, n: int) -> None:
+        bucket = self._buckets[n]
+        del bucket[key]
+        if not bucket:
+            del self._buckets[n]
+
+
+POLICIES: dict[str, type] = {"lru": LRUPolicy, "lfu": LFUPolicy}
+
+
+def make_policy(policy: str | CachePolicy) -> CachePolicy:
+    if not isinstance(policy, str):
+        return policy
+    try:
+        return POLICIES[policy]()
+    except KeyError:
+        raise ValueError(f"unknown cache policy {policy!r}; known: {sorted(POLICIES)}") from None
+
+
+class ExpertCache:
+    def __init__(self, capacity_bytes: int | None, policy: str | CachePolicy = "lru"):
+        if capacity_bytes is not None and capacity_bytes < 0:
+            raise ValueError(f"capacity_bytes must be >= 0 or None, got {capacity_bytes}")
+        self.capacity_bytes = capacity_bytes  # None: unbounded
+        self.policy = make_policy(policy)
+        self._values: dict[Hashable, Any] = {}
+        self._sizes: dict[Hashable, int] = {}
+        self._pins: Counter[Hashable] = Counter()
+        self._lock = threading.RLock()  # the reader threads never touch the cache; one lock
+        self._bytes = self._pinned_bytes = self._peak = 0
+        self._hits = self._misses = self._evictions = 0
+
+    # ---- lookups ----------------------------------------------------------------------------
+
+    def get(self, key: Hashable) -> Any | None:
+        """The cached value, or None; counts a hit or a miss."""
+        with self._lock:
+            if key not in self._values:
+                self._misses += 1
+                return None
+            self._hits += 1
+            self.policy.on_access(key)
+            return self._values[key]
+
+    def __contains__(self, key: Hashable) -> bool:  # no hit/miss counted
+        with self._lock:
+            return key in self._values
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._values)
+
+    # ---- insertion and eviction -------------------------------------------------------------
+
+    def put(self, key: Hashable, value: Any, nbytes: int) -> None:
+        """Insert or replace; evicts by policy until the item fits."""
+        if nbytes < 0:
+            raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+        with self._lock:
+            cap = self.capacity_bytes
+            if cap is not None and nbytes > cap:
+                raise ValueError(f"item {key!r} of {nbytes} bytes is larger than the whole "
+                                 f"cache ({cap} bytes)")
+            old = self._sizes.get(key, 0)
+            self._make_room(key, nbytes - old)
+            if key in self._values:
+                self.policy.on_access(key)
+            else:
+                self.policy.on_insert(key)
+            self._values[key], self._sizes[key] = value, nbytes
+            self._account(key, nbytes - old)
+
+    def discard(self, key: Hashable) -> None:
+        """Drop a key if present (not counted as an eviction)."""
+        with self._lock:
+            if key in self._values:
+                self._remove(key)
+
+    def clear(self) -> None:
+        with self._lock:
+            for key in list(self._values):
+                self._remove(key)
+
+    def _make_room(self, key: Hashable, extra: int) -> None:
+        cap = self.capacity_bytes
+        if cap is None or self._bytes + extra <= cap:
+            return
+        # Check first, so a put that cannot succeed leaves the cache untouched.
+        own = self._sizes.get(key, 0) if not self._pins[key] else 0
+        evictable = self._bytes - self._pinned_bytes - own
+        if self._bytes - evictable + extra > cap:
+            raise CacheFullError(
+                f"cannot fit {key!r} ({extra} more bytes): capacity {cap}, in use {self._bytes}, "
+                f"pinned {self._pinned_bytes}; everything evictable is not enough - the memory "
+                f"budget is too small for the pinned experts (unpin or raise the budget)"
+            )
+        while self._bytes + extra > cap:
+            victim = self.policy.victim(lambda k: k != key and not self._pins[k])
+            if victim is None:  # only a policy that lost track of its keys gets here
+                raise CacheFullError(f"policy {self.policy!r} found no victim for {key!r}")
+            self._remove(victim)
+            self._evictions += 1
+
+    def _remove(self, key: Hashable) -> None:
+        self.policy.on_remove(key)
+        del self._values[key]
+        self._account(key, -self._sizes.pop(key))
+
+    def _account(self, key: Hashable, delta: int) -> None:
+        self._bytes += delta
+        if self._pins[key]:
+            self._pinned_bytes += delta
+        self._peak = max(self._peak, self._bytes)
+
+    # ---- pins -------------------------------------------------------------------------------
+
+    def pin(self, key: Hashable) -> None:
+        """Never evict key until unpinned (counted: n pins need n unpins)."""
+        with self._lock:
+            self._pins[key] += 1
+            if self._pins[key] == 1:
+                self._pinned_bytes += self._sizes.get(key, 0)
+
+    def unpin(self, key: Hashable) -> None:
+        with self._lock:
+            if not self._pins[key]:
+                del self._pins[key]
+                raise KeyError(f"{key!r} is not pinned")
+            self._pins[key] -= 1
+            if not self._pins[key]:
+                del self._pins[key]
+                self._pinned_bytes -= self._sizes.get(key, 0)
+
+    def is_pinned(self, key: Hashable) -> bool:
+        with self._lock:
+            return self._pins.get(key, 0) > 0
+
+    # ---- stats ------------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        with self._lock:
+            lookups = self._hits + self._misses
+            return {
+                "cache_hits": self._hits,
+                "cache_misses": self._misses,
+                "hit_rate": self._hits / lookups if lookups else 0.0,
+                "expert_cache_bytes": self._bytes,
+                "expert_cache_peak_bytes": self._peak,
+                "expert_cache_items": len(self._values),
+                "pinned_bytes": self._pinned_bytes,
+                "evictions": self._evictions,
+                "capacity_bytes": self.capacity_bytes,
+            }

@@ -1,0 +1,324 @@
+import errno
+import fcntl
+import mmap
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from moestream.runtime.reader import ALIGN, ExtentReader, ReadError, ReadRequest
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="Linux O_DIRECT tests")
+
+
+def _supports_o_direct(folder: Path) -> bool:
+    probe = folder / ".odirect_probe"
+    probe.write_bytes(b"\0" * ALIGN)
+    try:
+        fd = os.open(probe, os.O_RDONLY | os.O_DIRECT)
+        try:
+            return os.preadv(fd, [mmap.mmap(-1, ALIGN)], 0) == ALIGN
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    finally:
+        probe.unlink()
+
+
+@pytest.fixture
+def disk_dir(tmp_path):
+    """A folder on a filesystem that honours O_DIRECT (tmp_path if it does)."""
+    if _supports_o_direct(tmp_path):
+        yield tmp_path
+        return
+    for base in ("/var/tmp", "/work"):
+        if os.access(base, os.W_OK) and _supports_o_direct(Path(base)):
+            d = Path(base) / f"moestream-test-{os.getpid()}-{tmp_path.name}"
+            d.mkdir()
+            yield d
+            for f in d.iterdir():
+                f.unlink()
+            d.rmdir()
+            return
+    pytest.skip("no filesystem with O_DIRECT found")
+
+
+def _write(path: Path, size: int, seed: int = 0) -> bytes:
+    data = random.Random(seed).randbytes(size)
+    path.write_bytes(data)
+    return data
+
+
+def _req(path, offset, nbytes, label=None):
+    return ReadRequest(str(path), offset, nbytes, label or f"extent@{offset}")
+
+
+@pytest.mark.parametrize("mode", ["direct", "buffered"])
+def test_unaligned_reads_return_exact_bytes(disk_dir, mode):
+    size = 300_001  # not a multiple of the block size: the last block is partial
+    f = disk_dir / "a.bin"
+    data = _write(f, size)
+    spans = [(1, 10), (4095, 2), (4096, 4096), (12_345, 70_000), (0, size), (size - 7, 7),
+             (200_000, 0), (50_000, 100), (50_000, 100), (50_050, 10_000)]
+    with ExtentReader(mode, threads=4) as r:
+        views = r.read([_req(f, o, n) for o, n in spans])
+        assert r.io_mode_in_use == mode
+        assert r.stats()["io_mode"] == mode
+    for (o, n), v in zip(spans, views, strict=True):
+        assert len(v) == n
+        assert bytes(v) == data[o : o + n]
+
+
+def test_direct_reads_are_aligned_supersets(disk_dir):
+    f = disk_dir / "a.bin"
+    data = _write(f, 64 * 1024)
+    with ExtentReader("direct") as r:
+        (v,) = r.read([_req(f, 5000, 100)])
+        s = r.stats()
+    assert bytes(v) == data[5000:5100]
+    assert s["reads"] == 1 and s["bytes_read"] == ALIGN  # the one block holding the extent
+    assert s["requested_bytes"] == 100 and s["mean_read_bytes"] == ALIGN
+    assert s["io_wait_s"] > 0
+
+
+def _probe_shm() -> Path:
+    if not os.path.isdir("/dev/shm") or not os.access("/dev/shm", os.W_OK):
+        pytest.skip("no writable /dev/shm")
+    return Path("/dev/shm")
+
+
+def test_tmpfs_reads_exact_bytes_and_reports_mode(tmp_path):
+    shm = _probe_shm()
+    f = shm / f"moestream-test-{os.getpid()}.bin"
+    try:
+        data = _write(f, 100_000)
+        with ExtentReader("direct") as r:
+            (v,) = r.read([_req(f, 333, 50_000)])
+            mode = r.io_mode_in_use
+        assert bytes(v) == data[333:50_333]
+        # Linux >= 6.6 accepts O_DIRECT on tmpfs; older kernels refuse it and we fall back.
+        assert mode == ("direct" if _supports_o_direct(shm) else "buffered")
+    finally:
+        f.unlink()
+
+
+def test_fallback_when_open_refuses_o_direct(disk_dir, monkeypatch):
+    f = disk_dir / "a.bin"
+    data = _write(f, 50_000)
+    real_open = os.open
+
+    def refusing_open(path, flags, *a, **k):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    with ExtentReader("direct") as r:
+        (v,) = r.read([_req(f, 777, 10_000)])
+        assert r.io_mode_in_use == "buffered" and r.stats()["io_mode"] == "buffered"
+        assert r.stats()["bytes_read"] == 10_000  # buffered: no alignment padding
+    assert bytes(v) == data[777:10_777]
+
+
+def test_fallback_when_first_read_refuses_o_direct(disk_dir, monkeypatch):
+    f = disk_dir / "a.bin"
+    data = _write(f, 200_000)
+    real_preadv = os.preadv
+
+    def refusing_preadv(fd, bufs, offset, *a):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, bufs, offset, *a)
+
+    monkeypatch.setattr(os, "preadv", refusing_preadv)
+    with ExtentReader("direct", threads=4) as r:
+        reqs = [_req(f, o, 1234) for o in range(1, 200_000 - 1234, 20_011)]
+        views = r.read(reqs)
+        assert r.io_mode_in_use == "buffered"
+        again = r.read(reqs)  # the descriptor stays buffered: no more refusals
+    for q, v, w in zip(reqs, views, again, strict=True):
+        assert bytes(v) == bytes(w) == data[q.offset : q.offset + q.nbytes]
+
+
+def test_a_later_einval_is_an_error_not_a_fallback(disk_dir, monkeypatch):
+    f = disk_dir / "a.bin"
+    _write(f, 50_000)
+    with ExtentReader("direct") as r:
+        r.read([_req(f, 0, 100)])
+        monkeypatch.setattr(os, "preadv", lambda *a: (_ for _ in ()).throw(OSError(errno.EINVAL,
+                                                                                  "bad")))
+        with pytest.raises(ReadError, match="late extent"):
+            r.read([_req(f, 8192, 100, "late extent")])
+        assert r.io_mode_in_use == "direct"
+
+
+def _extents(path: Path, n: int, nbytes: int, stride: int = 16 * 1024) -> list[ReadRequest]:
+    return [_req(path, i * stride, nbytes, f"expert {i}") for i in range(n)]
+
+
+def test_adjacent_extents_are_coalesced(disk_dir):
+    f = disk_dir / "e.bin"
+    data = _write(f, 16 * 16 * 1024)
+    reqs = _extents(f, 8, 16 * 1024)  # back to back
+    random.Random(1).shuffle(reqs)
+    with ExtentReader("direct") as r:
+        views = r.read(reqs)
+        assert r.stats()["reads"] == 1
+    for q, v in zip(reqs, views, strict=True):
+        assert bytes(v) == data[q.offset : q.offset + q.nbytes]
+
+
+@pytest.mark.parametrize("mode", ["direct", "buffered"])
+def test_gap_larger_than_coalesce_gap_does_not_merge(disk_dir, mode):
+    f = disk_dir / "e.bin"
+    data = _write(f, 16 * 16 * 1024)
+    # 10000-byte extents at 16 KiB: aligned ranges [0, 12288), [16384, 28672) ... gap 4096;
+    # exact ranges (buffered) leave a 6384-byte gap.
+    gap = 4096 if mode == "direct" else 16 * 1024 - 10_000
+    reqs = _extents(f, 6, 10_000)
+    for coalesce_gap, reads in ((0, 6), (gap - 1, 6), (gap, 1)):
+        with ExtentReader(mode, coalesce_gap=coalesce_gap) as r:
+            views = r.read(reqs)
+            assert r.stats()["reads"] == reads, coalesce_gap
+        for q, v in zip(reqs, views, strict=True):
+            assert bytes(v) == data[q.offset : q.offset + q.nbytes]
+
+
+def test_coalescing_stops_at_max_read_bytes(disk_dir):
+    f = disk_dir / "e.bin"
+    _write(f, 16 * 16 * 1024)
+    with ExtentReader("direct", max_read_bytes=64 * 1024) as r:
+        r.read(_extents(f, 16, 16 * 1024))
+        assert r.stats()["reads"] == 4
+
+
+def test_extents_in_different_files_are_not_merged(disk_dir):
+    a, b = disk_dir / "a.bin", disk_dir / "b.bin"
+    da, db = _write(a, 8192, 1), _write(b, 8192, 2)
+    with ExtentReader("direct") as r:
+        va, vb = r.read([_req(a, 0, 4096), _req(b, 4096, 4096)])
+        assert r.stats()["reads"] == 2
+    assert bytes(va) == da[:4096] and bytes(vb) == db[4096:]
+
+
+@pytest.mark.parametrize("mode", ["direct", "buffered"])
+def test_truncated_file_raises_read_error_naming_the_extent(disk_dir, mode):
+    f = disk_dir / "layer_003.bin"
+    _write(f, 20_000)
+    label = "layer 3 expert 17 (experts/layer_003.bin)"
+    with ExtentReader(mode) as r, pytest.raises(ReadError) as ei:
+        r.read([_req(f, 0, 100), _req(f, 15_000, 10_000, label)])
+    e = ei.value
+    assert label in str(e) and str(f) in str(e)
+    assert (e.offset, e.wanted, e.got) == (15_000, 10_000, 5_000)
+    assert "wanted 10000 bytes, got 5000" in str(e)
+
+
+def test_extent_past_end_of_file(disk_dir):
+    f = disk_dir / "a.bin"
+    _write(f, 10_000)
+    with ExtentReader("direct") as r, pytest.raises(ReadError, match="got 0"):
+        r.read([_req(f, 50_000, 10, "far expert")])
+
+
+def test_missing_file_raises_read_error(disk_dir):
+    f = disk_dir / "nope.bin"
+    with ExtentReader("direct") as r, pytest.raises(ReadError, match="layer 9 expert 1") as ei:
+        r.read([_req(f, 0, 10, "layer 9 expert 1")])
+    assert str(f) in str(ei.value) and isinstance(ei.value, OSError)
+
+
+def test_many_threads_and_callers_give_the_same_bytes(disk_dir):
+    files = [disk_dir / f"f{i}.bin" for i in range(3)]
+    datas = [_write(f, 400_000, i) for i, f in enumerate(files)]
+    rng = random.Random(7)
+    reqs = []
+    for _ in range(300):
+        i, o = rng.randrange(3), rng.randrange(399_000)
+        reqs.append(_req(files[i], o, rng.randrange(1, 400_000 - o)))
+    expected = [datas[int(Path(q.path).stem[1:])][q.offset : q.offset + q.nbytes] for q in reqs]
+    with ExtentReader("direct", threads=16, max_read_bytes=64 * 1024) as r:
+
+        def caller(k):
+            batch = reqs[k::4]
+            for q, v in zip(batch, r.read(batch), strict=True):
+                assert bytes(v) == expected[reqs.index(q)]
+
+        with ThreadPoolExecutor(4) as callers:
+            for f in [callers.submit(caller, k) for k in range(4)]:
+                f.result()  # re-raises a failed assert from the caller thread
+        assert r.stats()["requests"] == 300
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_buffers_are_freed_when_views_are_dropped(disk_dir):
+    f = disk_dir / "a.bin"
+    _write(f, 4 << 20)
+    with ExtentReader("direct") as r:
+        r.read([_req(f, 1, (4 << 20) - 1)])
+        before = _rss()
+        for _ in range(100):  # 400 MiB in total
+            (v,) = r.read([_req(f, 1, (4 << 20) - 1)])
+            assert v[0] is not None
+            del v
+        assert _rss() - before < 64 << 20
+
+
+def test_buffers_are_reused_only_after_every_view_is_gone(disk_dir):
+    f = disk_dir / "a.bin"
+    data = _write(f, 1 << 20)
+    reqs = [_req(f, 0, 100_000), _req(f, 100_000, 100_000)]  # coalesced: one shared buffer
+    with ExtentReader("direct") as r:
+        first, second = r.read(reqs)
+        del first  # second still uses the buffer: it must not be reused yet
+        held = np.frombuffer(second, dtype=np.uint8)[10:20]  # derived objects count too
+        del second
+        for k in range(20):
+            (v,) = r.read([_req(f, 500_000 + k, 200_000)])
+            assert bytes(v) == data[500_000 + k : 700_000 + k]
+            del v
+        assert bytes(held) == data[100_010:100_020]
+        assert r.stats()["buffer_allocations"] == 2  # the held one, and one reused 20 times
+        del held
+        r.read([_req(f, 0, 200_000)])
+        assert r.stats()["buffer_allocations"] == 2
+
+
+def test_fd_cache_is_bounded_and_closed(disk_dir):
+    files = [disk_dir / f"f{i}.bin" for i in range(6)]
+    for i, f in enumerate(files):
+        _write(f, 8192, i)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    r = ExtentReader("direct", max_open_files=2)
+    for f in files:
+        r.read([_req(f, 0, 100)])
+    assert len(os.listdir("/proc/self/fd")) - fds_before <= 2
+    r.close()
+    assert len(os.listdir("/proc/self/fd")) <= fds_before
+    with pytest.raises(ValueError, match="closed"):
+        r.read([_req(files[0], 0, 1)])
+
+
+def test_without_preadv_falls_back_to_pread(disk_dir, monkeypatch):
+    f = disk_dir / "a.bin"
+    data = _write(f, 100_000)
+    monkeypatch.delattr(os, "preadv")  # platforms without preadv
+    with ExtentReader("direct") as r:
+        (v,) = r.read([_req(f, 4097, 50_000)])
+    assert bytes(v) == data[4097:54_097]
+
+
+def test_rejects_bad_arguments(disk_dir):
+    with pytest.raises(ValueError, match="io_mode"):
+        ExtentReader("mmap")
+    f = disk_dir / "a.bin"
+    _write(f, 100)
+    with ExtentReader() as r, pytest.raises(ValueError, match="negative"):
+        r.read([_req(f, -1, 10)])

@@ -1,0 +1,260 @@
+"""`moestream serve`: mlx-lm's OpenAI-compatible server on a streaming model, spoken to over real
+HTTP on loopback. Random weights produce gibberish, so where a test needs a known reply (a tool
+call) it adds a logits processor that forces the reply's tokens; the model still runs every step
+(its experts are streamed) and the HTTP handler, streaming and tool-call parsing are mlx-lm's."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+from contextlib import contextmanager
+
+import mlx.core as mx
+import pytest
+
+TIMEOUT = 60  # seconds, for every request
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+TOOL_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def served(bundle_dir):
+    """(handle, model, tokenizer): the server on 127.0.0.1 with a free port, and a memory budget
+    whose expert cache holds a quarter of the experts."""
+    from moestream.runtime.load import runtime_of
+    from moestream.runtime.serve import start_server
+
+    import moestream
+
+    bundle = bundle_dir("qwen3_moe")
+    model, _ = moestream.load(bundle, dtype="float32")
+    rt = runtime_of(model)
+    expert_bytes = sum(rt.store.nbytes(layer, e) for layer in rt.store.layers for e in range(model.args.num_experts))
+    p = rt.plan
+    budget = p.resident_bytes + p.kv_reserve_bytes + p.buffer_bytes + max(p.min_layer_bytes, expert_bytes // 4)
+    model, tokenizer = moestream.load(bundle, memory_budget=budget, dtype="float32")
+    assert moestream.stats(model)["cache_capacity_bytes"] < expert_bytes
+    handle = start_server(model, tokenizer, host="127.0.0.1", port=0)
+    try:
+        yield handle, model, tokenizer
+    finally:
+        handle.shutdown()
+
+
+def get(url):
+    with urllib.request.urlopen(url, timeout=TIMEOUT) as r:
+        assert r.status == 200
+        return json.loads(r.read())
+
+
+def post(url, body):
+    req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+        assert r.status == 200
+        if not body.get("stream"):
+            return json.loads(r.read())
+        assert r.headers["Content-Type"] == "text/event-stream"
+        chunks = []
+        for raw in r:  # server-sent events: "data: {...}" lines, ": keepalive" comments
+            line = raw.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                return chunks
+            chunks.append(json.loads(line[len("data: "):]))
+        raise AssertionError("the stream ended without [DONE]")
+
+
+class ForceTokens:
+    """A logits processor that leaves one token possible at each step: `ids`, then repeats the last."""
+
+    def __init__(self, ids):
+        self.ids, self.step = ids, 0
+
+    def __call__(self, tokens, logits):
+        token = self.ids[min(self.step, len(self.ids) - 1)]
+        self.step += 1
+        keep = mx.arange(logits.shape[-1]) == token
+        return mx.where(keep, mx.zeros_like(logits), mx.full(logits.shape, -1e9, dtype=logits.dtype))
+
+
+@contextmanager
+def forced_reply(monkeypatch, tokenizer, text):
+    """Requests made inside reply `text` and then end the turn (the template's end token)."""
+    import mlx_lm.server
+
+    ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    real = mlx_lm.server._make_logits_processors
+    with monkeypatch.context() as m:
+        m.setattr(mlx_lm.server, "_make_logits_processors", lambda args: [*real(args), ForceTokens(ids)])
+        yield
+
+
+def test_models_and_health(served):
+    handle, _, _ = served
+    models = get(handle.url + "/v1/models")
+    assert models["object"] == "list"
+    assert [m["id"] for m in models["data"]] == [handle.model_id]
+    assert handle.model_id.endswith("qwen3_moe-4-64")
+    assert get(handle.url + "/health") == {"status": "ok"}
+
+
+def test_chat_completion_streams_experts_from_disk(served):
+    import moestream
+
+    handle, model, tokenizer = served
+    messages = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+    before = moestream.stats(model)
+    for name in (handle.model_id, "default_model"):
+        reply = post(handle.url, {"model": name, "messages": messages, "max_tokens": 5, "temperature": 0.0})
+        assert reply["object"] == "chat.completion" and reply["model"] == name
+        choice = reply["choices"][0]
+        assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+        assert choice["finish_reason"] in ("length", "stop")
+        usage = reply["usage"]
+        assert usage["prompt_tokens"] == len(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        assert 1 <= usage["completion_tokens"] <= 5
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    after = moestream.stats(model)
+    # the served model is ours: its streaming layers looked experts up, and read them from disk
+    assert after["cache_hits"] + after["cache_misses"] > before["cache_hits"] + before["cache_misses"]
+    assert after["bytes_read"] > 0 and after["expert_cache_peak_bytes"] <= after["cache_capacity_bytes"]
+
+
+def test_streaming_chat_completion(served):
+    handle, _, _ = served
+    body = {"messages": [{"role": "user", "content": "Tell me about experts."}], "max_tokens": 6, "stream": True,
+            "stream_options": {"include_usage": True}, "seed": 3}  # a seed: mlx-lm's unbatched path
+    chunks = post(handle.url, body)
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks[:-1])
+    *content, final, usage = chunks
+    assert content and all(c["choices"][0]["finish_reason"] is None for c in content)
+    assert final["choices"][0]["finish_reason"] in ("length", "stop")
+    assert usage["choices"] == [] and 1 <= usage["usage"]["completion_tokens"] <= 6
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in content + [final])
+    assert text and len({c["id"] for c in chunks}) == 1
+
+
+def test_tool_call_round_trip(served, monkeypatch):
+    handle, _, tokenizer = served
+    messages = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+    with forced_reply(monkeypatch, tokenizer, TOOL_CALL):
+        reply = post(handle.url, {"messages": messages, "tools": TOOLS, "max_tokens": 64})
+    choice = reply["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    (call,) = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"]
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    assert not choice["message"]["content"]  # the markup went to tool_calls, not the text
+
+    # send the tool's result back: a normal reply, rendered from the whole conversation
+    messages += [choice["message"],
+                 {"role": "tool", "tool_call_id": call["id"], "content": json.dumps({"sky": "sunny", "c": 21})}]
+    with forced_reply(monkeypatch, tokenizer, "It is sunny and warm in Paris."):
+        reply = post(handle.url, {"messages": messages, "tools": TOOLS, "max_tokens": 64})
+    choice = reply["choices"][0]
+    assert choice["finish_reason"] == "stop" and "tool_calls" not in choice["message"]
+    assert choice["message"]["content"] == "It is sunny and warm in Paris."
+    for m in messages:  # as the template sees them: arguments as objects
+        for c in m.get("tool_calls", []):
+            c["function"]["arguments"] = json.loads(c["function"]["arguments"])
+    expected = tokenizer.apply_chat_template(messages, tools=TOOLS, add_generation_prompt=True)
+    assert "<tool_response>" in tokenizer.decode(expected)
+    assert reply["usage"]["prompt_tokens"] == len(expected)
+
+
+def test_streaming_tool_call(served, monkeypatch):
+    handle, _, tokenizer = served
+    body = {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": TOOLS, "max_tokens": 64,
+            "stream": True}
+    with forced_reply(monkeypatch, tokenizer, TOOL_CALL):
+        chunks = post(handle.url, body)
+    calls = [tc for c in chunks for tc in c["choices"][0]["delta"].get("tool_calls", [])]
+    assert len(calls) == 1 and calls[0]["index"] == 0
+    assert calls[0]["function"]["name"] == "get_weather"
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_concurrent_requests(served):
+    """Requests in flight together go through mlx-lm's batched decoding ([B, L, k] routed indices
+    through the streaming layers) and give what each gives alone (a seed: the unbatched path)."""
+    handle, _, _ = served
+    results, errors = {}, []
+
+    def body(i, **extra):
+        return {"messages": [{"role": "user", "content": f"Question {i}"}], "max_tokens": 12, **extra}
+
+    def ask(i):
+        try:
+            results[i] = post(handle.url, body(i))
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert not errors and len(results) == 3
+    for i, reply in results.items():
+        alone = post(handle.url, body(i, seed=0))
+        assert reply["choices"][0]["message"] == alone["choices"][0]["message"]
+        assert reply["usage"]["completion_tokens"] == alone["usage"]["completion_tokens"]
+
+
+def test_shutdown_frees_the_port(bundle_dir):
+    import socket
+
+    from moestream.runtime.serve import start_server
+
+    import moestream
+
+    model, tokenizer = moestream.load(bundle_dir("qwen3_moe"), dtype="float32")
+    with start_server(model, tokenizer, host="127.0.0.1", port=0) as handle:
+        port = int(handle.url.rsplit(":", 1)[1])
+        assert get(handle.url + "/health") == {"status": "ok"}
+    assert not handle.thread.is_alive() and not handle.generator.generation_available()
+    with pytest.raises(ConnectionRefusedError):  # nobody listens there any more
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_serve_command(bundle_dir, monkeypatch, capsys):
+    """`moestream serve BUNDLE ...` (the CLI's parser, our serve()): prints the URL and the budget,
+    serves, and stops cleanly when its server is shut down."""
+    from moestream.runtime import serve as serve_module
+
+    from moestream.cli import build_parser
+
+    started, real_start = [], serve_module.start_server
+
+    def start_server(*args, **kwargs):
+        started.append(real_start(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(serve_module, "start_server", start_server)
+    args = build_parser().parse_args(["serve", str(bundle_dir("qwen3_moe")), "--port", "0", "--dtype", "float32",
+                                      "--memory-budget", "8MB", "--io-mode", "buffered"])
+    thread = threading.Thread(target=serve_module.serve, args=(args,), daemon=True)
+    thread.start()
+    try:
+        for _ in range(600):
+            if started or not thread.is_alive():
+                break
+            thread.join(0.05)
+        (handle,) = started
+        assert get(handle.url + "/v1/models")["data"][0]["id"] == handle.model_id
+        reply = post(handle.url, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+        assert reply["usage"]["completion_tokens"] >= 1
+    finally:
+        for handle in started:
+            handle.shutdown()
+        thread.join(TIMEOUT)
+    assert not thread.is_alive()
+    out = capsys.readouterr().out
+    assert f"{handle.url}/v1" in out and "memory budget 8.00 MB" in out
