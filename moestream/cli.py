@@ -33,6 +33,13 @@ def _load(args):
                 cache_policy=args.cache_policy, verify=args.verify)
 
 
+def _import_flows():
+    try:
+        import prefect  # noqa: F401
+    except ModuleNotFoundError:
+        raise ValueError("the preparation pipeline needs Prefect: pip install 'moestream[prepare]'") from None
+
+
 def cmd_synth(args):
     from moestream.stages.synth import synth_checkpoint
 
@@ -45,6 +52,7 @@ def cmd_prepare(args):
 
     if Path(args.out).exists() and not args.overwrite:  # fail before Prefect's server starts
         raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    _import_flows()
     from moestream.flows.prepare import prepare_bundle
 
     result = prepare_bundle(args.source, args.out, expert_bits=args.expert_bits, group_size=args.group_size,
@@ -98,6 +106,7 @@ def cmd_serve(args):
 
 
 def cmd_demo(args):
+    _import_flows()
     from moestream.demo import run_demo
 
     run_demo(workdir=args.workdir, family=args.family, preset=args.preset)
