@@ -62,6 +62,12 @@ def mlx_config(family: Family, config: dict) -> dict:
     if isinstance(config.get("text_config"), dict):
         targets.append(config["text_config"])
     for target in targets:
+        rope = target.get("rope_parameters")
+        if isinstance(rope, dict):  # transformers 5 folds rope_theta and rope_scaling in here
+            if target.get("rope_theta") is None and "rope_theta" in rope:
+                target["rope_theta"] = rope["rope_theta"]
+            if target.get("rope_scaling") is None and rope.get("rope_type", rope.get("type", "default")) != "default":
+                target["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
         for key, aliases in family.config_aliases.items():
             if target.get(key) is not None:
                 continue

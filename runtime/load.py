@@ -50,14 +50,18 @@ def _resolve_dtype(dtype) -> mx.Dtype | None:
     return dtype
 
 
-def _module_at(model: nn.Module, path: str):
-    parent, *_ = None, None
+def _resolve(model: nn.Module, path: str):
     obj = model
-    parts = path.split(".")
-    for part in parts[:-1]:
+    for part in path.split(".") if path else ():
         obj = obj[int(part)] if isinstance(obj, list) else getattr(obj, part)
-    parent = obj
-    return parent, parts[-1], getattr(parent, parts[-1])
+    return obj
+
+
+def _module_at(model: nn.Module, path: str):
+    """(parent module, attribute name, module) for a dotted MLX module path."""
+    parent_path, _, name = path.rpartition(".")
+    parent = _resolve(model, parent_path)
+    return parent, name, getattr(parent, name)
 
 
 def install_streaming(model: nn.Module, layers: dict[int, str], streamer: ExpertStreamer) -> None:
@@ -74,7 +78,7 @@ def set_experts_per_token(model: nn.Module, layers: dict[int, str], k: int, num_
     if not 1 <= k <= num_experts:
         raise ValueError(f"experts_per_token must be between 1 and {num_experts}, got {k}")
     for path in layers.values():
-        block, _, _ = _module_at(model, path.rsplit(".", 1)[0] + ".x")
+        block = _resolve(model, path.rpartition(".")[0])
         touched = False
         for obj in (block, getattr(block, "gate", None)):
             for attr in ("top_k", "num_experts_per_tok"):

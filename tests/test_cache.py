@@ -1,4 +1,5 @@
 import pytest
+
 from moestream.runtime.cache import POLICIES, CacheFullError, ExpertCache, LFUPolicy, LRUPolicy
 
 

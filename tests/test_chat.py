@@ -89,6 +89,7 @@ def test_cached_turn_matches_a_fresh_run_of_the_whole_conversation(loaded):
     conversation from scratch."""
     from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_sampler
+
     from moestream.runtime.chat import ChatSession
 
     model, tokenizer = loaded

@@ -12,13 +12,12 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
+from oracle import greedy_tokens, reference_model
 
 import moestream
 from moestream.manifests.bundle import unpack_extent
 from moestream.manifests.checkpoint import SourceCheckpoint
 from moestream.manifests.open import open_bundle
-
-from oracle import greedy_tokens, reference_model
 
 FAMILIES = ["qwen3_moe", "qwen3_5_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss"]
 PROMPT = [3, 17, 42, 7, 99, 5, 23, 64, 11, 2, 31, 8] * 6  # 72 tokens: exercises the sorted path
@@ -93,3 +92,20 @@ def test_streaming_logits_and_tokens_equal_mlx_lm(family, synth_dir, bundle_dir)
         if memory_budget is not None:
             assert stats["evictions"] > 0, "a 30% budget must evict"
             assert stats["expert_cache_peak_bytes"] <= stats["cache_capacity_bytes"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformers5_config_gives_the_same_model(family, tmp_path, synth_dir):
+    """A checkpoint whose config.json transformers 5 wrote (num_local_experts, rope_parameters)
+    prepares into a bundle that computes exactly what mlx-lm computes from the Hub-style config."""
+    from conftest import build_bundle
+
+    from moestream.stages.synth import synth_checkpoint
+
+    src = synth_checkpoint(family, tmp_path / "t5", preset="tiny", seed=0, config_generation="transformers5").path
+    bundle = build_bundle(src, tmp_path / "bundle")
+    ref = reference_model(synth_dir(family), bits=4)
+    model, _ = moestream.load(bundle, dtype="float32")
+    prompt = mx.array([PROMPT[:16]])
+    a, b = ref(prompt), model(prompt)
+    assert float(mx.abs(a - b).max()) <= 1e-5 * float(mx.abs(a).max())

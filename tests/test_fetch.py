@@ -15,6 +15,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 from hf_fake import FakeHub, build_fake_cache, hub_env, repo_folder
+
 from moestream.stages.fetch import CHECKPOINT_PATTERNS, FetchedSource, FetchError, fetch_source
 
 TOKEN = "hf_SeCrEtTokenThatMustNeverBePrinted123"

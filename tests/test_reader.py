@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from moestream.runtime.reader import ALIGN, ExtentReader, ReadError, ReadRequest
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="Linux O_DIRECT tests")

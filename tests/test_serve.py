@@ -24,10 +24,9 @@ TOOL_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}
 def served(bundle_dir):
     """(handle, model, tokenizer): the server on 127.0.0.1 with a free port, and a memory budget
     whose expert cache holds a quarter of the experts."""
+    import moestream
     from moestream.runtime.load import runtime_of
     from moestream.runtime.serve import start_server
-
-    import moestream
 
     bundle = bundle_dir("qwen3_moe")
     model, _ = moestream.load(bundle, dtype="float32")
@@ -211,9 +210,8 @@ def test_concurrent_requests(served):
 def test_shutdown_frees_the_port(bundle_dir):
     import socket
 
-    from moestream.runtime.serve import start_server
-
     import moestream
+    from moestream.runtime.serve import start_server
 
     model, tokenizer = moestream.load(bundle_dir("qwen3_moe"), dtype="float32")
     with start_server(model, tokenizer, host="127.0.0.1", port=0) as handle:
@@ -227,9 +225,8 @@ def test_shutdown_frees_the_port(bundle_dir):
 def test_serve_command(bundle_dir, monkeypatch, capsys):
     """`moestream serve BUNDLE ...` (the CLI's parser, our serve()): prints the URL and the budget,
     serves, and stops cleanly when its server is shut down."""
-    from moestream.runtime import serve as serve_module
-
     from moestream.cli import build_parser
+    from moestream.runtime import serve as serve_module
 
     started, real_start = [], serve_module.start_server
 

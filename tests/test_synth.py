@@ -13,6 +13,8 @@ import pytest
 from mlx_lm.models import gpt_oss
 from mlx_lm.models.switch_layers import SwitchGLU
 from mlx_lm.utils import load_model
+from safetensors import safe_open
+
 from moestream.stages import synth
 from moestream.stages.synth import (
     PRESETS,
@@ -20,7 +22,6 @@ from moestream.stages.synth import (
     plan_checkpoint,
     synth_checkpoint,
 )
-from safetensors import safe_open
 
 PROMPT_TOKENS = 256  # enough routed tokens for the frequency statistics below
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .base import ExpertSlice, Family, ModelDims
 from . import deepseek_v3, gpt_oss, mixtral, olmoe, qwen3_5_moe, qwen3_moe
+from .base import ExpertSlice, Family, ModelDims
 
 FAMILIES: dict[str, Family] = {
     m.FAMILY.name: m.FAMILY for m in (qwen3_moe, qwen3_5_moe, mixtral, olmoe, deepseek_v3, gpt_oss)

@@ -1,0 +1,106 @@
+"""Runtime behaviour beyond the per-family oracle checks: CheckpointStore, experts_per_token,
+the budget, io modes, stats, and the generate command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlx.core as mx
+import pytest
+from oracle import greedy_tokens, reference_model
+
+import moestream
+from moestream.runtime.budget import BudgetError, parse_bytes
+
+PROMPT = [3, 17, 42, 7, 99, 5, 23, 64, 11, 2, 31, 8]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "qwen3_5_moe"])
+def test_checkpoint_store_runs_source_checkpoint_like_mlx_lm(family, synth_dir):
+    """An unprepared checkpoint streams its experts from the source safetensors at source precision."""
+    ref = reference_model(synth_dir(family), bits=None)
+    model, _ = moestream.load(synth_dir(family), memory_budget=None)
+    assert model._moestream.kind == "checkpoint"
+    a, b = ref(mx.array([PROMPT])), model(mx.array([PROMPT]))
+    assert float(mx.abs(a - b).max()) <= 1e-5 * float(mx.abs(a).max())
+    assert moestream.stats(model)["bytes_read"] > 0
+
+
+def test_experts_per_token_matches_mlx_lm_built_with_that_top_k(tmp_path, synth_dir, bundle_dir):
+    src = tmp_path / "k2"
+    shutil.copytree(synth_dir("qwen3_moe"), src)
+    config = json.loads((src / "config.json").read_text())
+    config["num_experts_per_tok"] = 2
+    (src / "config.json").write_text(json.dumps(config))
+    ref = reference_model(src, bits=4)  # mlx-lm's own model, built with top-2
+
+    model, _ = moestream.load(bundle_dir("qwen3_moe"), experts_per_token=2)
+    a, b = ref(mx.array([PROMPT])), model(mx.array([PROMPT]))
+    assert float(mx.abs(a - b).max()) <= 1e-5 * float(mx.abs(a).max())
+    assert greedy_tokens(model, PROMPT, 8) == greedy_tokens(ref, PROMPT, 8)
+    with pytest.raises(ValueError, match="between 1 and 16"):
+        moestream.load(bundle_dir("qwen3_moe"), experts_per_token=17)
+
+
+def test_budget_too_small_is_refused_with_the_minimum(bundle_dir):
+    model, _ = moestream.load(bundle_dir("qwen3_moe"))
+    plan = model._moestream.plan
+    minimum = plan.resident_bytes + plan.kv_reserve_bytes + plan.buffer_bytes + plan.min_layer_bytes
+    with pytest.raises(BudgetError, match=f"need at least .*\\({minimum} bytes\\)"):
+        moestream.load(bundle_dir("qwen3_moe"), memory_budget=minimum - 1)
+    model, _ = moestream.load(bundle_dir("qwen3_moe"), memory_budget=minimum)  # exactly enough works
+    model(mx.array([PROMPT * 6]))  # a prefill routed to every expert, one layer's k experts at a time
+    s = moestream.stats(model)
+    assert s["expert_cache_peak_bytes"] <= s["cache_capacity_bytes"] == plan.min_layer_bytes
+
+
+def test_parse_bytes():
+    assert parse_bytes("6GB") == 6 * 10**9
+    assert parse_bytes("1.5 GiB") == int(1.5 * 2**30)
+    assert parse_bytes(1234) == 1234
+    assert parse_bytes(None) is None
+    for bad in ("six", "-1GB", "5 parsecs", 0):
+        with pytest.raises(BudgetError):
+            parse_bytes(bad)
+
+
+@pytest.mark.parametrize("io_mode", ["direct", "buffered"])
+def test_stats_fields_and_io_modes(io_mode, bundle_dir):
+    model, _ = moestream.load(bundle_dir("qwen3_moe"), io_mode=io_mode, memory_budget="50MB")
+    model(mx.array([PROMPT]))
+    s = moestream.stats(model)
+    for key in ("bytes_read", "reads", "mean_read_bytes", "cache_hits", "cache_misses", "hit_rate", "io_wait_s",
+                "expert_cache_bytes", "expert_cache_peak_bytes", "budget_bytes", "io_mode"):
+        assert key in s
+    assert s["io_mode"] == io_mode and s["budget_bytes"] == 50 * 10**6
+    assert s["reads"] > 0 and s["cache_misses"] > 0
+
+
+def test_each_distinct_expert_read_once_per_call(bundle_dir):
+    model, _ = moestream.load(bundle_dir("qwen3_moe"))
+    model(mx.array([PROMPT * 6]))  # 72 tokens x top-4: many repeats of each expert
+    s = moestream.stats(model)
+    n_layers = len(model._moestream.store.layers)
+    assert s["cache_misses"] <= n_layers * 16 and s["cache_hits"] == 0
+
+
+def test_generate_cli_streams_text_and_prints_stats(tmp_path, bundle_dir, capsys):
+    from moestream.cli import main
+
+    stats_file = tmp_path / "stats.json"
+    code = main(["generate", str(bundle_dir("qwen3_moe")), "--prompt", "hello", "--max-tokens", "8",
+                 "--memory-budget", "20MB", "--stats-json", str(stats_file)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "[moestream]" in out and "tok/s" in out and "hit rate" in out and "TTFT" in out
+    report = json.loads(stats_file.read_text())
+    assert report["generated_tokens"] == 8 and report["bytes_read"] > 0
+
+
+def test_generate_cli_bad_bundle_is_one_line_error(tmp_path, capsys):
+    from moestream.cli import main
+
+    assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
