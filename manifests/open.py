@@ -109,7 +109,7 @@ def _check_extents(root: Path, meta: dict, extents: list[ExpertExtent]) -> dict:
         by_file[e.file].append((i, e))
     for file, rows in by_file.items():
         rows.sort(key=lambda r: r[1].offset)
-        for (_, a), (j, b) in zip(rows, rows[1:]):
+        for (_, a), (j, b) in zip(rows, rows[1:], strict=False):
             if b.offset < a.offset + a.nbytes:
                 raise BundleError(
                     f"{LAYOUT_FILE} row {j} (layer {b.layer}, expert {b.expert}): extent at {b.offset} overlaps "

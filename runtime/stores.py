@@ -60,7 +60,7 @@ class BundleStore:
         extents: list[ExpertExtent] = sorted((self.bundle.extent(layer, e) for e in experts), key=lambda x: (x.file, x.offset))
         requests = [ReadRequest(str(self.bundle.path(x.file)), x.offset, x.nbytes, x.label) for x in extents]
         out = {}
-        for x, buf in zip(extents, self.reader.read(requests)):
+        for x, buf in zip(extents, self.reader.read(requests), strict=True):
             if x.codec == "zstd":
                 import zstandard
 
@@ -98,6 +98,6 @@ class CheckpointStore:
                 plan.append((e, name, s, info))
                 requests.append(ReadRequest(str(info.file), offset, nbytes, f"layer {layer} expert {e} {s.tensor}"))
         out: dict[int, dict[str, mx.array]] = {e: {} for e in experts}
-        for (e, name, s, info), buf in zip(plan, self.reader.read(requests)):
+        for (e, name, s, info), buf in zip(plan, self.reader.read(requests), strict=True):
             out[e][name] = finish_slice(s, info, buf)
         return {e: _cast(t, self.dtype) for e, t in out.items()}

@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..manifests.bundle import (
-    EXTENT_ALIGNMENT,
     EXPERTS_DIR,
+    EXTENT_ALIGNMENT,
     ExpertExtent,
     align,
     extent_from_dict,
