@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import contextmanager
 import signal
 from dataclasses import asdict
 from pathlib import Path
@@ -68,6 +69,54 @@ def write_task(path: Path, staging: Path, extents, recipe, source: SourceInfo, r
 @task(name="verify")
 def verify_task(staging: Path, out: Path, overwrite: bool) -> str:
     return str(finalize(staging, out, overwrite).root)
+
+
+def task_runner_for(dask_address: str | None = None, workers: int | None = None):
+    """Threads by default (the per-layer work releases the GIL in MLX and hashing); a Dask
+    cluster when asked: an existing one by address, or a local one of `workers` processes."""
+    if dask_address or workers:
+        from prefect_dask import DaskTaskRunner
+
+        if dask_address:
+            return DaskTaskRunner(address=dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+    return ThreadPoolTaskRunner(max_workers=2)
+
+
+@contextmanager
+def shared_prefect_api():
+    """Dask workers are other processes: with no Prefect server configured, each would start
+    its own embedded one. Start one here and hand its URL to the workers through the
+    environment they inherit."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    old = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = old
+        server.stop()
+
+
+def run_prepare(source: str, out: str, dask_address: str | None = None, workers: int | None = None, **options) -> dict:
+    """Run the flow with the task runner the options ask for."""
+    runner = task_runner_for(dask_address, workers)
+    if not (dask_address or workers):
+        return prepare_bundle.with_options(task_runner=runner)(source, out, **options)
+    with shared_prefect_api():
+        return prepare_bundle.with_options(task_runner=runner)(source, out, **options)
 
 
 def summary_markdown(meta: dict, out: Path) -> str:

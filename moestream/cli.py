@@ -53,10 +53,11 @@ def cmd_prepare(args):
     if Path(args.out).exists() and not args.overwrite:  # fail before Prefect's server starts
         raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
     _import_flows()
-    from moestream.flows.prepare import prepare_bundle
+    from moestream.flows.prepare import run_prepare
 
-    result = prepare_bundle(args.source, args.out, expert_bits=args.expert_bits, group_size=args.group_size,
-                            resident_bits=args.resident_bits, revision=args.revision, overwrite=args.overwrite)
+    result = run_prepare(args.source, args.out, dask_address=args.dask, workers=args.workers,
+                         expert_bits=args.expert_bits, group_size=args.group_size,
+                         resident_bits=args.resident_bits, revision=args.revision, overwrite=args.overwrite)
     print(json.dumps(result, indent=2))
 
 
@@ -140,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resident-bits", type=int, default=None, choices=(8,), help="quantize resident Linear weights too")
     p.add_argument("--revision", default=None)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--dask", default=None, metavar="ADDRESS", help="run the per-layer tasks on this Dask scheduler")
+    p.add_argument("--workers", type=int, default=None, help="run them on a local Dask cluster of N processes")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("verify", help="check a bundle's structure and every checksum (exit code says the result)")

@@ -67,3 +67,13 @@ def test_prepare_flow_resumes_after_kill_and_is_byte_identical(tmp_path, synth_d
     assert verify.returncode == 0
     again = _prepare(src, out, prefect_env)
     assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_prepare_on_local_dask_cluster_is_byte_identical(tmp_path, synth_dir, prefect_env):
+    src = synth_dir("mixtral")
+    seq = _prepare(src, tmp_path / "seq", prefect_env)
+    assert seq.returncode == 0, seq.stderr[-3000:]
+    dask = _prepare(src, tmp_path / "dask", prefect_env, extra=("--workers", "2"))
+    assert dask.returncode == 0, dask.stderr[-3000:]
+    assert "DaskTaskRunner" in dask.stdout or "dask" in dask.stdout.lower()
+    assert _files(tmp_path / "dask") == _files(tmp_path / "seq")
