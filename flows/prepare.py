@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from contextlib import contextmanager
 import signal
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 

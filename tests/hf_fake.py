@@ -9,6 +9,11 @@ Two pieces, both faithful to huggingface_hub 2.x rather than mocks of our own co
   (model info, tree listing, HEAD/GET `/resolve`, an LFS redirect to a CDN host, error codes,
   and a minimal `create_commit`: preupload + commit), installed with
   `huggingface_hub.set_client_factory`, so online code paths run without a network.
+  By default every upload is "regular" (bytes inline in the commit); set `lfs_threshold` to
+  have larger files negotiated the way the Hub does it: preupload says "lfs", the client
+  asks the LFS batch endpoint, PUTs the bytes to a storage URL, verifies, and the commit only
+  names the object (`lfsFile`). Xet uploads go through hf_xet's own (Rust) HTTP client, which
+  no transport can reach: tests of LFS uploads use `disable_xet(monkeypatch)`.
 
 Use `hub_env(monkeypatch, tmp_path, offline=...)` first: huggingface_hub reads its environment
 into module constants at import time, so setting env vars alone does nothing.
@@ -197,6 +202,9 @@ class RecordedCommit:
     added: dict[str, bytes]
     deleted: list[str]
     commit: str
+    lfs: tuple[str, ...] = ()  # paths committed as LFS pointers (bytes uploaded beforehand)
+    create_pr: bool = False
+    description: str = ""
 
 
 @dataclass
@@ -221,6 +229,12 @@ class FakeHub:
         self._blobs: dict[str, bytes] = {}  # sha256 -> bytes, served by the CDN host
         self.down = False  # True: every request fails to connect, like a network outage
         self._lock = threading.Lock()  # snapshot_download calls in from 8 worker threads
+        # None: every upload is "regular" (inline in the commit). An int: files of that many
+        # bytes or more, and LFS_SUFFIXES files, go through the LFS batch/upload/verify protocol.
+        self.lfs_threshold: int | None = None
+        self.lfs_puts: list[str] = []  # sha256 of every object PUT to the storage host
+        self.created: list[dict] = []  # payloads of accepted create_repo calls
+        self._pr_count = 0
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -253,6 +267,17 @@ class FakeHub:
     def requested(self, method: str, path_suffix: str) -> list[RecordedRequest]:
         return [r for r in self.requests
                 if r.method == method and httpx2.URL(r.url).path.endswith(path_suffix)]
+
+    def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
+        """The tree of `repo_id` at `revision` ({} for a repo without commits)."""
+        repo = self.repos[repo_id]
+        commit = repo.resolve(revision)
+        return dict(repo.commits[commit]) if commit is not None else {}
+
+    def state(self) -> dict:
+        """Everything a commit could change: repos, their refs and trees (for before/after)."""
+        return {rid: (repo.private, dict(repo.refs), {c: dict(f) for c, f in repo.commits.items()})
+                for rid, repo in self.repos.items()}
 
     # -- wiring into huggingface_hub -----------------------------------------------------
 
@@ -290,6 +315,8 @@ class FakeHub:
 
     def _route(self, request: httpx2.Request) -> httpx2.Response:
         auth = request.headers.get("authorization")
+        if request.url.host == CDN_HOST and request.method == "PUT":
+            return self._lfs_put(request)
         if request.url.host == CDN_HOST:
             return self._cdn(request)
         if auth is not None and auth != f"Bearer {self.token}":
@@ -301,6 +328,8 @@ class FakeHub:
             return self._create_repo(request)
         if parts[:2] == ["api", "validate-yaml"]:
             return httpx2.Response(200, json={"errors": [], "warnings": []})
+        if len(parts) == 6 and parts[1].endswith(".git") and parts[2:5] == ["info", "lfs", "objects"]:
+            return self._lfs(request, f"{parts[0]}/{parts[1][:-len('.git')]}", parts[5])
         if len(parts) >= 5 and parts[2] == "resolve":
             return self._resolve(request, f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]))
         return _error(404, message=f"fake hub: no route for {request.method} {request.url.path}")
@@ -336,13 +365,20 @@ class FakeHub:
         if action == "tree":
             return self._tree(repo, args[0], "/".join(args[1:]))
         if action == "preupload" and request.method == "POST":
-            return _preupload(request)
+            return self._preupload(request)
+        if action == "branch" and request.method == "POST":
+            return self._create_branch(request, repo, "/".join(args))
         if action == "commit" and request.method == "POST":
             return self._commit(request, repo, "/".join(args))
         return _error(404, message=f"fake hub: no API route {rest}")
 
     def _model_info(self, repo: FakeRepo, revision: str) -> httpx2.Response:
         commit = repo.resolve(revision)
+        if commit is None and not repo.commits and revision == "main":
+            # A repo just made by create_repo (the real Hub gives it a first commit; no files here)
+            return httpx2.Response(200, json={
+                "id": repo.repo_id, "modelId": repo.repo_id, "sha": None, "private": repo.private,
+                "gated": False, "disabled": False, "siblings": []})
         if commit is None:
             return _error(404, code="RevisionNotFound", message=f"Invalid rev id: {revision}")
         siblings = [{"rfilename": p} for p in sorted(repo.commits[commit])]
@@ -392,6 +428,7 @@ class FakeHub:
         if repo_id in self.repos:
             return _error(409, message="You already created this model repo")
         self.repos[repo_id] = FakeRepo(repo_id, private=payload.get("visibility") == "private")
+        self.created.append(payload)
         return httpx2.Response(200, json={"url": f"{HUB}/{repo_id}", "name": repo_id})
 
     def _commit(self, request: httpx2.Request, repo: FakeRepo, revision: str) -> httpx2.Response:
@@ -399,16 +436,96 @@ class FakeHub:
         header = next(item["value"] for item in lines if item["key"] == "header")
         added = {item["value"]["path"]: base64.b64decode(item["value"]["content"])
                  for item in lines if item["key"] == "file"}
+        lfs = [item["value"] for item in lines if item["key"] == "lfsFile"]
+        for pointer in lfs:  # the Hub refuses a pointer to an object nobody uploaded
+            data = self._blobs.get(pointer["oid"])
+            if data is None or len(data) != pointer.get("size", len(data)):
+                return _error(422, message=f"LFS object {pointer['oid']} of {pointer['path']} "
+                                           "was not uploaded")
+            added[pointer["path"]] = data
         deleted = [item["value"]["path"] for item in lines
                    if item["key"] in ("deletedFile", "deletedFolder")]
+        create_pr = request.url.params.get("create_pr") == "1"
+        pr_url = None
+        if create_pr:  # a PR is a new ref refs/pr/N starting where the target branch is
+            self._pr_count += 1
+            target = repo.refs.get(revision)
+            revision = f"refs/pr/{self._pr_count}"
+            if target is not None:
+                repo.refs[revision] = target
+            pr_url = f"{HUB}/{repo.repo_id}/discussions/{self._pr_count}"
         base = repo.commits.get(repo.refs.get(revision, ""), {})
         files = {p: d for p, d in base.items()
                  if not any(p == x or p.startswith(x.rstrip("/") + "/") for x in deleted)}
         commit = self.push(repo.repo_id, {**files, **added}, branch=revision)
         self.commits.append(RecordedCommit(repo.repo_id, revision, header["summary"], added,
-                                           deleted, commit))
+                                           deleted, commit, tuple(p["path"] for p in lfs),
+                                           create_pr, header.get("description", "")))
         return httpx2.Response(200, json={"commitUrl": f"{HUB}/{repo.repo_id}/commit/{commit}",
-                                          "commitOid": commit, "pullRequestUrl": None})
+                                          "commitOid": commit, "pullRequestUrl": pr_url})
+
+    # -- additions for uploads: LFS negotiation, branches ---------------------------------
+
+    def _preupload(self, request: httpx2.Request) -> httpx2.Response:
+        if self.lfs_threshold is None:
+            return _preupload(request)
+        files = json.loads(request.content)["files"]
+        return httpx2.Response(200, json={"files": [
+            {"path": f["path"], "shouldIgnore": False, "oid": None,
+             "uploadMode": "lfs" if f["size"] >= self.lfs_threshold or is_lfs(f["path"])
+             else "regular"}
+            for f in files]})
+
+    def _lfs(self, request: httpx2.Request, repo_id: str, action: str) -> httpx2.Response:
+        repo = self._repo_for(request, repo_id)
+        if isinstance(repo, httpx2.Response):
+            return repo
+        payload = json.loads(request.content)
+        if action == "verify":
+            data = self._blobs.get(payload["oid"])
+            if data is None or len(data) != payload["size"]:
+                return _error(404, message=f"LFS object {payload['oid']} not found")
+            return httpx2.Response(200, json={"message": "ok"})
+        if action != "batch" or payload.get("operation") != "upload":
+            return _error(404, message=f"fake hub: no LFS route {action}")
+        objects = []
+        for obj in payload["objects"]:
+            entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
+            if obj["oid"] not in self._blobs:  # already stored: no actions, nothing to upload
+                entry["actions"] = {
+                    "upload": {"href": f"https://{CDN_HOST}/upload/{obj['oid']}"},
+                    "verify": {"href": f"{HUB}/{repo_id}.git/info/lfs/objects/verify"},
+                }
+            objects.append(entry)
+        return httpx2.Response(200, json={"transfer": "basic", "objects": objects},
+                               headers={"Content-Type": "application/vnd.git-lfs+json"})
+
+    def _lfs_put(self, request: httpx2.Request) -> httpx2.Response:
+        oid = request.url.path.rsplit("/", 1)[-1]
+        data = request.content
+        if sha256(data) != oid:
+            return httpx2.Response(400, text="sha256 mismatch")
+        with self._lock:
+            self._blobs[oid] = data
+            self.lfs_puts.append(oid)
+        return httpx2.Response(200, headers={"ETag": f'"{oid}"'})
+
+    def _create_branch(self, request: httpx2.Request, repo: FakeRepo, branch: str) -> httpx2.Response:
+        if branch in repo.refs:
+            return _error(409, message=f"Branch {branch} already exists")
+        start = (json.loads(request.content or b"{}") or {}).get("startingPoint") or "main"
+        commit = repo.resolve(start)
+        if commit is None:
+            return _error(404, code="RevisionNotFound", message=f"Invalid rev id: {start}")
+        repo.refs[branch] = commit
+        return httpx2.Response(200, json={})
+
+
+def disable_xet(monkeypatch) -> None:
+    """Make huggingface_hub upload LFS files over HTTP (the LFS protocol the fake speaks) rather
+    than through hf_xet, whose Rust client cannot be given a transport."""
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
 
 
 def _preupload(request: httpx2.Request) -> httpx2.Response:
