@@ -109,3 +109,20 @@ def test_transformers5_config_gives_the_same_model(family, tmp_path, synth_dir):
     prompt = mx.array([PROMPT[:16]])
     a, b = ref(prompt), model(prompt)
     assert float(mx.abs(a - b).max()) <= 1e-5 * float(mx.abs(a).max())
+
+
+def test_resident_bits_8_quantizes_resident_linears_but_not_routers(tmp_path, synth_dir):
+    from conftest import build_bundle
+
+    bundle = build_bundle(synth_dir("qwen3_moe"), tmp_path / "r8", resident_bits=8)
+    resident = mx.load(str(bundle / "resident.safetensors"))
+    assert "model.layers.0.self_attn.q_proj.scales" in resident
+    assert resident["model.layers.0.self_attn.q_proj.weight"].dtype == mx.uint32
+    assert "model.layers.0.mlp.gate.scales" not in resident  # the router stays at source precision
+    model, _ = moestream.load(bundle)
+    ref = reference_model(synth_dir("qwen3_moe"), bits=4)
+    prompt = mx.array([PROMPT[:16]])
+    a, b = ref(prompt), model(prompt)
+    # 8-bit resident weights: close to, not equal to, the source-precision model
+    assert float(mx.abs(a - b).max()) < 0.1 * float(mx.abs(a).max())
+    assert moestream.inspect(bundle)["resident_bits"] == 8
