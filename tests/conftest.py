@@ -15,22 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def build_bundle(checkpoint: Path, out: Path, bits: int = 4, group_size: int = 64, resident_bits=None,
                  order=None) -> Path:
     """synth checkpoint -> bundle through the stage functions, in the flow's order."""
-    from moestream.manifests.checkpoint import SourceCheckpoint
-    from moestream.stages.pack import LayerJob, pack_layer
-    from moestream.stages.quantize import ExpertRecipe
-    from moestream.stages.write import SourceInfo, finalize, staging_dir, write_bundle
+    from moestream.stages.sequential import prepare_sequential
 
-    ckpt = SourceCheckpoint.open(checkpoint)
-    recipe = ExpertRecipe(bits=bits, group_size=group_size)
-    staging = staging_dir(out)
-    staging.mkdir(parents=True, exist_ok=True)
-    n = ckpt.dims.num_experts
-    extents = []
-    for layer in ckpt.expert_layers:
-        job = LayerJob(layer, recipe, tuple(order or range(n)), (bits,) * n)
-        extents += pack_layer(ckpt, job, staging)
-    write_bundle(ckpt, staging, extents, recipe, SourceInfo(), resident_bits)
-    finalize(staging, out)
+    prepare_sequential(checkpoint, out, bits, group_size, resident_bits, orders=order)
     return out
 
 

@@ -1,0 +1,30 @@
+"""The preparation stages run in order in one process, without Prefect: for tests, benchmarks
+and machines where the pipeline's orchestration isn't installed (the lent GPU machine). The
+flow (flows/prepare.py) runs the same stages as tasks, with retries, resume and parallelism."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..manifests.checkpoint import SourceCheckpoint
+from ..manifests.open import Bundle
+from .pack import LayerJob, pack_layer
+from .quantize import ExpertRecipe
+from .write import SourceInfo, finalize, staging_dir, write_bundle
+
+
+def prepare_sequential(checkpoint: Path, out: Path, bits: int = 4, group_size: int = 64, resident_bits: int | None = None,
+                       orders: dict[int, list[int]] | None = None, overwrite: bool = False, progress=None) -> Bundle:
+    ckpt = SourceCheckpoint.open(checkpoint)
+    recipe = ExpertRecipe(bits=bits, group_size=group_size)
+    staging = staging_dir(Path(out))
+    staging.mkdir(parents=True, exist_ok=True)
+    n = ckpt.dims.num_experts
+    extents = []
+    for layer in ckpt.expert_layers:
+        order = tuple(orders[layer]) if orders and layer in orders else tuple(range(n))
+        extents += pack_layer(ckpt, LayerJob(layer, recipe, order, (bits,) * n), staging)
+        if progress:
+            progress(layer)
+    write_bundle(ckpt, staging, extents, recipe, SourceInfo(), resident_bits, order="profile" if orders else "identity")
+    return finalize(staging, Path(out), overwrite=overwrite)
