@@ -224,6 +224,12 @@ class ExpertCache:
 
     # ---- stats ------------------------------------------------------------------------------
 
+    def reset_stats(self) -> None:
+        """Zero the counters; the peak restarts from what is cached now."""
+        with self._lock:
+            self._hits = self._misses = self._evictions = 0
+            self._peak = self._bytes
+
     def stats(self) -> dict:
         with self._lock:
             lookups = self._hits + self._misses

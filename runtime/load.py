@@ -189,13 +189,21 @@ def stats(model) -> dict:
         "experts_per_token": rt.experts_per_token,
         "dtype": rt.dtype,
         "peak_memory_bytes": mx.get_peak_memory(),
+        "moe_calls": rt.streamer.calls,
+        "route_sync_s": rt.streamer.sync_s,
+        "expert_fetch_s": rt.streamer.fetch_s,
+        "expert_compute_s": rt.streamer.compute_s,
     }
 
 
 def reset_stats(model) -> None:
+    """Zero the counters (not the cache's contents): for measuring one phase of a run."""
     rt = runtime_of(model)
     rt.reader.reset_stats()
-    rt.cache.reset_stats() if hasattr(rt.cache, "reset_stats") else None
+    if hasattr(rt.cache, "reset_stats"):
+        rt.cache.reset_stats()
+    rt.streamer.sync_s = rt.streamer.fetch_s = rt.streamer.compute_s = 0.0
+    rt.streamer.calls = 0
 
 
 def describe_source(path: str | Path) -> dict:

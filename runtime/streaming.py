@@ -25,7 +25,11 @@ class ExpertStreamer:
 
     def __init__(self, store, cache: ExpertCache):
         self.store, self.cache = store, cache
-        self.compute_s = 0.0
+        # wall time per phase, summed over layers and calls (host clocks: each phase ends in a sync)
+        self.sync_s = 0.0  # waiting for the router's indices (the host sync; includes attention compute)
+        self.fetch_s = 0.0  # cache lookups + reading missed experts + turning bytes into arrays
+        self.compute_s = 0.0  # the expert matmuls of the routed experts
+        self.calls = 0
 
     def groups(self, layer: int, experts: np.ndarray) -> list[list[int]]:
         """Split sorted experts into runs that fit the cache together and share a quantization
@@ -86,7 +90,10 @@ class StreamingSwitchGLU(nn.Module):
         self.activation = activation
 
     def _mlp(self, x, experts: list[int], idx, sorted_indices: bool):
+        t0 = time.perf_counter()
         fetched = self.streamer.acquire(self.layer, experts)
+        t1 = time.perf_counter()
+        self.streamer.fetch_s += t1 - t0
         try:
             names = fetched[experts[0]].keys()
             w = {n: mx.stack([fetched[e][n] for e in experts]) for n in names}
@@ -97,6 +104,7 @@ class StreamingSwitchGLU(nn.Module):
             # Evaluate before unpinning: until then the graph holds the expert arrays, and the
             # memory budget must count them.
             mx.eval(y)
+            self.streamer.compute_s += time.perf_counter() - t1
             return y
         finally:
             self.streamer.release(self.layer, experts)
@@ -104,10 +112,12 @@ class StreamingSwitchGLU(nn.Module):
     def __call__(self, x, indices) -> mx.array:
         x = mx.expand_dims(x, (-2, -3))
         indices = mx.stop_gradient(indices)
+        t0 = time.perf_counter()
         routed = np.array(indices)  # the one host sync per layer: which experts to fetch
+        self.streamer.sync_s += time.perf_counter() - t0
+        self.streamer.calls += 1
         experts = np.unique(routed)
         groups = self.streamer.groups(self.layer, experts)
-        start = time.perf_counter()
         if len(groups) == 1:
             # Same path as mlx-lm's SwitchGLU, on just the routed experts (renumbered 0..n-1).
             do_sort = indices.size >= 64
@@ -130,5 +140,4 @@ class StreamingSwitchGLU(nn.Module):
                 parts.append(self._mlp(x[row : row + n], group, local, True))
                 row += n
             y = _scatter_unsort(mx.concatenate(parts, axis=0), inv_order, indices.shape)
-        self.streamer.compute_s += time.perf_counter() - start
         return y.squeeze(-2)

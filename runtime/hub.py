@@ -1,0 +1,284 @@
+"""Bundles by Hub repo id: `resolve_bundle("org/name")` -> a verified bundle folder in the HF cache.
+
+A local folder is returned as it is. A repo id is fetched with huggingface_hub (so the HF cache,
+HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE, tokens and resumable downloads behave as users know them
+from mlx-lm and transformers) in two steps: `bundle.json` first, which says what the bundle is
+made of, then exactly the files it lists (plus README.md and the optional results; `profile/`
+only when asked) at the same commit. The snapshot is then verified (structure and every checksum),
+because a bundle from the Hub is untrusted input.
+
+Verification reads every byte, which for a large model takes minutes, so a successful one is
+remembered outside the HF cache, in `<moestream cache>/verified/<org>--<name>/<commit>.json`
+(moestream cache: $MOESTREAM_CACHE, else $XDG_CACHE_HOME/moestream, else ~/.cache/moestream),
+together with the size, mtime and inode of every file it covered: a later load of the same
+commit skips the hashing unless a file changed since.
+
+This module is part of the runtime: it imports neither Prefect nor moestream.stages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import httpx2  # huggingface_hub 2.x talks HTTP through httpx2 (a fork of httpx)
+import huggingface_hub
+from huggingface_hub import constants
+from huggingface_hub.errors import (
+    DisabledRepoError,
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    IncompleteSnapshotError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
+
+from ..manifests.bundle import BUNDLE_JSON, FORMAT_VERSION, BundleError, read_bundle_json
+from ..manifests.open import open_bundle
+
+logger = logging.getLogger(__name__)
+
+# Besides what bundle.json lists: the model card and the optional results (small files).
+EXTRA_FILES = ("README.md", "quality.json", "bench.json")
+PROFILE_PATTERN = "profile/*"
+_COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+_LOGIN_HINT = "log in with `hf auth login` or set HF_TOKEN"
+
+
+class HubError(ValueError):
+    """A bundle could not be fetched from the Hub (or found in the cache); the message says why."""
+
+
+def resolve_bundle(
+    source: str | Path,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    token: str | bool | None = None,
+    include_profile: bool = False,
+    force_download: bool = False,
+    progress: bool = True,
+) -> Path:
+    """A local bundle folder for `source`: a folder as it is, or a Hub repo id downloaded and verified.
+
+    `revision` (branch, tag or commit; default main) and `cache_dir` (default: the HF cache) apply
+    to repo ids. Raises HubError when the bundle cannot be fetched (no such repo, no access, offline
+    and not cached, network), BundleError when the repo is not a moestream bundle or its files do
+    not match their checksums.
+    """
+    if not str(source).strip():
+        raise HubError("empty source: expected a bundle folder or a Hub repo id (org/name)")
+    local = Path(source).expanduser()
+    if local.is_dir():  # a local folder wins over a repo id of the same name
+        if revision is not None:
+            raise HubError(f"{source} is a local folder: a revision ({revision!r}) only applies to Hub repo ids")
+        return local
+    repo_id = _as_repo_id(source, local)
+    meta_file = _download_file(repo_id, BUNDLE_JSON, revision=revision, cache_dir=cache_dir, token=token,
+                               force_download=force_download)
+    snapshot, commit = meta_file.parent, meta_file.parent.name
+    if not _COMMIT_HASH.fullmatch(commit):
+        raise HubError(f"{repo_id}: unexpected cache layout at {snapshot} (not a snapshots/<commit> folder)")
+    where = f"{repo_id}@{commit[:12]}"
+    try:
+        meta = read_bundle_json(snapshot)
+    except BundleError as err:
+        raise BundleError(f"{where} is not a moestream bundle (format {FORMAT_VERSION}): {err}") from None
+    snapshot = _download_snapshot(repo_id, commit, patterns=_patterns(meta, where, include_profile),
+                                  cache_dir=cache_dir, token=token, force_download=force_download,
+                                  progress=progress)
+    _verify_once(repo_id, commit, snapshot)
+    return snapshot
+
+
+# --- what to fetch -----------------------------------------------------------------------------
+
+
+def _as_repo_id(source: str | Path, local: Path) -> str:
+    if local.exists():
+        raise HubError(f"{source}: is a file; expected a bundle folder or a Hub repo id (org/name)")
+    if isinstance(source, Path):  # a Path is meant as a path, never as a repo id
+        raise HubError(f"{source}: no such folder")
+    if source.count("/") != 1:
+        raise HubError(f"{source}: no such folder, and not a Hugging Face repo id (expected the form org/name)")
+    try:
+        validate_repo_id(source)
+    except HFValidationError as err:
+        raise HubError(f"{source}: no such folder, and not a Hugging Face repo id ({_one_line(str(err))})") from None
+    return source
+
+
+def _literal(path: str) -> str:
+    """An fnmatch pattern matching exactly `path` (bundle.json is untrusted: no wildcards from it)."""
+    return re.sub(r"([*?\[])", r"[\1]", path)
+
+
+def _patterns(meta: dict, where: str, include_profile: bool) -> list[str]:
+    files = meta.get("files")
+    if not isinstance(files, dict) or not all(isinstance(k, str) and k for k in files):
+        raise BundleError(f"{where}: {BUNDLE_JSON} 'files' must map paths to sizes and checksums")
+    patterns = [_literal(p) for p in (BUNDLE_JSON, *EXTRA_FILES, *sorted(files))]
+    if include_profile:
+        patterns.append(PROFILE_PATTERN)
+    return list(dict.fromkeys(patterns))
+
+
+# --- download ------------------------------------------------------------------------------------
+
+
+class _NoProgressBars(hf_tqdm):
+    """huggingface_hub's tqdm, always disabled (not the process-wide disable_progress_bars())."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["disable"] = True
+        super().__init__(*args, **kwargs)
+
+
+def _download_file(repo_id, filename, *, revision, cache_dir, token, force_download) -> Path:
+    try:
+        return Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
+                                                    token=token, force_download=force_download))
+    except EntryNotFoundError as err:
+        if isinstance(err, LocalEntryNotFoundError):  # offline / unreachable, and not cached
+            raise HubError(_redact(_explain(err, repo_id, revision, cache_dir), token)) from None
+        raise BundleError(
+            f"{repo_id}@{revision or constants.DEFAULT_REVISION} is not a moestream bundle: it has no {BUNDLE_JSON}; "
+            f"if it is a model checkpoint, make a bundle from it first (moestream prepare {repo_id} --out DIR)"
+        ) from None
+    except (OSError, httpx2.HTTPError) as err:
+        raise HubError(_redact(_explain(err, repo_id, revision, cache_dir), token)) from None
+
+
+def _download_snapshot(repo_id, commit, *, patterns, cache_dir, token, force_download, progress) -> Path:
+    try:
+        path = huggingface_hub.snapshot_download(
+            repo_id, revision=commit, cache_dir=cache_dir, allow_patterns=patterns, token=token,
+            force_download=force_download, tqdm_class=None if progress else _NoProgressBars,
+        )
+    except (OSError, httpx2.HTTPError) as err:
+        raise HubError(_redact(_explain(err, repo_id, commit, cache_dir), token)) from None
+    return Path(path)
+
+
+# --- verification, once per commit ------------------------------------------------------------
+
+
+def verified_cache_dir() -> Path:
+    """Where successful verifications are remembered (outside the HF cache)."""
+    base = os.environ.get("MOESTREAM_CACHE")
+    if not base:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moestream"
+    return Path(base).expanduser() / "verified"
+
+
+def _marker(repo_id: str, commit: str) -> Path:
+    return verified_cache_dir() / repo_id.replace("/", "--") / f"{commit}.json"
+
+
+def _fingerprint(snapshot: Path, meta: dict) -> dict[str, list[int]]:
+    """size, mtime and inode of every file verification covers (through the cache's links)."""
+    out = {}
+    for rel in sorted({BUNDLE_JSON, *meta["files"]}):
+        st = os.stat(snapshot / rel)
+        out[rel] = [st.st_size, st.st_mtime_ns, st.st_ino]
+    return out
+
+
+def _verify_once(repo_id: str, commit: str, snapshot: Path) -> None:
+    marker = _marker(repo_id, commit)
+    try:
+        recorded = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        recorded = None
+    where = f"{repo_id}@{commit[:12]} (cached at {snapshot})"
+    try:
+        if recorded and recorded.get("snapshot") == str(snapshot):
+            try:
+                if recorded.get("files") == _fingerprint(snapshot, read_bundle_json(snapshot)):
+                    logger.debug("%s: verified before, files unchanged", where)
+                    return
+            except OSError:
+                pass  # a file went missing: open_bundle below says which
+        logger.info("verifying %s: checking every checksum once", where)
+        bundle = open_bundle(snapshot, verify=True)
+    except BundleError as err:
+        marker.unlink(missing_ok=True)
+        raise BundleError(
+            f"{where} failed verification: {err}; download it again (force_download=True, or remove it with "
+            f"`hf cache rm model/{repo_id}`); if a fresh copy fails too, the bundle on the Hub is damaged"
+        ) from None
+    record = {"repo_id": repo_id, "commit": commit, "snapshot": str(snapshot),
+              "files": _fingerprint(snapshot, bundle.meta)}
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, marker)
+    except OSError as err:  # a read-only home only costs a re-verification next time
+        logger.warning("could not record the verification of %s in %s: %s", where, marker, err)
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+def _explain(err: Exception, repo_id: str, revision: str | None, cache_dir) -> str:
+    """One line saying what failed and what to do, from a huggingface_hub / network error."""
+    name = f"{repo_id}@{revision or constants.DEFAULT_REVISION}"
+    cache = Path(cache_dir or constants.HF_HUB_CACHE).expanduser()
+    url = f"{constants.ENDPOINT}/{repo_id}"
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if isinstance(err, GatedRepoError):
+        return f"{repo_id} is a gated repo: accept its conditions at {url} and {_LOGIN_HINT}"
+    if isinstance(err, RevisionNotFoundError):
+        return f"{repo_id} has no revision {revision!r} (expected a branch, tag or commit hash)"
+    if isinstance(err, RepositoryNotFoundError):
+        return f"{repo_id}: no such folder, and no such repo on the Hub ({url}); if it is private, {_LOGIN_HINT}"
+    if isinstance(err, DisabledRepoError):
+        return f"{repo_id} has been disabled on the Hub"
+    if isinstance(err, HfHubHTTPError) and status == 401:
+        return f"the Hub refused the credentials while fetching {repo_id} (HTTP 401): {_LOGIN_HINT}"
+    if isinstance(err, HfHubHTTPError) and status == 403:
+        return f"access to {repo_id} is forbidden (HTTP 403): {_LOGIN_HINT} with a token that can read it"
+    offline = constants.is_offline_mode()
+    if isinstance(err, IncompleteSnapshotError):
+        return (f"the cached copy of {name} in {cache} is incomplete and the Hub cannot be reached"
+                f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: {_one_line(str(err))}")
+    if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        if offline:
+            return (f"HF_HUB_OFFLINE is set and {name} is not in the cache at {cache}; unset HF_HUB_OFFLINE to "
+                    "download it, or point HF_HUB_CACHE at a cache that has it")
+        return f"could not reach the Hub ({constants.ENDPOINT}) to fetch {name}, and it is not in the cache at {cache}: {_root_cause(err)}"
+    if isinstance(err, HfHubHTTPError):
+        return f"the Hub returned HTTP {status} while fetching {name}: {_one_line(str(err))}; try again later"
+    if isinstance(err, (httpx2.HTTPError, ConnectionError)):
+        return f"network error while fetching {name} from {constants.ENDPOINT}: {type(err).__name__}: {_one_line(str(err))}"
+    return f"could not fetch {name} into {cache}: {type(err).__name__}: {_one_line(str(err))}"
+
+
+def _root_cause(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {_one_line(str(err))}"
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _redact(message: str, token: str | bool | None) -> str:
+    secrets = {token if isinstance(token, str) else None, os.environ.get("HF_TOKEN"),
+               os.environ.get("HUGGING_FACE_HUB_TOKEN")}
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            message = message.replace(secret, "***")
+    return message
