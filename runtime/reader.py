@@ -220,14 +220,18 @@ class ExtentReader:
 
     # ---- public API -------------------------------------------------------------------------
 
-    def read(self, requests: list[ReadRequest]) -> list[memoryview]:
+    def read(self, requests: list[ReadRequest], convert=None) -> list:
         """One memoryview per request, in order, exactly `nbytes` long. The views keep their
-        buffer alive; it returns to the pool when the caller has dropped them all."""
+        buffer alive; it returns to the pool when the caller has dropped them all.
+
+        With `convert(index, view)`, each request's view is converted in the I/O thread that
+        read it, as soon as its read completes, and the results are returned instead: turning
+        bytes into arrays then overlaps with the other reads instead of following them all."""
         if self._closed:
             raise ValueError("ExtentReader is closed")
         t0 = time.perf_counter()
         try:
-            return self._read(requests)
+            return self._read(requests, convert)
         finally:
             with self._lock:
                 self._stats["io_wait_s"] += time.perf_counter() - t0
@@ -267,22 +271,28 @@ class ExtentReader:
 
     # ---- planning ---------------------------------------------------------------------------
 
-    def _read(self, requests: list[ReadRequest]) -> list[memoryview]:
+    def _read(self, requests: list[ReadRequest], convert=None) -> list:
         for r in requests:
             if r.offset < 0 or r.nbytes < 0:
                 raise ValueError(f"{r.label or r.path}: negative offset or size in {r}")
-        out: list[memoryview | None] = [memoryview(b"")] * len(requests)
+        out: list = [memoryview(b"")] * len(requests)
         groups = self._plan(requests)
+
+        def run(g: _Group) -> list[tuple[int, object]]:
+            buf = self._run_group(g)
+            spans = [(r.offset - g.start, r.offset - g.start + r.nbytes) for _, r in g.members]
+            views = self._buffers.views(buf, spans)
+            return [(i, convert(i, v) if convert else v) for (i, _), v in zip(g.members, views, strict=True)]
+
         if len(groups) == 1:  # no pool hand-off for a single read
-            results = [self._run_group(groups[0])]
+            results = [run(groups[0])]
         else:
-            futures = [self._pool.submit(self._run_group, g) for g in groups]
+            futures = [self._pool.submit(run, g) for g in groups]
             wait(futures)  # let every read finish before raising, so none outlives the call
             results = [f.result() for f in futures]
-        for g, buf in zip(groups, results, strict=True):
-            spans = [(r.offset - g.start, r.offset - g.start + r.nbytes) for _, r in g.members]
-            for (i, _), view in zip(g.members, self._buffers.views(buf, spans), strict=True):
-                out[i] = view
+        for members in results:
+            for i, value in members:
+                out[i] = value
         return out
 
     def _span(self, r: ReadRequest) -> tuple[int, int]:

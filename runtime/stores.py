@@ -59,14 +59,21 @@ class BundleStore:
     def read(self, layer: int, experts: list[int]) -> dict[int, dict[str, mx.array]]:
         extents: list[ExpertExtent] = sorted((self.bundle.extent(layer, e) for e in experts), key=lambda x: (x.file, x.offset))
         requests = [ReadRequest(str(self.bundle.path(x.file)), x.offset, x.nbytes, x.label) for x in extents]
-        out = {}
-        for x, buf in zip(extents, self.reader.read(requests), strict=True):
+
+        def convert(i: int, buf) -> dict[str, mx.array]:  # runs in the I/O thread that read it
+            x = extents[i]
             if x.codec == "zstd":
                 import zstandard
 
                 buf = zstandard.ZstdDecompressor().decompress(buf, max_output_size=x.raw_nbytes)
-            out[x.expert] = _cast(unpack_extent(buf, x.tensors), self.dtype)
-        return out
+            arrays = _cast(unpack_extent(buf, x.tensors), self.dtype)
+            # MLX streams belong to the thread that made them: materialise the views and casts
+            # here, so that the main thread receives plain arrays with nothing left to run.
+            mx.eval(list(arrays.values()))
+            return arrays
+
+        arrays = self.reader.read(requests, convert)
+        return {x.expert: a for x, a in zip(extents, arrays, strict=True)}
 
 
 class CheckpointStore:

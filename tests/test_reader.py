@@ -323,3 +323,22 @@ def test_rejects_bad_arguments(disk_dir):
     _write(f, 100)
     with ExtentReader() as r, pytest.raises(ValueError, match="negative"):
         r.read([_req(f, -1, 10)])
+
+
+def test_convert_runs_in_io_threads_in_request_order(disk_dir):
+    import threading
+
+    path = disk_dir / "conv.bin"
+    data = _write(path, 1 << 20, seed=5)
+    requests = [_req(path, off, 3000) for off in (700_000, 5, 300_000, 90_001)]
+    seen_threads = set()
+
+    def convert(i, view):
+        seen_threads.add(threading.current_thread().name)
+        return (i, bytes(view))
+
+    with ExtentReader("direct", threads=4, coalesce_gap=0) as reader:
+        out = reader.read(requests, convert)
+    assert [i for i, _ in out] == [0, 1, 2, 3]
+    assert [b for _, b in out] == [data[r.offset : r.offset + r.nbytes] for r in requests]
+    assert any(name.startswith("moestream-io") for name in seen_threads)
