@@ -189,6 +189,16 @@ def check_extent(extent: ExpertExtent) -> str | None:
 # ---------------------------------------------------------------- paths
 
 
+def hf_cache_blobs(root: Path) -> Path | None:
+    """`<repo>/blobs` when `root` is a Hugging Face cache snapshot (`<repo>/snapshots/<commit>`):
+    huggingface_hub links every snapshot file to its blob there; repo content cannot make them."""
+    real_root = root.resolve()
+    if real_root.parent.name != "snapshots":
+        return None
+    blobs = real_root.parent.parent / "blobs"
+    return blobs if blobs.is_dir() else None
+
+
 def safe_path(root: Path, rel: str, what: str) -> Path:
     """`root/rel`, refusing absolute paths, `..`, and symlinks that lead outside the bundle."""
     if not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or os.path.isabs(rel):
@@ -199,7 +209,7 @@ def safe_path(root: Path, rel: str, what: str) -> Path:
     path = root / rel
     real_root = root.resolve()
     real = path.resolve()
-    if real != real_root and real_root not in real.parents:
+    if real != real_root and real_root not in real.parents and real.parent != hf_cache_blobs(root):
         raise BundleError(f"{what}: path {rel!r} resolves outside the bundle (symlink to {real})")
     return path
 

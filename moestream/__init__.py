@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 
 def load(path, memory_budget=None, experts_per_token=None, dtype=None, io_mode="direct", io_threads=None,
-         cache_policy="lru", verify=False):
+         cache_policy="lru", verify=False, revision=None):
     """Load a bundle (or a source checkpoint folder) as an mlx-lm model that streams its experts.
 
     memory_budget: bytes or a string like "6GB"; covers resident weights, the expert cache, the KV
@@ -24,7 +24,8 @@ def load(path, memory_budget=None, experts_per_token=None, dtype=None, io_mode="
     from .runtime.load import load as _load
 
     return _load(path, memory_budget=memory_budget, experts_per_token=experts_per_token, dtype=dtype,
-                 io_mode=io_mode, io_threads=io_threads, cache_policy=cache_policy, verify=verify)
+                 io_mode=io_mode, io_threads=io_threads, cache_policy=cache_policy, verify=verify,
+                 revision=revision)
 
 
 def stats(model) -> dict:

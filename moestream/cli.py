@@ -9,11 +9,12 @@ import os
 import sys
 
 EXPECTED_ERRORS = ("BundleError", "CheckpointError", "FetchError", "BudgetError", "UnsupportedFamily",
-                   "ReadError", "CacheFullError", "PublishError")
+                   "ReadError", "CacheFullError", "PublishError", "HubError", "CardError")
 
 
 def _add_runtime_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("bundle", help="bundle folder (or a source checkpoint folder)")
+    p.add_argument("bundle", help="bundle folder, Hub repo id of a bundle (ORG/NAME), or a source checkpoint folder")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of ORG/NAME")
     p.add_argument("--memory-budget", default=None, help="e.g. 8GB: resident weights + expert cache + KV cache + buffers")
     p.add_argument("--experts-per-token", type=int, default=None, help="lower the routed top-k of every MoE layer")
     p.add_argument("--io-mode", choices=("direct", "buffered"), default="direct",
@@ -30,7 +31,7 @@ def _load(args):
 
     return load(args.bundle, memory_budget=args.memory_budget, experts_per_token=args.experts_per_token,
                 dtype=args.dtype, io_mode=args.io_mode, io_threads=args.io_threads,
-                cache_policy=args.cache_policy, verify=args.verify)
+                cache_policy=args.cache_policy, verify=args.verify, revision=args.revision)
 
 
 def _import_flows():
@@ -59,6 +60,14 @@ def cmd_prepare(args):
                          expert_bits=args.expert_bits, group_size=args.group_size,
                          resident_bits=args.resident_bits, revision=args.revision, overwrite=args.overwrite)
     print(json.dumps(result, indent=2))
+
+
+def cmd_publish(args):
+    from moestream.stages.publish import publish_bundle
+
+    result = publish_bundle(args.bundle, args.repo, private=args.private, create_pr=args.create_pr,
+                            dry_run=args.dry_run, revision=args.revision, license=args.license)
+    print(result.summary())
 
 
 def cmd_verify(args):
@@ -144,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dask", default=None, metavar="ADDRESS", help="run the per-layer tasks on this Dask scheduler")
     p.add_argument("--workers", type=int, default=None, help="run them on a local Dask cluster of N processes")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("publish", help="verify a bundle, write its model card, upload it to the Hub in one atomic commit")
+    p.add_argument("bundle")
+    p.add_argument("--repo", required=True, help="ORG/NAME on the Hub (authentication: HF_TOKEN or `hf auth login`)")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
+    p.add_argument("--dry-run", action="store_true", help="print the files and the card; upload nothing")
+    p.add_argument("--revision", default=None, help="branch to commit to (created if missing)")
+    p.add_argument("--license", default=None)
+    p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("verify", help="check a bundle's structure and every checksum (exit code says the result)")
     p.add_argument("bundle")

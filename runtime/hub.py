@@ -29,7 +29,6 @@ import huggingface_hub
 from huggingface_hub import constants
 from huggingface_hub.errors import (
     DisabledRepoError,
-    EntryNotFoundError,
     GatedRepoError,
     HfHubHTTPError,
     HFValidationError,
@@ -83,12 +82,19 @@ def resolve_bundle(
             raise HubError(f"{source} is a local folder: a revision ({revision!r}) only applies to Hub repo ids")
         return local
     repo_id = _as_repo_id(source, local)
-    meta_file = _download_file(repo_id, BUNDLE_JSON, revision=revision, cache_dir=cache_dir, token=token,
-                               force_download=force_download)
-    snapshot, commit = meta_file.parent, meta_file.parent.name
+    # snapshot_download, not hf_hub_download, for bundle.json too: with the network down it falls back
+    # to the cache at once, where hf_hub_download first retries for ~20 s.
+    snapshot = _download_snapshot(repo_id, revision, patterns=[BUNDLE_JSON], cache_dir=cache_dir, token=token,
+                                  force_download=force_download, progress=False)
+    commit = snapshot.name
     if not _COMMIT_HASH.fullmatch(commit):
         raise HubError(f"{repo_id}: unexpected cache layout at {snapshot} (not a snapshots/<commit> folder)")
     where = f"{repo_id}@{commit[:12]}"
+    if not (snapshot / BUNDLE_JSON).is_file():
+        raise BundleError(
+            f"{repo_id}@{revision or constants.DEFAULT_REVISION} is not a moestream bundle: it has no {BUNDLE_JSON}; "
+            f"if it is a model checkpoint, make a bundle from it first (moestream prepare {repo_id} --out DIR)"
+        )
     try:
         meta = read_bundle_json(snapshot)
     except BundleError as err:
@@ -143,29 +149,14 @@ class _NoProgressBars(hf_tqdm):
         super().__init__(*args, **kwargs)
 
 
-def _download_file(repo_id, filename, *, revision, cache_dir, token, force_download) -> Path:
-    try:
-        return Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
-                                                    token=token, force_download=force_download))
-    except EntryNotFoundError as err:
-        if isinstance(err, LocalEntryNotFoundError):  # offline / unreachable, and not cached
-            raise HubError(_redact(_explain(err, repo_id, revision, cache_dir), token)) from None
-        raise BundleError(
-            f"{repo_id}@{revision or constants.DEFAULT_REVISION} is not a moestream bundle: it has no {BUNDLE_JSON}; "
-            f"if it is a model checkpoint, make a bundle from it first (moestream prepare {repo_id} --out DIR)"
-        ) from None
-    except (OSError, httpx2.HTTPError) as err:
-        raise HubError(_redact(_explain(err, repo_id, revision, cache_dir), token)) from None
-
-
-def _download_snapshot(repo_id, commit, *, patterns, cache_dir, token, force_download, progress) -> Path:
+def _download_snapshot(repo_id, revision, *, patterns, cache_dir, token, force_download, progress) -> Path:
     try:
         path = huggingface_hub.snapshot_download(
-            repo_id, revision=commit, cache_dir=cache_dir, allow_patterns=patterns, token=token,
+            repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns, token=token,
             force_download=force_download, tqdm_class=None if progress else _NoProgressBars,
         )
-    except (OSError, httpx2.HTTPError) as err:
-        raise HubError(_redact(_explain(err, repo_id, commit, cache_dir), token)) from None
+    except (OSError, httpx2.HTTPError) as err:  # HfHubHTTPError and LocalEntryNotFound are OSErrors
+        raise HubError(_redact(_explain(err, repo_id, revision, cache_dir), token)) from None
     return Path(path)
 
 

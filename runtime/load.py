@@ -108,8 +108,12 @@ def load(
     io_threads: int | None = None,
     cache_policy: str = "lru",
     verify: bool = False,
+    revision: str | None = None,
 ):
-    path = Path(path)
+    from .hub import resolve_bundle
+
+    # a local folder stays as it is; ORG/NAME is fetched (cached, resumable) and verified once
+    path = resolve_bundle(str(path), revision=revision)
     compute_dtype = _resolve_dtype(dtype)
     reader = ExtentReader(io_mode=io_mode, threads=io_threads)
     if (path / BUNDLE_JSON).is_file():

@@ -425,8 +425,10 @@ class FakeHub:
     def _create_repo(self, request: httpx2.Request) -> httpx2.Response:
         payload = json.loads(request.content)
         repo_id = f"{payload['organization'] or 'user'}/{payload['name']}"
-        if repo_id in self.repos:
-            return _error(409, message="You already created this model repo")
+        if repo_id in self.repos:  # the Hub's 409 carries the repo's url (create_repo(exist_ok) reads it)
+            return httpx2.Response(409, headers={"X-Error-Message": "You already created this model repo"},
+                                   json={"error": "You already created this model repo",
+                                         "url": f"{HUB}/{repo_id}"})
         self.repos[repo_id] = FakeRepo(repo_id, private=payload.get("visibility") == "private")
         self.created.append(payload)
         return httpx2.Response(200, json={"url": f"{HUB}/{repo_id}", "name": repo_id})
@@ -514,6 +516,8 @@ class FakeHub:
         if branch in repo.refs:
             return _error(409, message=f"Branch {branch} already exists")
         start = (json.loads(request.content or b"{}") or {}).get("startingPoint") or "main"
+        if not repo.commits and start == "main":  # a new repo: the branch starts empty, like main
+            return httpx2.Response(200, json={})
         commit = repo.resolve(start)
         if commit is None:
             return _error(404, code="RevisionNotFound", message=f"Invalid rev id: {start}")

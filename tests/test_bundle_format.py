@@ -182,3 +182,26 @@ def test_intact_bundle_round_trips(bundle):
     info = moestream.inspect(bundle)
     assert info["format_version"] == 1 and info["expert_bits"] == 4
     assert info["expert_bytes_per_token"] > 0
+
+
+def test_hf_cache_snapshot_links_into_blobs_are_allowed_but_not_elsewhere(tmp_path, bundle_dir):
+    """huggingface_hub stores a snapshot's files as links into the repo's blobs/ folder."""
+    repo = tmp_path / "models--org--name"
+    snap, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    blobs.mkdir(parents=True)
+    src = bundle_dir("qwen3_moe")
+    for f in src.rglob("*"):
+        if f.is_file():
+            rel = f.relative_to(src)
+            blob = blobs / f"blob{abs(hash(str(rel)))}"
+            shutil.copyfile(f, blob)
+            (snap / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.path.relpath(blob, (snap / rel).parent), snap / rel)
+    open_bundle(snap, verify=True)
+    elsewhere = tmp_path / "elsewhere.bin"
+    target = snap / "experts" / "layer_000.bin"
+    shutil.copyfile(target, elsewhere)
+    target.unlink()
+    os.symlink(elsewhere, target)
+    with pytest.raises(BundleError, match="outside the bundle"):
+        open_bundle(snap)
