@@ -115,6 +115,22 @@ def cmd_serve(args):
     serve(args)
 
 
+def cmd_bench(args):
+    from moestream.runtime.bench import bench_bundle, plot_report, print_report
+    from moestream.runtime.hub import resolve_bundle
+
+    compare = tuple(c for c in (args.compare or "").split(",") if c)
+    report = bench_bundle(resolve_bundle(args.bundle, revision=args.revision), args.budget_fraction,
+                          args.prompt_tokens, args.gen_tokens, args.io_mode, compare=compare,
+                          reference_checkpoint=args.reference, full_layers=args.full_layers)
+    print_report(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2, default=str)
+    if args.plot:
+        plot_report(report, args.plot)
+
+
 def cmd_demo(args):
     _import_flows()
     from moestream.demo import run_demo
@@ -186,6 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-p", type=float, default=1.0)
         p.add_argument("--seed", type=int, default=None)
         p.set_defaults(func=func)
+
+    p = sub.add_parser("bench", help="disclosed decode benchmark: disk ceiling, cold/warm tok/s, roofline, comparisons")
+    p.add_argument("bundle")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--budget-fraction", type=float, default=0.25, help="expert cache as a share of the expert bytes")
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--gen-tokens", type=int, default=32)
+    p.add_argument("--io-mode", choices=("direct", "buffered"), default="direct")
+    p.add_argument("--compare", default="", help="comma list: naive, buffered, policy:NAME")
+    p.add_argument("--reference", default=None, help="source checkpoint: also run mlx-lm fully in memory")
+    p.add_argument("--full-layers", type=int, default=None, help="also scale the figure to this many layers (labelled)")
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, help="write a PNG of tokens/s against the roofline")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (mlx_lm.server) with streaming and tool calling")
     _add_runtime_options(p)

@@ -1,0 +1,264 @@
+"""`moestream bench`: a fully disclosed decode benchmark of one bundle.
+
+In one run: the disk's O_DIRECT ceiling at the bundle's read size and the runtime's thread count;
+decode under a memory budget, cold (empty expert cache, evicted pages; kernels already compiled by
+a warm-up) and warm; per-layer phase timings; roofline (ceiling / bytes missed per token) and the
+share achieved; optional comparisons: a naive loader, buffered I/O, other cache policies, mlx-lm
+fully in memory (given the source checkpoint).
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+
+def _timed(fn, *a, **k):
+    t = time.perf_counter()
+    out = fn(*a, **k)
+    return out, time.perf_counter() - t
+
+
+def decode(model, prompt: list[int], gen_tokens: int) -> dict:
+    """Greedy decode with mlx-lm's own generate_step; per-token wall times."""
+    from mlx_lm.generate import generate_step
+
+    import moestream
+    from moestream.runtime.load import reset_stats
+
+    streaming = hasattr(model, "_moestream")
+    if streaming:
+        reset_stats(model)
+    times, start, after_prefill = [], time.perf_counter(), None
+    for _ in generate_step(mx.array(prompt), model, max_tokens=gen_tokens):
+        times.append(time.perf_counter())
+        if streaming and after_prefill is None:
+            after_prefill = moestream.stats(model)  # prefill + first token: kept out of decode figures
+    gaps = np.diff(np.array(times))
+    decode_s = times[-1] - times[0]
+    out = {
+        "ttft_s": times[0] - start,
+        "tokens_per_s": (len(times) - 1) / decode_s,
+        "p50_token_ms": float(np.percentile(gaps, 50) * 1e3),
+        "p99_token_ms": float(np.percentile(gaps, 99) * 1e3),
+        "decode_s": decode_s,
+    }
+    if streaming:
+        s, p = moestream.stats(model), after_prefill
+        out["prefill_bytes_read"] = p["bytes_read"]
+        for k in ("bytes_read", "reads", "io_wait_s", "moe_calls", "route_sync_s", "expert_fetch_s", "expert_compute_s",
+                  "cache_hits", "cache_misses"):
+            out[k] = s[k] - p[k]  # decode only
+        lookups = out["cache_hits"] + out["cache_misses"]
+        out["hit_rate"] = out["cache_hits"] / lookups if lookups else 0.0
+        out["mean_read_bytes"] = out["bytes_read"] / out["reads"] if out["reads"] else 0.0
+        out["decode_tokens"] = len(times) - 1
+        out.update({k: s[k] for k in ("expert_cache_peak_bytes", "cache_capacity_bytes", "io_mode")})
+    return out
+
+
+def naive_run(bundle_path: Path, prompt: list[int], gen_tokens: int, budget: int) -> dict:
+    """The "LLM in a flash" baseline: every routed expert's tensors read one by one with plain
+    buffered reads, no cache to speak of (one layer's experts), no coalescing, no threads."""
+    import moestream
+    from moestream.manifests.bundle import unpack_extent
+    from moestream.runtime.stores import _cast
+
+    model, _ = moestream.load(bundle_path, memory_budget=budget)
+    rt = model._moestream
+    rt.cache.capacity_bytes = rt.plan.min_layer_bytes
+    store, counters = rt.store, {"bytes": 0, "reads": 0}
+
+    def naive_read(layer, experts):
+        out = {}
+        for e in experts:
+            x = store.bundle.extent(layer, e)
+            parts = bytearray(x.raw_nbytes)
+            with open(store.bundle.path(x.file), "rb") as f:
+                for t in x.tensors:  # one read per tensor
+                    f.seek(x.offset + t.offset)
+                    parts[t.offset : t.offset + t.nbytes] = f.read(t.nbytes)
+                    counters["bytes"] += t.nbytes
+                    counters["reads"] += 1
+            out[e] = _cast(unpack_extent(bytes(parts), x.tensors), store.dtype)
+        return out
+
+    store.read = naive_read
+    out = decode(model, prompt, gen_tokens)
+    out["bytes_read"], out["reads"] = counters["bytes"], counters["reads"]
+    return out
+
+
+def _reference_model(src: Path, bits: int):
+    """mlx-lm, the same checkpoint fully in memory, experts quantized like the bundle (source dtype)."""
+    import mlx.nn as nn
+    from mlx_lm.models.switch_layers import SwitchLinear
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(src)
+    nn.quantize(model, group_size=64, bits=bits, class_predicate=lambda p, m: isinstance(m, SwitchLinear))
+    if mx.default_device() == mx.cpu:
+        model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
+    return model
+
+
+def print_report(r: dict) -> None:
+    print("\n== setup ==")
+    b = r["bundle"]
+    print(f"{b['family']} {r['args'].get('preset', '')}: {b['moe_layers']} MoE layers x {b['experts']} experts, top-{b['experts_per_token']}, "
+          f"{b['expert_bits']}-bit experts ({b['expert_bytes'] / 1e9:.2f} GB), resident {b['resident_bytes'] / 1e9:.2f} GB")
+    bud = r["budget"]
+    print(f"budget {bud['budget_bytes'] / 1e9:.2f} GB (expert cache {bud['expert_cache_bytes'] / 1e9:.2f} GB = "
+          f"{bud['expert_cache_bytes'] / bud['expert_bytes_in_memory']:.0%} of experts); prompt {r['args']['prompt_tokens']} tok, "
+          f"greedy {r['args']['gen_tokens']} tok; {r['platform']}")
+    print(f"ceiling: {r['ceiling']['gb_per_s']:.2f} GB/s (O_DIRECT, {r['ceiling']['chunk_bytes'] / 1e6:.2f} MB reads, {r['ceiling']['threads']} threads)")
+    print(f"warm-up (kernel compilation): {r.get('warmup_s', 0):.1f}s")
+    print("\n== decode ==")
+    print(f"{'run':<14}{'TTFT s':>8}{'tok/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'MB/tok':>8}{'hit':>7}{'GB/s io':>9}{'eff':>6}{'roof':>8}{'share':>7}")
+    for name in [n for n in ("cold", "warm", "buffered_cold") if n in r] + [n for n in r if n.startswith("policy_")]:
+        x = r[name]
+        print(f"{name:<14}{x['ttft_s']:>8.2f}{x['tokens_per_s']:>8.2f}{x['p50_token_ms']:>8.0f}{x['p99_token_ms']:>8.0f}"
+              f"{x['bytes_read_per_token'] / 1e6:>8.1f}{x['hit_rate']:>7.1%}{x['read_gb_per_s_during_io']:>9.2f}"
+              f"{x['io_efficiency']:>6.2f}{x['roofline_tokens_per_s']:>8.2f}{x['share_of_roofline']:>7.2f}")
+    if "naive" in r:
+        print(f"naive loader (per-tensor buffered reads, no cache): {r['naive']['tokens_per_s']:.2f} tok/s; "
+              f"moestream warm is {r['warm']['tokens_per_s'] / r['naive']['tokens_per_s']:.1f}x")
+    if "mlx_lm_in_memory" in r:
+        print(f"mlx-lm in memory: {r['mlx_lm_in_memory']['tokens_per_s']:.2f} tok/s")
+    print("\n== per MoE layer, per call (warm) ==")
+    for k, v in r["warm"]["per_layer_ms"].items():
+        print(f"  {k:<45}{v:8.2f} ms")
+    s = r["warm"]["scaled"]
+    print(f"\nSCALED to {s['layers_scaled_to']} layers (not measured): {s['tokens_per_s_scaled']:.2f} tok/s warm, "
+          f"{r['cold']['scaled']['tokens_per_s_scaled']:.2f} tok/s cold")
+
+
+
+
+def budget_for(model, fraction: float) -> int:
+    """resident + KV reserve + buffers + `fraction` of the expert bytes (at least one layer's k)."""
+    rt = model._moestream
+    expert_mem = sum(rt.store.nbytes(layer, e) for layer in rt.store.layers for e in range(_num_experts(rt)))
+    plan = rt.plan
+    cache = max(plan.min_layer_bytes, int(fraction * expert_mem))
+    return plan.resident_bytes + plan.kv_reserve_bytes + plan.buffer_bytes + cache
+
+
+def _num_experts(rt) -> int:
+    return rt.store.bundle.num_experts
+
+
+def _derive(run: dict, ceiling_gbs: float, n_moe: int, full_layers: int) -> None:
+    run["bytes_read_per_token"] = run["bytes_read"] / max(run["decode_tokens"], 1)
+    run["read_gb_per_s_during_io"] = run["bytes_read"] / max(run["io_wait_s"], 1e-9) / 1e9
+    run["io_efficiency"] = run["read_gb_per_s_during_io"] / ceiling_gbs
+    run["roofline_tokens_per_s"] = ceiling_gbs * 1e9 / max(run["bytes_read_per_token"], 1)
+    run["share_of_roofline"] = run["tokens_per_s"] / run["roofline_tokens_per_s"]
+    calls = max(run["moe_calls"], 1)
+    run["per_layer_ms"] = {
+        "route_sync (attention + router, host sync)": run["route_sync_s"] / calls * 1e3,
+        "expert fetch (cache + I/O + to arrays)": run["expert_fetch_s"] / calls * 1e3,
+        "expert compute": run["expert_compute_s"] / calls * 1e3,
+    }
+    run["scaled"] = {
+        "layers_measured": n_moe, "layers_scaled_to": full_layers,
+        "tokens_per_s_scaled": run["tokens_per_s"] * n_moe / full_layers,
+        "note": "SCALED, not measured: per-token time x full_layers / layers_measured",
+    }
+
+
+def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int = 16, gen_tokens: int = 24,
+                 io_mode: str = "direct", compare: tuple[str, ...] = (), reference_checkpoint=None,
+                 full_layers: int | None = None, bits: int = 4) -> dict:
+    import moestream
+    from moestream.manifests.open import open_bundle
+
+    from .iobench import evict_page_cache, read_ceiling
+
+    bundle_path = Path(bundle_path)
+    bundle = open_bundle(bundle_path)
+    extents = list(bundle.extents.values())
+    files = sorted({bundle.path(e.file) for e in extents})
+    mean_extent = int(np.mean([e.nbytes for e in extents]))
+    n_moe = len(bundle.layers)
+    report = {"platform": {"machine": platform.platform(), "python": sys.version.split()[0], "mlx": mx.__version__,
+                           "device": str(mx.default_device())},
+              "args": {"bundle": str(bundle_path), "budget_fraction": budget_fraction, "prompt_tokens": prompt_tokens,
+                       "gen_tokens": gen_tokens, "sampling": "greedy", "io_mode": io_mode},
+              "bundle": moestream.inspect(bundle_path)}
+
+    model, _ = moestream.load(bundle_path, io_mode=io_mode)
+    threads = model._moestream.reader.stats().get("threads", 8)
+    budget = budget_for(model, budget_fraction)
+    plan = model._moestream.plan
+    expert_mem = sum(model._moestream.store.nbytes(layer, e) for (layer, e) in bundle.extents)
+    del model
+    ceiling = read_ceiling(files, mean_extent, threads)
+    report["ceiling"] = ceiling
+    report["budget"] = {"budget_bytes": budget, "expert_cache_bytes": budget - plan.resident_bytes - plan.kv_reserve_bytes
+                        - plan.buffer_bytes, "expert_bytes_in_memory": expert_mem, "resident_bytes": plan.resident_bytes}
+
+    rng = np.random.default_rng(0)
+    vocab = bundle.config.get("text_config", bundle.config)["vocab_size"]
+    prompt = rng.integers(0, min(vocab, 50_000), size=prompt_tokens).tolist()
+
+    # warm-up on a throwaway model: kernel compilation is not what "cold" measures
+    model, _ = moestream.load(bundle_path, memory_budget=budget, io_mode=io_mode)
+    _, report["warmup_s"] = _timed(decode, model, prompt, 4)
+    del model
+
+    model, _ = moestream.load(bundle_path, memory_budget=budget, io_mode=io_mode)
+    evict_page_cache(files)
+    report["cold"] = decode(model, prompt, gen_tokens)
+    report["warm"] = decode(model, prompt, gen_tokens)
+    del model
+    full = full_layers or n_moe
+    for name in ("cold", "warm"):
+        _derive(report[name], ceiling["gb_per_s"], n_moe, full)
+
+    if "naive" in compare:
+        report["naive"] = naive_run(bundle_path, prompt, gen_tokens, budget)
+        n = report["naive"]
+        n["bytes_read_per_token"] = n["bytes_read"] / max(n["decode_tokens"], 1)
+    if "buffered" in compare and io_mode != "buffered":
+        model, _ = moestream.load(bundle_path, memory_budget=budget, io_mode="buffered")
+        evict_page_cache(files)
+        report["buffered_cold"] = decode(model, prompt, gen_tokens)
+        _derive(report["buffered_cold"], ceiling["gb_per_s"], n_moe, full)
+        del model
+    for policy in [c.split(":", 1)[1] for c in compare if c.startswith("policy:")]:
+        model, _ = moestream.load(bundle_path, memory_budget=budget, io_mode=io_mode, cache_policy=policy)
+        decode(model, prompt, gen_tokens)
+        report[f"policy_{policy}"] = decode(model, prompt, gen_tokens)
+        _derive(report[f"policy_{policy}"], ceiling["gb_per_s"], n_moe, full)
+        del model
+    if reference_checkpoint is not None:
+        ref = _reference_model(Path(reference_checkpoint), bits)
+        report["mlx_lm_in_memory"] = decode(ref, prompt, gen_tokens)
+        del ref
+    return report
+
+
+def plot_report(report: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in ("cold", "warm", "buffered_cold", "naive", "mlx_lm_in_memory") if n in report]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    vals = [report[n]["tokens_per_s"] for n in names]
+    ax.bar(names, vals, color="#4a7")
+    for n in ("cold", "warm"):
+        ax.axhline(report[n]["roofline_tokens_per_s"], ls="--", lw=1, color="#a44")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"{report['bundle']['family']}: {report['bundle']['moe_layers']} MoE layers, "
+                 f"budget {report['budget']['budget_bytes'] / 1e9:.2f} GB (dashed: roofline)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
