@@ -131,6 +131,22 @@ def cmd_bench(args):
         plot_report(report, args.plot)
 
 
+def cmd_eval(args):
+    from pathlib import Path
+
+    from moestream.stages.eval import evaluate, load_tool_examples
+
+    suites = tuple(x for x in args.suite.split(",") if x)
+    text = Path(args.text).read_text() if args.text else None
+    tools = load_tool_examples(args.tools) if args.tools else None
+    result = evaluate(args.bundle, args.reference, suites=suites, text=text, tool_examples=tools,
+                      experts_per_token=args.experts_per_token, max_text_tokens=args.max_text_tokens)
+    print(json.dumps({k: v for k, v in result.items() if k != "stats"}, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
 def cmd_demo(args):
     _import_flows()
     from moestream.demo import run_demo
@@ -216,6 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="write a PNG of tokens/s against the roofline")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("eval", help="quality against the source: KL, top-1, perplexity, tool-call validity")
+    p.add_argument("bundle")
+    p.add_argument("--reference", required=True, help="the source checkpoint (run with the CheckpointStore)")
+    p.add_argument("--suite", default="perplexity,kl,tools")
+    p.add_argument("--text", default=None, help="held-out text file for kl/perplexity")
+    p.add_argument("--tools", default=None, help="JSON lines of {messages, tools, expected} for the tools suite")
+    p.add_argument("--experts-per-token", type=int, default=None)
+    p.add_argument("--max-text-tokens", type=int, default=2048)
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (mlx_lm.server) with streaming and tool calling")
     _add_runtime_options(p)
