@@ -147,6 +147,22 @@ def cmd_eval(args):
             json.dump(result, f, indent=2)
 
 
+def cmd_sweep(args):
+    from pathlib import Path
+
+    from moestream.stages.eval import load_tool_examples
+    from moestream.stages.sweep import markdown_table, sweep
+
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    rows = sweep(Path(args.source), Path(args.out), ints(args.expert_bits),
+                 ints(args.experts_per_token) if args.experts_per_token else None,
+                 tuple(x for x in args.suite.split(",") if x),
+                 text=Path(args.text).read_text() if args.text else None,
+                 tool_examples=load_tool_examples(args.tools) if args.tools else None, group_size=args.group_size)
+    print(markdown_table(rows))
+    print(f"wrote {args.out}/sweep.md, sweep.json, sweep.png")
+
+
 def cmd_demo(args):
     _import_flows()
     from moestream.demo import run_demo
@@ -243,6 +259,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-text-tokens", type=int, default=2048)
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sweep", help="prepare (cached) and evaluate every expert-bits x experts-per-token combination")
+    p.add_argument("source", help="source checkpoint folder")
+    p.add_argument("--out", required=True, help="work folder: bundles/, sweep.md, sweep.json, sweep.png")
+    p.add_argument("--expert-bits", default="2,3,4,8")
+    p.add_argument("--experts-per-token", default=None, help="comma list (default: the model's own)")
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--suite", default="perplexity,kl,tools")
+    p.add_argument("--text", default=None)
+    p.add_argument("--tools", default=None)
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (mlx_lm.server) with streaming and tool calling")
     _add_runtime_options(p)

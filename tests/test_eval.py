@@ -52,3 +52,25 @@ def test_unknown_suite_and_missing_inputs(tmp_path, synth_dir, bundle_dir):
         evaluate(bundle_dir("qwen3_moe"), synth_dir("qwen3_moe"), suites=("vibes",))
     with pytest.raises(ValueError, match="held-out text"):
         evaluate(bundle_dir("qwen3_moe"), synth_dir("qwen3_moe"), suites=("kl",))
+
+
+def test_sweep_table_plot_and_card_rows(tmp_path, synth_dir):
+    import json
+
+    from moestream.stages.sweep import sweep
+
+    rows = sweep(synth_dir("qwen3_moe"), tmp_path / "sw", [2, 4], [2, 4], ("kl", "perplexity"), text=TEXT,
+                 progress=lambda *_: None)
+    assert [(r.bits, r.experts_per_token) for r in rows] == [(2, 2), (2, 4), (4, 2), (4, 4)]
+    by = {(r.bits, r.experts_per_token): r for r in rows}
+    assert by[(2, 4)].kl_mean > by[(4, 4)].kl_mean
+    assert by[(4, 2)].bytes_per_token * 2 == by[(4, 4)].bytes_per_token
+    assert by[(2, 4)].bytes_per_token < by[(4, 4)].bytes_per_token
+    for name in ("sweep.md", "sweep.json", "sweep.png"):
+        assert (tmp_path / "sw" / name).stat().st_size > 0
+    card_rows = json.loads((tmp_path / "sw" / "bundles" / "b4-g64" / "quality.json").read_text())["rows"]
+    assert [r["experts_per_token"] for r in card_rows] == [2, 4]
+    # a second sweep reuses the prepared bundles
+    before = (tmp_path / "sw" / "bundles" / "b4-g64" / "experts" / "layer_000.bin").stat().st_mtime_ns
+    sweep(synth_dir("qwen3_moe"), tmp_path / "sw", [4], [4], ("kl",), text=TEXT, progress=lambda *_: None)
+    assert (tmp_path / "sw" / "bundles" / "b4-g64" / "experts" / "layer_000.bin").stat().st_mtime_ns == before
