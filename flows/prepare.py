@@ -61,6 +61,18 @@ def pack_layer_task(path: Path, job: LayerJob, staging: Path):
     return extents
 
 
+@task(name="plan-bits")
+def plan_task(path: Path, size_budget: int, group_size: int, calibration: str | None) -> dict:
+    from ..stages.plan import calibration_token_ids, plan_expert_bits
+
+    plan = plan_expert_bits(path, calibration_token_ids(path, calibration), size_budget, group_size)
+    counts = {}
+    for b in plan.bits.values():
+        counts[b] = counts.get(b, 0) + 1
+    get_run_logger().info("bit plan: %s experts by width, %.1f MB of experts", dict(sorted(counts.items())), plan.expert_bytes / 1e6)
+    return plan.bits
+
+
 @task(name="write")
 def write_task(path: Path, staging: Path, extents, recipe, source: SourceInfo, resident_bits):
     return write_bundle(SourceCheckpoint.open(path), staging, extents, recipe, source, resident_bits)
@@ -137,24 +149,43 @@ def summary_markdown(meta: dict, out: Path) -> str:
 def prepare_bundle(
     source: str,
     out: str,
-    expert_bits: int = 4,
+    expert_bits: int | str = 4,
     group_size: int = 64,
     resident_bits: int | None = None,
     revision: str | None = None,
     overwrite: bool = False,
+    bits_plan: str | None = None,
+    size_budget: int | None = None,
+    calibration: str | None = None,
 ) -> dict:
+    """expert_bits: 2/3/4/8/16, or "auto" (a measured plan under `size_budget` bytes of experts);
+    bits_plan: a plan file ({"bits": {"LAYER:EXPERT": BITS}}) overriding expert_bits per expert."""
     out_path = Path(out).absolute()
     if out_path.exists() and not overwrite:
         raise FileExistsError(f"{out_path} exists; pass --overwrite to replace it")
-    recipe = ExpertRecipe(bits=expert_bits, group_size=group_size)
+    auto = expert_bits == "auto"
+    if auto and not size_budget:
+        raise ValueError("--expert-bits auto needs --size-budget (bytes of experts)")
+    default_bits = 4 if auto else int(expert_bits)
+    recipe = ExpertRecipe(bits=default_bits, group_size=group_size)
     fetched = fetch_task(source, revision)
     info = inspect_task(fetched.path)
+    plan = {}
+    if bits_plan:
+        from ..stages.plan import load_plan
+
+        plan = load_plan(Path(bits_plan)).bits
+    elif auto:
+        plan = plan_task(fetched.path, size_budget, group_size, calibration)
     staging = staging_dir(out_path)
     staging.mkdir(parents=True, exist_ok=True)
     order = tuple(range(info["num_experts"]))
-    bits = (expert_bits,) * info["num_experts"]
     futures = [
-        pack_layer_task.submit(fetched.path, LayerJob(layer, recipe, order, bits), staging)
+        pack_layer_task.submit(
+            fetched.path,
+            LayerJob(layer, recipe, order, tuple(plan.get((layer, e), default_bits) for e in range(info["num_experts"]))),
+            staging,
+        )
         for layer in info["layers"]
     ]
     extents = [e for f in futures for e in f.result()]

@@ -56,9 +56,13 @@ def cmd_prepare(args):
     _import_flows()
     from moestream.flows.prepare import run_prepare
 
+    from moestream.runtime.budget import parse_bytes
+
     result = run_prepare(args.source, args.out, dask_address=args.dask, workers=args.workers,
-                         expert_bits=args.expert_bits, group_size=args.group_size,
-                         resident_bits=args.resident_bits, revision=args.revision, overwrite=args.overwrite)
+                         expert_bits=args.expert_bits if args.expert_bits == "auto" else int(args.expert_bits),
+                         group_size=args.group_size, resident_bits=args.resident_bits, revision=args.revision,
+                         overwrite=args.overwrite, bits_plan=args.bits_plan,
+                         size_budget=parse_bytes(args.size_budget), calibration=args.calibration)
     print(json.dumps(result, indent=2))
 
 
@@ -193,7 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="turn a Hub repo id or checkpoint folder into a verified bundle (Prefect flow)")
     p.add_argument("source", help="Hugging Face repo id (org/name) or local checkpoint folder")
     p.add_argument("--out", required=True, help="bundle folder to create")
-    p.add_argument("--expert-bits", type=int, default=4, choices=(2, 3, 4, 8, 16), help="16 keeps source precision")
+    p.add_argument("--expert-bits", default="4", choices=("2", "3", "4", "8", "16", "auto"),
+                   help="16 keeps source precision; auto: a measured per-expert plan under --size-budget")
+    p.add_argument("--size-budget", default=None, help="with --expert-bits auto: bytes of experts, e.g. 300MB")
+    p.add_argument("--bits-plan", default=None, help="a plan file {\"bits\": {\"LAYER:EXPERT\": BITS}}")
+    p.add_argument("--calibration", default=None, help="calibration text file for --expert-bits auto")
     p.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
     p.add_argument("--resident-bits", type=int, default=None, choices=(8,), help="quantize resident Linear weights too")
     p.add_argument("--revision", default=None)

@@ -30,6 +30,8 @@ class ExpertStreamer:
         self.fetch_s = 0.0  # cache lookups + reading missed experts + turning bytes into arrays
         self.compute_s = 0.0  # the expert matmuls of the routed experts
         self.calls = 0
+        # callables (layer, x [..., H], indices [..., k]) told of every call: profiling, calibration
+        self.observers: list = []
 
     def groups(self, layer: int, experts: np.ndarray) -> list[list[int]]:
         """Split sorted experts into runs that fit the cache together and share a quantization
@@ -110,6 +112,8 @@ class StreamingSwitchGLU(nn.Module):
             self.streamer.release(self.layer, experts)
 
     def __call__(self, x, indices) -> mx.array:
+        for observe in self.streamer.observers:
+            observe(self.layer, x, indices)
         x = mx.expand_dims(x, (-2, -3))
         indices = mx.stop_gradient(indices)
         t0 = time.perf_counter()

@@ -14,7 +14,9 @@ from .write import SourceInfo, finalize, staging_dir, write_bundle
 
 
 def prepare_sequential(checkpoint: Path, out: Path, bits: int = 4, group_size: int = 64, resident_bits: int | None = None,
-                       orders: dict[int, list[int]] | None = None, overwrite: bool = False, progress=None) -> Bundle:
+                       orders: dict[int, list[int]] | None = None, overwrite: bool = False, progress=None,
+                       plan: dict[tuple[int, int], int] | None = None) -> Bundle:
+    """`plan` maps (layer, expert) to its bit width (a mixed-precision plan); others get `bits`."""
     ckpt = SourceCheckpoint.open(checkpoint)
     recipe = ExpertRecipe(bits=bits, group_size=group_size)
     staging = staging_dir(Path(out))
@@ -23,7 +25,8 @@ def prepare_sequential(checkpoint: Path, out: Path, bits: int = 4, group_size: i
     extents = []
     for layer in ckpt.expert_layers:
         order = tuple(orders[layer]) if orders and layer in orders else tuple(range(n))
-        extents += pack_layer(ckpt, LayerJob(layer, recipe, order, (bits,) * n), staging)
+        layer_bits = tuple((plan or {}).get((layer, e), bits) for e in range(n))
+        extents += pack_layer(ckpt, LayerJob(layer, recipe, order, layer_bits), staging)
         if progress:
             progress(layer)
     write_bundle(ckpt, staging, extents, recipe, SourceInfo(), resident_bits, order="profile" if orders else "identity")
