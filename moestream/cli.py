@@ -55,7 +55,6 @@ def cmd_prepare(args):
         raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
     _import_flows()
     from moestream.flows.prepare import run_prepare
-
     from moestream.runtime.budget import parse_bytes
 
     result = run_prepare(args.source, args.out, dask_address=args.dask, workers=args.workers,
