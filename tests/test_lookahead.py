@@ -1,0 +1,46 @@
+"""Router lookahead: predicting layer l+1's experts with its own router on layer l's input."""
+
+from __future__ import annotations
+
+import pytest
+
+import moestream
+from moestream.runtime.lookahead import measure_lookahead
+
+TOKENS = [3, 17, 42, 7, 99, 5, 23, 64, 11, 2, 31, 8] * 8
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"])
+def test_lookahead_counts_are_consistent(family, bundle_dir):
+    model, _ = moestream.load(bundle_dir(family))
+    stats = measure_lookahead(model, TOKENS)
+    k = model._moestream.experts_per_token
+    n_moe = len(model._moestream.store.layers)
+    assert stats.routed == len(TOKENS) * k * (n_moe - 1)  # every layer after the first is predicted
+    assert stats.predicted == stats.routed
+    assert 0 <= stats.hits <= stats.routed
+    assert 0.0 <= stats.recall <= 1.0
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_5_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss"])
+def test_router_of_picks_the_experts_the_block_routes(family, bundle_dir):
+    """router_of(block)(x) on a layer's own MoE input gives exactly the experts that block routes."""
+    import mlx.core as mx
+    import numpy as np
+
+    from moestream.runtime.load import _resolve
+    from moestream.runtime.lookahead import router_of
+
+    model, _ = moestream.load(bundle_dir(family))
+    rt = model._moestream
+    seen = []
+
+    def observe(layer, x, indices):
+        block = _resolve(model, rt.store.layers[layer].rpartition(".")[0])
+        mine = np.array(router_of(block)(x)).reshape(-1, indices.shape[-1])
+        theirs = np.array(indices).reshape(mine.shape[0], -1)
+        seen.append(all(set(a.tolist()) == set(b.tolist()) for a, b in zip(mine, theirs, strict=True)))
+
+    rt.streamer.observers.append(observe)
+    model(mx.array([TOKENS[:24]]))
+    assert seen and all(seen)
