@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -246,9 +246,16 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def extent_to_dict(e: ExpertExtent) -> dict:
-    d = asdict(e)
-    d["tensors"] = [asdict(t) for t in e.tensors]
-    return d
+    # by hand: dataclasses.asdict deep-copies and was a sixth of the pack stage's time
+    return {
+        "layer": e.layer, "expert": e.expert, "file": e.file, "offset": e.offset, "nbytes": e.nbytes,
+        "checksum": e.checksum, "codec": e.codec, "raw_nbytes": e.raw_nbytes,
+        "tensors": [
+            {"name": t.name, "offset": t.offset, "nbytes": t.nbytes, "dtype": t.dtype, "shape": list(t.shape),
+             "bits": t.bits, "group_size": t.group_size, "mode": t.mode}
+            for t in e.tensors
+        ],
+    }
 
 
 def extent_from_dict(d: dict) -> ExpertExtent:

@@ -48,7 +48,11 @@ class Bundle:
         return {int(x["layer"]): x["module"] for x in self.meta["layers"]}
 
     def path(self, rel: str) -> Path:
-        return safe_path(self.root, rel, BUNDLE_JSON)
+        """The checked absolute path of a bundle file (checked once, then remembered)."""
+        cache = self.__dict__.setdefault("_paths", {})
+        if rel not in cache:
+            cache[rel] = safe_path(self.root, rel, BUNDLE_JSON)
+        return cache[rel]
 
     def extent(self, layer: int, expert: int) -> ExpertExtent:
         return self.extents[(layer, expert)]

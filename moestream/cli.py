@@ -35,10 +35,12 @@ def _load(args):
 
 
 def _import_flows():
-    try:
-        import prefect  # noqa: F401
-    except ModuleNotFoundError:
-        raise ValueError("the preparation pipeline needs Prefect: pip install 'moestream[prepare]'") from None
+    import importlib.util
+
+    # find_spec, not import: moestream.flows sets Prefect's defaults before Prefect reads them
+    if importlib.util.find_spec("prefect") is None:
+        raise ValueError("the preparation pipeline needs Prefect: pip install 'moestream[prepare]' "
+                         "(or run it without orchestration: --engine plain)")
 
 
 def cmd_synth(args):
@@ -53,6 +55,8 @@ def cmd_prepare(args):
 
     if Path(args.out).exists() and not args.overwrite:  # fail before Prefect's server starts
         raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    if args.engine == "plain":
+        return _prepare_plain(args)
     _import_flows()
     from moestream.flows.prepare import run_prepare
     from moestream.runtime.budget import parse_bytes
@@ -71,6 +75,35 @@ def cmd_publish(args):
     result = publish_bundle(args.bundle, args.repo, private=args.private, create_pr=args.create_pr,
                             dry_run=args.dry_run, revision=args.revision, license=args.license)
     print(result.summary())
+
+
+def _prepare_plain(args):
+    """The same stages in one process, no Prefect: no server start-up, resumes from the staging
+    folder all the same; no retries, no task runners, no artifacts."""
+    from pathlib import Path
+
+    from moestream.runtime.budget import parse_bytes
+    from moestream.stages.fetch import fetch_source
+    from moestream.stages.sequential import prepare_sequential
+
+    plan = None
+    if args.bits_plan:
+        from moestream.stages.plan import load_plan
+
+        plan = load_plan(Path(args.bits_plan)).bits
+    fetched = fetch_source(args.source, revision=args.revision)
+    if args.expert_bits == "auto":
+        from moestream.stages.plan import calibration_token_ids, plan_expert_bits
+
+        if not args.size_budget:
+            raise ValueError("--expert-bits auto needs --size-budget (bytes of experts)")
+        plan = plan_expert_bits(fetched.path, calibration_token_ids(fetched.path, args.calibration),
+                                parse_bytes(args.size_budget), args.group_size).bits
+    bits = 4 if args.expert_bits == "auto" else int(args.expert_bits)
+    bundle = prepare_sequential(fetched.path, Path(args.out), bits, args.group_size, args.resident_bits,
+                                overwrite=args.overwrite, plan=plan,
+                                progress=lambda layer: print(f"layer {layer} packed", flush=True))
+    print(json.dumps({"bundle": str(bundle.root), **bundle.meta["layout"]}, indent=2))
 
 
 def cmd_verify(args):
@@ -207,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--dask", default=None, metavar="ADDRESS", help="run the per-layer tasks on this Dask scheduler")
     p.add_argument("--workers", type=int, default=None, help="run them on a local Dask cluster of N processes")
+    p.add_argument("--engine", choices=("prefect", "plain"), default="prefect",
+                   help="prefect: the flow (retries, resume, artifacts, Dask); plain: the same stages in-process")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("publish", help="verify a bundle, write its model card, upload it to the Hub in one atomic commit")

@@ -56,6 +56,7 @@ def generate_text(model, tokenizer, prompt, max_tokens=256, temp=0.0, top_p=1.0,
     if seed is not None:
         mx.random.seed(seed)
     sampler = make_sampler(temp=temp, top_p=top_p)
+    mx.reset_peak_memory()  # the peak of this run, not of the process so far
     before = stats(model)
     start = time.perf_counter()
     times, text, last = [], [], None

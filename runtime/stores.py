@@ -43,18 +43,27 @@ def _entry_nbytes(t: TensorEntry, dtype: mx.Dtype | None) -> int:
 class BundleStore:
     def __init__(self, bundle: Bundle, reader: ExtentReader, dtype: mx.Dtype | None = None):
         self.bundle, self.reader, self.dtype = bundle, reader, dtype
+        self._quant: dict = {}  # per-call lookups, computed once per expert
+        self._nbytes: dict = {}
 
     @property
     def layers(self) -> dict[int, str]:
         return self.bundle.layers
 
     def quant(self, layer: int, expert: int) -> dict[str, ProjectionQuant]:
-        e = self.bundle.extent(layer, expert)
-        return {t.name.rsplit(".", 1)[0]: ProjectionQuant(t.bits, t.group_size, t.mode) for t in e.tensors if t.name.endswith(".weight")}
+        key = (layer, expert)
+        if key not in self._quant:
+            e = self.bundle.extent(layer, expert)
+            self._quant[key] = {t.name.rsplit(".", 1)[0]: ProjectionQuant(t.bits, t.group_size, t.mode)
+                                for t in e.tensors if t.name.endswith(".weight")}
+        return self._quant[key]
 
     def nbytes(self, layer: int, expert: int) -> int:
         """Bytes the expert takes in memory once loaded (in the compute dtype)."""
-        return sum(_entry_nbytes(t, self.dtype) for t in self.bundle.extent(layer, expert).tensors)
+        key = (layer, expert)
+        if key not in self._nbytes:
+            self._nbytes[key] = sum(_entry_nbytes(t, self.dtype) for t in self.bundle.extent(layer, expert).tensors)
+        return self._nbytes[key]
 
     def read(self, layer: int, experts: list[int]) -> dict[int, dict[str, mx.array]]:
         extents: list[ExpertExtent] = sorted((self.bundle.extent(layer, e) for e in experts), key=lambda x: (x.file, x.offset))

@@ -77,3 +77,13 @@ def test_prepare_on_local_dask_cluster_is_byte_identical(tmp_path, synth_dir, pr
     assert dask.returncode == 0, dask.stderr[-3000:]
     assert "DaskTaskRunner" in dask.stdout or "dask" in dask.stdout.lower()
     assert _files(tmp_path / "dask") == _files(tmp_path / "seq")
+
+
+def test_prepare_engine_plain_gives_the_same_bundle_without_prefect(tmp_path, synth_dir, prefect_env):
+    src = synth_dir("qwen3_moe")
+    env = {**prefect_env, "PREFECT_API_URL": "http://127.0.0.1:9/api"}  # Prefect must not be touched at all
+    plain = _prepare(src, tmp_path / "plain", env, extra=("--engine", "plain"))
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    flow = _prepare(src, tmp_path / "flow", prefect_env)
+    assert flow.returncode == 0, flow.stderr[-3000:]
+    assert _files(tmp_path / "plain") == _files(tmp_path / "flow")
