@@ -129,6 +129,16 @@ class ExpertCache:
             self.policy.on_access(key)
             return self._values[key]
 
+    def peek(self, key: Hashable) -> Any | None:
+        """The cached value or None, counting nothing and leaving the policy's order alone."""
+        with self._lock:
+            return self._values.get(key)
+
+    def record_hits(self, n: int) -> None:
+        """Count n hits served outside get() (e.g. from a layer held whole)."""
+        with self._lock:
+            self._hits += n
+
     def __contains__(self, key: Hashable) -> bool:  # no hit/miss counted
         with self._lock:
             return key in self._values

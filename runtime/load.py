@@ -135,7 +135,7 @@ def load(
         weights = ckpt.resident_weights(model)
     _quantize_resident(model, config, weights)
     cache = ExpertCache(None, cache_policy)
-    streamer = ExpertStreamer(store, cache)
+    streamer = ExpertStreamer(store, cache, num_experts)
     install_streaming(model, store.layers, streamer)
     model.load_weights(list(weights.items()), strict=True)
     del weights

@@ -23,8 +23,11 @@ from .stores import ProjectionQuant
 class ExpertStreamer:
     """Store + cache: hands out one layer's experts, pinned while that layer computes."""
 
-    def __init__(self, store, cache: ExpertCache):
-        self.store, self.cache = store, cache
+    def __init__(self, store, cache: ExpertCache, num_experts: int | None = None):
+        self.store, self.cache, self.num_experts = store, cache, num_experts
+        # layers held whole (unbounded cache, every expert loaded): one stacked tensor per name,
+        # used with the router's own indices like mlx-lm's SwitchGLU, with no per-call stacking
+        self.whole: dict[int, tuple[dict[str, mx.array], dict[str, ProjectionQuant]]] = {}
         # wall time per phase, summed over layers and calls (host clocks: each phase ends in a sync)
         self.sync_s = 0.0  # waiting for the router's indices (the host sync; includes attention compute)
         self.fetch_s = 0.0  # cache lookups + reading missed experts + turning bytes into arrays
@@ -65,6 +68,26 @@ class ExpertStreamer:
                 self.cache.pin((layer, e))
                 got[e] = tensors
         return got
+
+    def consolidate(self, layer: int) -> None:
+        """With no budget, once every expert of `layer` is cached and they share a quantization,
+        hold the layer as stacked tensors (mlx-lm's own layout) instead of per expert."""
+        n = self.num_experts
+        if self.cache.capacity_bytes is not None or n is None or layer in self.whole:
+            return
+        keys = [(layer, e) for e in range(n)]
+        if not all(k in self.cache for k in keys):
+            return
+        quants = {tuple(sorted(self.store.quant(layer, e).items())) for e in range(n)}
+        if len(quants) != 1:
+            return
+        experts = [self.cache.peek(k) for k in keys]
+        stacked = {name: mx.stack([t[name] for t in experts]) for name in experts[0]}
+        mx.eval(stacked)
+        for k in keys:
+            self.cache.discard(k)
+        self.cache.put((layer, "whole"), stacked, sum(self.store.nbytes(layer, e) for e in range(n)))
+        self.whole[layer] = (stacked, self.store.quant(layer, 0))
 
     def release(self, layer: int, experts: list[int]) -> None:
         for e in experts:
@@ -111,6 +134,21 @@ class StreamingSwitchGLU(nn.Module):
         finally:
             self.streamer.release(self.layer, experts)
 
+    def _whole_layer(self, x, indices, w, q):
+        """Exactly mlx-lm's SwitchGLU path, on the layer's stacked tensors."""
+        t0 = time.perf_counter()
+        do_sort = indices.size >= 64
+        idx, inv_order = indices, None
+        if do_sort:
+            x, idx, inv_order = _gather_sort(x, indices)
+        x_up = _projection(x, w, "up_proj", q["up_proj"], idx, do_sort)
+        x_gate = _projection(x, w, "gate_proj", q["gate_proj"], idx, do_sort)
+        y = _projection(self.activation(x_up, x_gate), w, "down_proj", q["down_proj"], idx, do_sort)
+        if do_sort:
+            y = _scatter_unsort(y, inv_order, indices.shape)
+        self.streamer.compute_s += time.perf_counter() - t0  # graph building only: nothing to wait for
+        return y.squeeze(-2)
+
     def __call__(self, x, indices) -> mx.array:
         for observe in self.streamer.observers:
             observe(self.layer, x, indices)
@@ -121,6 +159,10 @@ class StreamingSwitchGLU(nn.Module):
         self.streamer.sync_s += time.perf_counter() - t0
         self.streamer.calls += 1
         experts = np.unique(routed)
+        whole = self.streamer.whole.get(self.layer)
+        if whole is not None:
+            self.streamer.cache.record_hits(len(experts))
+            return self._whole_layer(x, indices, *whole)
         groups = self.streamer.groups(self.layer, experts)
         if len(groups) == 1:
             # Same path as mlx-lm's SwitchGLU, on just the routed experts (renumbered 0..n-1).
@@ -132,6 +174,7 @@ class StreamingSwitchGLU(nn.Module):
             y = self._mlp(x, groups[0], idx, do_sort)
             if do_sort:
                 y = _scatter_unsort(y, inv_order, indices.shape)
+            self.streamer.consolidate(self.layer)
         else:
             # More experts than fit at once (long prefill, small budget) or mixed bit widths:
             # sort the rows by expert so each group is one contiguous range of rows.

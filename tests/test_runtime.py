@@ -104,3 +104,18 @@ def test_generate_cli_bad_bundle_is_one_line_error(tmp_path, capsys):
     assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "Traceback" not in err
+
+
+def test_unbounded_budget_holds_fully_loaded_layers_whole_and_stays_exact(synth_dir, bundle_dir):
+    model, _ = moestream.load(bundle_dir("qwen3_moe"))
+    model(mx.array([list(range(3, 300))]))  # enough different tokens to route to every expert
+    rt = model._moestream
+    assert set(rt.streamer.whole) == set(rt.store.layers)
+    misses = moestream.stats(model)["cache_misses"]
+    ref = reference_model(synth_dir("qwen3_moe"), bits=4)
+    for prompt in (PROMPT, PROMPT * 6):  # decode-sized and sorted (prefill) paths
+        a, b = ref(mx.array([prompt])), model(mx.array([prompt]))
+        assert float(mx.abs(a - b).max()) <= 1e-5 * float(mx.abs(a).max())
+    s = moestream.stats(model)
+    assert s["cache_misses"] == misses and s["cache_hits"] > 0
+    assert s["expert_cache_bytes"] == sum(rt.store.nbytes(layer, e) for layer in rt.store.layers for e in range(16))
