@@ -12,11 +12,13 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import SwitchGLU
 from mlx_lm.utils import _get_classes, load_tokenizer
 
-from ..manifests.bundle import BUNDLE_JSON, RESIDENT_FILE
+from ..manifests.bundle import BUNDLE_JSON, EXTENT_ALIGNMENT, RESIDENT_FILE
 from ..manifests.checkpoint import SourceCheckpoint
 from ..manifests.open import open_bundle
 from .budget import KV_RESERVE_TOKENS, BudgetPlan, kv_bytes_per_token, parse_bytes, plan_budget
 from .cache import ExpertCache
+from .policies import configure_policy
+from .policies import make_policy as make_cache_policy
 from .reader import ExtentReader
 from .stores import BundleStore, CheckpointStore
 from .streaming import ExpertStreamer, StreamingSwitchGLU
@@ -109,13 +111,16 @@ def load(
     cache_policy: str = "lru",
     verify: bool = False,
     revision: str | None = None,
+    profile=None,
 ):
     from .hub import resolve_bundle
 
     # a local folder stays as it is; ORG/NAME is fetched (cached, resumable) and verified once
     path = resolve_bundle(str(path), revision=revision)
     compute_dtype = _resolve_dtype(dtype)
-    reader = ExtentReader(io_mode=io_mode, threads=io_threads)
+    # extents are 16 KiB aligned: neighbours (experts that fire together, in profile order) are at
+    # most their padding apart, so a gap of one alignment unit merges them into one read
+    reader = ExtentReader(io_mode=io_mode, threads=io_threads, coalesce_gap=EXTENT_ALIGNMENT)
     if (path / BUNDLE_JSON).is_file():
         bundle = open_bundle(path, verify=verify)
         config, kind = bundle.config, "bundle"
@@ -134,7 +139,9 @@ def load(
     else:
         weights = ckpt.resident_weights(model)
     _quantize_resident(model, config, weights)
-    cache = ExpertCache(None, cache_policy)
+    if profile is None and kind == "bundle" and (path / "profile" / "frequency.parquet").is_file():
+        profile = path / "profile"
+    cache = ExpertCache(None, make_cache_policy(cache_policy, profile))
     streamer = ExpertStreamer(store, cache, num_experts)
     install_streaming(model, store.layers, streamer)
     model.load_weights(list(weights.items()), strict=True)
@@ -157,6 +164,7 @@ def load(
         layer_bytes, layer_bytes,
     )
     cache.capacity_bytes = plan.cache_bytes
+    configure_policy(cache.policy, plan.cache_bytes, lambda key: store.nbytes(*key), plan.min_layer_bytes)
     model._moestream = StreamingRuntime(
         path, kind, store, reader, cache, streamer, plan, k, str(compute_dtype or "source").replace("mlx.core.", "")
     )

@@ -184,13 +184,10 @@ def plan_expert_bits(checkpoint: Path, token_ids: list[int], size_budget: int, g
 
 
 def calibration_token_ids(checkpoint: Path, calibration: str | Path | None, max_tokens: int = 8192) -> list[int]:
-    """Token ids of the calibration text (a file, or the shipped default) with the model's tokenizer."""
+    """Token ids of the calibration text (a file, a folder, a dataset name, or the shipped set)."""
     from transformers import AutoTokenizer
 
-    if calibration is None:
-        from ..calibration import default_text
+    from .profile import load_calibration
 
-        text = default_text()
-    else:
-        text = Path(calibration).read_text()
+    text = "\n\n".join(load_calibration(calibration))
     return AutoTokenizer.from_pretrained(str(checkpoint)).encode(text)[:max_tokens]
