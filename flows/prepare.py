@@ -61,6 +61,15 @@ def pack_layer_task(path: Path, job: LayerJob, staging: Path):
     return extents
 
 
+@task(name="profile")
+def profile_task(path: Path, calibration: str | None, out: Path, max_tokens: int) -> dict:
+    from ..stages.profile import profile_model
+
+    result = profile_model(path, calibration, out, max_tokens)
+    get_run_logger().info("profile: %s", result.summary)
+    return result.summary
+
+
 @task(name="plan-bits")
 def plan_task(path: Path, size_budget: int, group_size: int, calibration: str | None) -> dict:
     from ..stages.plan import calibration_token_ids, plan_expert_bits
@@ -74,8 +83,9 @@ def plan_task(path: Path, size_budget: int, group_size: int, calibration: str | 
 
 
 @task(name="write")
-def write_task(path: Path, staging: Path, extents, recipe, source: SourceInfo, resident_bits):
-    return write_bundle(SourceCheckpoint.open(path), staging, extents, recipe, source, resident_bits)
+def write_task(path: Path, staging: Path, extents, recipe, source: SourceInfo, resident_bits, order, profile_summary):
+    return write_bundle(SourceCheckpoint.open(path), staging, extents, recipe, source, resident_bits, order,
+                        profile_summary)
 
 
 @task(name="verify")
@@ -157,6 +167,8 @@ def prepare_bundle(
     bits_plan: str | None = None,
     size_budget: int | None = None,
     calibration: str | None = None,
+    profile: bool = False,
+    profile_tokens: int = 16384,
 ) -> dict:
     """expert_bits: 2/3/4/8/16, or "auto" (a measured plan under `size_budget` bytes of experts);
     bits_plan: a plan file ({"bits": {"LAYER:EXPERT": BITS}}) overriding expert_bits per expert."""
@@ -179,18 +191,26 @@ def prepare_bundle(
         plan = plan_task(fetched.path, size_budget, group_size, calibration)
     staging = staging_dir(out_path)
     staging.mkdir(parents=True, exist_ok=True)
-    order = tuple(range(info["num_experts"]))
+    identity = tuple(range(info["num_experts"]))
+    orders, profile_summary = {}, None
+    if profile:
+        from ..stages.seriate import profile_orders
+
+        profile_summary = profile_task(fetched.path, calibration, staging / "profile", profile_tokens)
+        orders = profile_orders(staging / "profile")
     futures = [
         pack_layer_task.submit(
             fetched.path,
-            LayerJob(layer, recipe, order, tuple(plan.get((layer, e), default_bits) for e in range(info["num_experts"]))),
+            LayerJob(layer, recipe, tuple(orders.get(layer, identity)),
+                     tuple(plan.get((layer, e), default_bits) for e in range(info["num_experts"]))),
             staging,
         )
         for layer in info["layers"]
     ]
     extents = [e for f in futures for e in f.result()]
     source_info = SourceInfo(fetched.repo_id, fetched.revision, fetched.commit)
-    meta = write_task(fetched.path, staging, extents, recipe, source_info, resident_bits)
+    meta = write_task(fetched.path, staging, extents, recipe, source_info, resident_bits,
+                      "profile" if orders else "identity", profile_summary)
     final = verify_task(staging, out_path, overwrite)
     create_markdown_artifact(markdown=summary_markdown(meta, out_path), key="bundle-summary", description="moestream bundle")
     return {"bundle": final, **meta["layout"], "resident_bytes": meta["resident"]["nbytes"]}

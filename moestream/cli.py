@@ -65,7 +65,8 @@ def cmd_prepare(args):
                          expert_bits=args.expert_bits if args.expert_bits == "auto" else int(args.expert_bits),
                          group_size=args.group_size, resident_bits=args.resident_bits, revision=args.revision,
                          overwrite=args.overwrite, bits_plan=args.bits_plan,
-                         size_budget=parse_bytes(args.size_budget), calibration=args.calibration)
+                         size_budget=parse_bytes(args.size_budget), calibration=args.calibration,
+                         profile=args.profile)
     print(json.dumps(result, indent=2))
 
 
@@ -100,8 +101,16 @@ def _prepare_plain(args):
         plan = plan_expert_bits(fetched.path, calibration_token_ids(fetched.path, args.calibration),
                                 parse_bytes(args.size_budget), args.group_size).bits
     bits = 4 if args.expert_bits == "auto" else int(args.expert_bits)
+    profile_dir = None
+    if args.profile:
+        import tempfile
+
+        from moestream.stages.profile import profile_model
+
+        profile_dir = Path(tempfile.mkdtemp(prefix="moestream-profile-"))
+        profile_model(fetched.path, args.calibration, profile_dir)
     bundle = prepare_sequential(fetched.path, Path(args.out), bits, args.group_size, args.resident_bits,
-                                overwrite=args.overwrite, plan=plan,
+                                overwrite=args.overwrite, plan=plan, profile_dir=profile_dir,
                                 progress=lambda layer: print(f"layer {layer} packed", flush=True))
     print(json.dumps({"bundle": str(bundle.root), **bundle.meta["layout"]}, indent=2))
 
@@ -199,6 +208,28 @@ def cmd_sweep(args):
     print(f"wrote {args.out}/sweep.md, sweep.json, sweep.png")
 
 
+def cmd_profile(args):
+    from moestream.stages.profile import profile_model
+
+    result = profile_model(args.source, args.calibration, args.out, args.max_tokens)
+    print(json.dumps(result.summary, indent=2))
+    print(f"wrote {args.out}: trace, frequency, co-activation, reuse, transitions (Parquet) and heatmaps (PNG)")
+
+
+def cmd_replay(args):
+    from moestream.runtime.replay import format_table, replay
+
+    def fraction(x: str) -> float:
+        return float(x[:-1]) / 100 if x.endswith("%") else float(x)
+
+    rows = replay(args.bundle, args.trace, budgets=[fraction(b) for b in args.budget.split(",")],
+                  policies=args.policy.split(","), io_mode=args.io_mode, profile=args.profile)
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2, default=str)
+
+
 def cmd_demo(args):
     _import_flows()
     from moestream.demo import run_demo
@@ -233,7 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="16 keeps source precision; auto: a measured per-expert plan under --size-budget")
     p.add_argument("--size-budget", default=None, help="with --expert-bits auto: bytes of experts, e.g. 300MB")
     p.add_argument("--bits-plan", default=None, help="a plan file {\"bits\": {\"LAYER:EXPERT\": BITS}}")
-    p.add_argument("--calibration", default=None, help="calibration text file for --expert-bits auto")
+    p.add_argument("--calibration", default=None,
+                   help="calibration text (file, folder of *.txt, or Hub dataset) for --profile and --expert-bits auto")
+    p.add_argument("--profile", action="store_true",
+                   help="profile expert co-activation on calibration text; order experts by it; ship profile/")
     p.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
     p.add_argument("--resident-bits", type=int, default=None, choices=(8,), help="quantize resident Linear weights too")
     p.add_argument("--revision", default=None)
@@ -290,6 +324,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="write a PNG of tokens/s against the roofline")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("profile", help="record which experts fire (and together) on calibration text; Parquet + PNG")
+    p.add_argument("source", help="source checkpoint folder (or a bundle)")
+    p.add_argument("--calibration", default=None, help="text file, folder of *.txt, or Hub dataset (default: shipped set)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-tokens", type=int, default=16384)
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("replay", help="compute-free replay of a routing trace through the real cache and reader")
+    p.add_argument("bundle")
+    p.add_argument("--trace", required=True, help="trace.parquet from `moestream profile`")
+    p.add_argument("--budget", default="5%,10%,25%,50%", help="expert cache sizes as shares of the expert bytes")
+    p.add_argument("--policy", default="lru,lfu,hot,prior,lrfu")
+    p.add_argument("--profile", default=None, help="profile folder for the profile-driven policies")
+    p.add_argument("--io-mode", choices=("direct", "buffered"), default="direct")
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("eval", help="quality against the source: KL, top-1, perplexity, tool-call validity")
     p.add_argument("bundle")

@@ -15,13 +15,24 @@ from .write import SourceInfo, finalize, staging_dir, write_bundle
 
 def prepare_sequential(checkpoint: Path, out: Path, bits: int = 4, group_size: int = 64, resident_bits: int | None = None,
                        orders: dict[int, list[int]] | None = None, overwrite: bool = False, progress=None,
-                       plan: dict[tuple[int, int], int] | None = None) -> Bundle:
+                       plan: dict[tuple[int, int], int] | None = None, profile_dir: Path | None = None) -> Bundle:
     """`plan` maps (layer, expert) to its bit width (a mixed-precision plan); others get `bits`."""
     ckpt = SourceCheckpoint.open(checkpoint)
     recipe = ExpertRecipe(bits=bits, group_size=group_size)
     staging = staging_dir(Path(out))
     staging.mkdir(parents=True, exist_ok=True)
     n = ckpt.dims.num_experts
+    profile_summary = None
+    if profile_dir is not None:  # a profile made earlier: its orders, and a copy inside the bundle
+        import json
+        import shutil
+
+        from .seriate import profile_orders
+
+        orders = orders or profile_orders(profile_dir)
+        shutil.copytree(profile_dir, staging / "profile", dirs_exist_ok=True)
+        summary = Path(profile_dir) / "summary.json"
+        profile_summary = json.loads(summary.read_text()) if summary.is_file() else None
     extents = []
     for layer in ckpt.expert_layers:
         order = tuple(orders[layer]) if orders and layer in orders else tuple(range(n))
@@ -29,5 +40,6 @@ def prepare_sequential(checkpoint: Path, out: Path, bits: int = 4, group_size: i
         extents += pack_layer(ckpt, LayerJob(layer, recipe, order, layer_bits), staging)
         if progress:
             progress(layer)
-    write_bundle(ckpt, staging, extents, recipe, SourceInfo(), resident_bits, order="profile" if orders else "identity")
+    write_bundle(ckpt, staging, extents, recipe, SourceInfo(), resident_bits, order="profile" if orders else "identity",
+                 profile_summary=profile_summary)
     return finalize(staging, Path(out), overwrite=overwrite)

@@ -113,6 +113,7 @@ def write_bundle(
     source: SourceInfo,
     resident_bits: int | None = None,
     order: str = "identity",
+    profile_summary: dict | None = None,
 ) -> dict:
     """Write everything but the expert files into `staging`; return bundle.json's content."""
     config, resident_bytes = write_resident(ckpt, staging, resident_bits, recipe.group_size)
@@ -160,6 +161,8 @@ def write_bundle(
         "files": files,
         "tools": tool_versions(),
     }
+    if profile_summary is not None:
+        meta["profile"] = profile_summary
     write_json_atomic(staging / BUNDLE_JSON, meta)
     return meta
 

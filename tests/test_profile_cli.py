@@ -1,0 +1,32 @@
+"""The profile -> layout -> replay path through the CLI, on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import build_bundle
+
+from moestream.cli import main
+from moestream.manifests.open import open_bundle
+from moestream.stages.sequential import prepare_sequential
+
+
+def test_profile_then_profile_ordered_bundle_then_replay(tmp_path, synth_dir, capsys):
+    src = synth_dir("qwen3_moe")
+    prof = tmp_path / "prof"
+    assert main(["profile", str(src), "--out", str(prof), "--max-tokens", "512"]) == 0
+    assert (prof / "trace.parquet").is_file() and (prof / "summary.json").is_file()
+    bundle = prepare_sequential(src, tmp_path / "ordered", profile_dir=prof)
+    meta = open_bundle(bundle.root, verify=True).meta
+    assert meta["layout"]["order"] == "profile" and "profile" in meta
+    assert any(f.startswith("profile/") for f in meta["files"])
+    # the file order follows the profile, not the expert ids, in at least one layer
+    offsets = {layer: [bundle.extent(layer, e).offset for e in range(16)] for layer in bundle.layers}
+    assert any(o != sorted(o) for o in offsets.values())
+    identity = build_bundle(src, tmp_path / "identity")
+    out = tmp_path / "replay.json"
+    assert main(["replay", str(identity), "--trace", str(prof / "trace.parquet"), "--budget", "25%,50%",
+                 "--policy", "lru,prior", "--profile", str(prof), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert {(r["policy"], r["budget"]) for r in rows} >= {("lru", 0.25), ("prior", 0.5)}
+    assert "hit" in capsys.readouterr().out.lower()
