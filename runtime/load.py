@@ -113,10 +113,10 @@ def load(
     revision: str | None = None,
     profile=None,
 ):
-    from .hub import resolve_bundle
+    if not Path(path).exists():  # ORG/NAME: fetched (cached, resumable) and verified once
+        from .hub import resolve_bundle
 
-    # a local folder stays as it is; ORG/NAME is fetched (cached, resumable) and verified once
-    path = resolve_bundle(str(path), revision=revision)
+        path = resolve_bundle(str(path), revision=revision)
     compute_dtype = _resolve_dtype(dtype)
     # extents are 16 KiB aligned: neighbours (experts that fire together, in profile order) are at
     # most their padding apart, so a gap of one alignment unit merges them into one read
