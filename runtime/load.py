@@ -117,6 +117,7 @@ def load(
         from .hub import resolve_bundle
 
         path = resolve_bundle(str(path), revision=revision)
+    path = Path(path)
     compute_dtype = _resolve_dtype(dtype)
     # extents are 16 KiB aligned: neighbours (experts that fire together, in profile order) are at
     # most their padding apart, so a gap of one alignment unit merges them into one read
