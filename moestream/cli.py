@@ -164,6 +164,8 @@ def cmd_bench(args):
     from moestream.runtime.bench import bench_bundle, plot_report, print_report
     from moestream.runtime.hub import resolve_bundle
 
+    if args.io_only:
+        return _bench_io_only(args)
     compare = tuple(c for c in (args.compare or "").split(",") if c)
     report = bench_bundle(resolve_bundle(args.bundle, revision=args.revision), args.budget_fraction,
                           args.prompt_tokens, args.gen_tokens, args.io_mode, compare=compare,
@@ -228,6 +230,32 @@ def cmd_replay(args):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2, default=str)
+
+
+def _bench_io_only(args):
+    """Replay a routing trace through the real cache and reader, no compute: the I/O engine
+    against the disk's ceiling, measurable on machines whose matmuls are slow."""
+    from moestream.manifests.open import open_bundle
+    from moestream.runtime.iobench import read_ceiling
+    from moestream.runtime.reader import default_threads
+    from moestream.runtime.replay import format_table, replay
+
+    if not args.trace:
+        raise ValueError("--io-only needs --trace (trace.parquet from `moestream profile`)")
+    bundle = open_bundle(args.bundle)
+    extents = list(bundle.extents.values())
+    files = sorted({bundle.path(e.file) for e in extents})
+    ceiling = read_ceiling(files, sum(e.nbytes for e in extents) // len(extents), default_threads())
+    rows = replay(args.bundle, args.trace, budgets=[args.budget_fraction], policies=[args.cache_policy],
+                  io_mode=args.io_mode)
+    for row in rows:
+        row["ceiling_gb_per_s"] = ceiling["gb_per_s"]
+    print(f"ceiling: {ceiling['gb_per_s']:.2f} GB/s (O_DIRECT, {ceiling['chunk_bytes'] / 1e6:.2f} MB reads, "
+          f"{ceiling['threads']} threads)")
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"ceiling": ceiling, "rows": rows}, f, indent=2, default=str)
 
 
 def cmd_demo(args):
@@ -323,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-layers", type=int, default=None, help="also scale the figure to this many layers (labelled)")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="write a PNG of tokens/s against the roofline")
+    p.add_argument("--io-only", action="store_true", help="replay --trace through cache and reader, no compute")
+    p.add_argument("--trace", default=None, help="routing trace for --io-only")
+    p.add_argument("--cache-policy", default="lru")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("profile", help="record which experts fire (and together) on calibration text; Parquet + PNG")

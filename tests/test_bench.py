@@ -25,3 +25,13 @@ def test_bench_cli_reports_ceiling_roofline_and_comparisons(tmp_path, bundle_dir
     assert plot.stat().st_size > 0
     text = capsys.readouterr().out
     assert "roof" in text and "ceiling" in text
+
+
+def test_bench_io_only_replays_a_trace(tmp_path, synth_dir, bundle_dir, capsys):
+    prof = tmp_path / "prof"
+    assert main(["profile", str(synth_dir("qwen3_moe")), "--out", str(prof), "--max-tokens", "256"]) == 0
+    out = tmp_path / "io.json"
+    assert main(["bench", str(bundle_dir("qwen3_moe")), "--io-only", "--trace", str(prof / "trace.parquet"),
+                 "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["ceiling"]["gb_per_s"] > 0 and r["rows"][0]["bytes_read"] > 0
