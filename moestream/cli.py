@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synth a small MoE, prepare it, generate inside a small memory budget")
     p.add_argument("--workdir", default="moestream-demo", help="where the demo writes its model and bundle")
-    p.add_argument("--family", default="qwen3_moe")
+    p.add_argument("--family", default=None, help="synthesise a random model of this family instead of the trained fixture")
     p.add_argument("--preset", default="tiny")
     p.set_defaults(func=cmd_demo)
 

@@ -86,6 +86,7 @@ def sweep(source: Path, workdir: Path, bits_list: list[int], k_list: list[int] |
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     rows = []
+    reference_tools = None
     for bits in bits_list:
         bundle = bundle_for(Path(source), workdir, bits, group_size)
         meta = open_bundle(bundle).meta
@@ -93,7 +94,9 @@ def sweep(source: Path, workdir: Path, bits_list: list[int], k_list: list[int] |
         per_k = meta["layout"]["expert_bytes_per_token"] / default_k
         bundle_rows = []
         for k in k_list or [default_k]:
-            result = evaluate(bundle, source, suites=suites, text=text, tool_examples=tool_examples, experts_per_token=k)
+            result = evaluate(bundle, source, suites=suites, text=text, tool_examples=tool_examples, experts_per_token=k,
+                              reference_tools=reference_tools)
+            reference_tools = result.get("tools_reference")
             row = row_from(result, bits, k, int(per_k * k))
             progress(f"bits {bits}, k {k}: {row}")
             rows.append(row)
