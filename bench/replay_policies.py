@@ -57,12 +57,15 @@ def main() -> None:
     ap.add_argument("--budgets", default="0.05,0.10,0.25,0.50")
     ap.add_argument("--policies", default="lru,lfu,hot,prior,lrfu,opt")
     ap.add_argument("--json", help="write every figure here")
+    ap.add_argument("--source", default=None, help="a checkpoint folder to use instead of a synth one (e.g. the fixture)")
     args = ap.parse_args()
+    if args.source:
+        args.family, args.preset = "source", Path(args.source).name
     work = Path(args.work) / f"{args.family}-{args.preset}"
     work.mkdir(parents=True, exist_ok=True)
     report: dict = {"family": args.family, "preset": args.preset}
 
-    ck = work / "checkpoint"
+    ck = Path(args.source) if args.source else work / "checkpoint"
     if not ck.exists():
         t0 = time.perf_counter()
         synth_checkpoint(args.family, ck, preset=args.preset)
