@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 
 def load(path, memory_budget=None, experts_per_token=None, dtype=None, io_mode="direct", io_threads=None,
-         cache_policy="lru", verify=False, revision=None):
+         cache_policy="lru", verify=False, revision=None, prefetch=False, profile=None):
     """Load a bundle (or a source checkpoint folder) as an mlx-lm model that streams its experts.
 
     memory_budget: bytes or a string like "6GB"; covers resident weights, the expert cache, the KV
@@ -25,7 +25,7 @@ def load(path, memory_budget=None, experts_per_token=None, dtype=None, io_mode="
 
     return _load(path, memory_budget=memory_budget, experts_per_token=experts_per_token, dtype=dtype,
                  io_mode=io_mode, io_threads=io_threads, cache_policy=cache_policy, verify=verify,
-                 revision=revision)
+                 revision=revision, prefetch=prefetch, profile=profile)
 
 
 def stats(model) -> dict:

@@ -74,6 +74,18 @@ def install_streaming(model: nn.Module, layers: dict[int, str], streamer: Expert
         setattr(parent, name, StreamingSwitchGLU(streamer, layer, old.activation))
 
 
+def enable_lookahead(model: nn.Module, layers: dict[int, str], streamer: ExpertStreamer) -> None:
+    """Give each MoE layer the next MoE layer's router, so it can prefetch that layer's experts."""
+    from .lookahead import router_of
+
+    order = sorted(layers)
+    for layer, following in zip(order, order[1:], strict=False):
+        route = router_of(_resolve(model, layers[following].rpartition(".")[0]))
+        if route is not None:
+            object.__setattr__(_module_at(model, layers[layer])[2], "lookahead", (following, route))
+    streamer.enable_prefetch()
+
+
 def set_experts_per_token(model: nn.Module, layers: dict[int, str], k: int, num_experts: int) -> None:
     """Lower (or raise) top-k in every MoE block; the block's own code renormalises the scores
     exactly as the family does (norm_topk_prob, softmax over the top-k ...)."""
@@ -112,6 +124,7 @@ def load(
     verify: bool = False,
     revision: str | None = None,
     profile=None,
+    prefetch: bool = False,
 ):
     if not Path(path).exists():  # ORG/NAME: fetched (cached, resumable) and verified once
         from .hub import resolve_bundle
@@ -152,6 +165,8 @@ def load(
     model.eval()
     mx.eval(model.parameters())
 
+    if prefetch:
+        enable_lookahead(model, store.layers, streamer)
     k = experts_per_token or default_k
     if experts_per_token is not None:
         set_experts_per_token(model, store.layers, k, num_experts)
@@ -206,6 +221,7 @@ def stats(model) -> dict:
         "route_sync_s": rt.streamer.sync_s,
         "expert_fetch_s": rt.streamer.fetch_s,
         "expert_compute_s": rt.streamer.compute_s,
+        **rt.streamer.prefetch_stats(),
     }
 
 

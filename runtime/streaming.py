@@ -9,14 +9,16 @@ mlx-lm's with the same weights fully in memory.
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import _gather_sort, _scatter_unsort
 
-from .cache import ExpertCache
+from .cache import CacheFullError, ExpertCache
 from .stores import ProjectionQuant
 
 
@@ -35,6 +37,13 @@ class ExpertStreamer:
         self.calls = 0
         # callables (layer, x [..., H], indices [..., k]) told of every call: profiling, calibration
         self.observers: list = []
+        # prefetch (router lookahead): reads of the next layer's predicted experts, issued once this
+        # layer's own reads are done so that they use the disk while this layer computes
+        self._prefetch_pool: ThreadPoolExecutor | None = None
+        self._inflight: dict = {}
+        self._prefetched: set = set()
+        self._lock = threading.Lock()
+        self.prefetch_issued = self.prefetch_used = 0
 
     def groups(self, layer: int, experts: np.ndarray) -> list[list[int]]:
         """Split sorted experts into runs that fit the cache together and share a quantization
@@ -52,10 +61,62 @@ class ExpertStreamer:
             used += size
         return groups
 
+    def enable_prefetch(self) -> None:
+        self._prefetch_pool = ThreadPoolExecutor(1, thread_name_prefix="moestream-prefetch")
+
+    def prefetch(self, layer: int, experts) -> None:
+        """Start reading experts of `layer` into the cache in the background (not pinned)."""
+        if self._prefetch_pool is None:
+            return
+        with self._lock:
+            want = [e for e in experts if (layer, e) not in self._inflight and (layer, e) not in self.cache]
+            if not want:
+                return
+            future = self._prefetch_pool.submit(self._prefetch_read, layer, want)
+            for e in want:
+                self._inflight[(layer, e)] = future
+            self.prefetch_issued += len(want)
+
+    def _prefetch_read(self, layer: int, experts: list[int]) -> None:
+        try:
+            for e, tensors in self.store.read(layer, experts).items():
+                try:
+                    self.cache.put((layer, e), tensors, self.store.nbytes(layer, e))
+                except (CacheFullError, ValueError):
+                    continue  # the cache is full of pinned experts: a prefetch is only a hint
+                with self._lock:
+                    self._prefetched.add((layer, e))
+        finally:
+            with self._lock:
+                for e in experts:
+                    self._inflight.pop((layer, e), None)
+
+    def _wait_prefetch(self, layer: int, experts: list[int]) -> None:
+        with self._lock:
+            futures = {self._inflight[(layer, e)] for e in experts if (layer, e) in self._inflight}
+        for future in futures:
+            try:
+                future.result()
+            except Exception:  # noqa: BLE001 - a failed prefetch is retried by the normal read, which reports it
+                pass
+
+    def prefetch_stats(self) -> dict:
+        with self._lock:
+            return {"prefetch_issued": self.prefetch_issued, "prefetch_used": self.prefetch_used,
+                    "prefetch_wasted": self.prefetch_issued - self.prefetch_used - len(self._prefetched)
+                    - len(self._inflight)}
+
     def acquire(self, layer: int, experts: list[int]) -> dict[int, dict[str, mx.array]]:
         """The experts' tensors, read if missing (one batched, coalesced read) and pinned."""
+        if self._prefetch_pool is not None:
+            self._wait_prefetch(layer, experts)
         got, missing = {}, []
         for e in experts:
+            if self._prefetch_pool is not None:
+                with self._lock:
+                    if (layer, e) in self._prefetched:
+                        self._prefetched.discard((layer, e))
+                        self.prefetch_used += 1
             value = self.cache.get((layer, e))
             if value is None:
                 missing.append(e)
@@ -113,10 +174,16 @@ class StreamingSwitchGLU(nn.Module):
         self.streamer = streamer
         self.layer = layer
         self.activation = activation
+        # plain attributes, not module state (nn.Module would treat arrays and tuples as parameters)
+        object.__setattr__(self, "lookahead", None)  # (next MoE layer, its router x -> top-k), to prefetch
+        object.__setattr__(self, "_x_in", None)
 
     def _mlp(self, x, experts: list[int], idx, sorted_indices: bool):
         t0 = time.perf_counter()
         fetched = self.streamer.acquire(self.layer, experts)
+        if self.lookahead is not None and self._x_in is not None:
+            next_layer, route = self.lookahead
+            self.streamer.prefetch(next_layer, np.unique(np.array(route(self._x_in))).tolist())
         t1 = time.perf_counter()
         self.streamer.fetch_s += t1 - t0
         try:
@@ -152,6 +219,7 @@ class StreamingSwitchGLU(nn.Module):
     def __call__(self, x, indices) -> mx.array:
         for observe in self.streamer.observers:
             observe(self.layer, x, indices)
+        object.__setattr__(self, "_x_in", x if self.lookahead is not None else None)
         x = mx.expand_dims(x, (-2, -3))
         indices = mx.stop_gradient(indices)
         t0 = time.perf_counter()

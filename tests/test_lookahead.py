@@ -44,3 +44,24 @@ def test_router_of_picks_the_experts_the_block_routes(family, bundle_dir):
     rt.streamer.observers.append(observe)
     model(mx.array([TOKENS[:24]]))
     assert seen and all(seen)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_prefetch_keeps_results_exact_and_counts_use(family, bundle_dir):
+    import mlx.core as mx
+
+    from moestream.runtime.budget import parse_bytes  # noqa: F401
+
+    probe, _ = moestream.load(bundle_dir(family))
+    p = probe._moestream.plan
+    budget = p.resident_bytes + p.kv_reserve_bytes + p.buffer_bytes + 3 * p.min_layer_bytes
+    plain, _ = moestream.load(bundle_dir(family), memory_budget=budget)
+    fetching, _ = moestream.load(bundle_dir(family), memory_budget=budget, prefetch=True)
+    for start in range(0, 48, 4):  # decode-sized calls
+        x = mx.array([TOKENS[start : start + 4]])
+        a, b = plain(x), fetching(x)
+        assert mx.array_equal(a, b)
+    s = moestream.stats(fetching)
+    assert s["prefetch_issued"] > 0 and 0 < s["prefetch_used"] <= s["prefetch_issued"]
+    assert s["expert_cache_peak_bytes"] <= s["cache_capacity_bytes"]
+    assert moestream.stats(plain)["prefetch_issued"] == 0
