@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -67,6 +68,23 @@ def profile_task(path: Path, calibration: str | None, out: Path, max_tokens: int
 
     result = profile_model(path, calibration, out, max_tokens)
     get_run_logger().info("profile: %s", result.summary)
+    return result.summary
+
+
+@task(name="profile-shard")
+def profile_shard_task(path: Path, calibration: str | None, out: Path, max_tokens: int, index: int, count: int) -> str:
+    from ..stages.profile import profile_model
+
+    profile_model(path, calibration, out, max_tokens, plots=False, shard=(index, count))
+    return str(out)
+
+
+@task(name="profile-merge")
+def profile_merge_task(shards: list[str], out: Path, calibration: str | None) -> dict:
+    from ..stages.profile import merge_profiles
+
+    result = merge_profiles([Path(s) for s in shards], out, calibration)
+    get_run_logger().info("profile (%d shards): %s", len(shards), result.summary)
     return result.summary
 
 
@@ -135,6 +153,8 @@ def shared_prefect_api():
 def run_prepare(source: str, out: str, dask_address: str | None = None, workers: int | None = None, **options) -> dict:
     """Run the flow with the task runner the options ask for."""
     runner = task_runner_for(dask_address, workers)
+    if options.get("profile") and (dask_address or workers):
+        options.setdefault("profile_shards", workers or 2)
     if not (dask_address or workers):
         return prepare_bundle.with_options(task_runner=runner)(source, out, **options)
     with shared_prefect_api():
@@ -169,6 +189,7 @@ def prepare_bundle(
     calibration: str | None = None,
     profile: bool = False,
     profile_tokens: int = 16384,
+    profile_shards: int = 1,
 ) -> dict:
     """expert_bits: 2/3/4/8/16, or "auto" (a measured plan under `size_budget` bytes of experts);
     bits_plan: a plan file ({"bits": {"LAYER:EXPERT": BITS}}) overriding expert_bits per expert."""
@@ -196,7 +217,13 @@ def prepare_bundle(
     if profile:
         from ..stages.seriate import profile_orders
 
-        profile_summary = profile_task(fetched.path, calibration, staging / "profile", profile_tokens)
+        if profile_shards > 1:  # calibration sequences split across the task runner's workers
+            shards = [profile_shard_task.submit(fetched.path, calibration, staging / "profile-shards" / str(i),
+                                                profile_tokens, i, profile_shards) for i in range(profile_shards)]
+            profile_summary = profile_merge_task([f.result() for f in shards], staging / "profile", calibration)
+            shutil.rmtree(staging / "profile-shards", ignore_errors=True)
+        else:
+            profile_summary = profile_task(fetched.path, calibration, staging / "profile", profile_tokens)
         orders = profile_orders(staging / "profile")
     futures = [
         pack_layer_task.submit(

@@ -456,6 +456,7 @@ def profile_model(
     dtype=None,
     plots: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> ProfileResult:
     """Run calibration text through the source checkpoint's original-precision model (moestream's
     runtime, experts read from the source safetensors inside `memory_budget`; "auto": half the
@@ -464,7 +465,9 @@ def profile_model(
     calibration: None (the shipped set), a text file, a folder of *.txt, or a Hub dataset name.
     max_tokens: calibration tokens run, in windows of seq_len (each one prefill, no KV cache).
     weights: record router weights too (two extra gate evaluations per layer, no expert reads).
-    progress(done_tokens, total_tokens) is called after each window."""
+    progress(done_tokens, total_tokens) is called after each window.
+    shard=(i, n): profile only sequences i, i+n, i+2n, ... (one of n parallel shards; merge_profiles
+    joins them into exactly the trace of the whole run, sequences numbered as in the whole run)."""
     import mlx.core as mx
 
     from ..runtime.load import load, stats
@@ -479,6 +482,9 @@ def profile_model(
     seqs = calibration_sequences(tokenizer, docs, seq_len, max_tokens)
     if not seqs:
         raise CalibrationError("the calibration text gave no tokens")
+    if shard is not None:
+        index, count = shard
+        seqs = seqs[index::count]
     total = sum(len(s) for s in seqs)
     start = time.perf_counter()
     done = 0
@@ -500,6 +506,38 @@ def profile_model(
     run = {"tokens": total, "sequences": len(seqs), "seq_len": seq_len, "seconds": seconds,
            "tokens_per_s": total / seconds if seconds else 0.0, "bytes_read": s["bytes_read"],
            "hit_rate": s["hit_rate"], "memory_budget": s["budget_bytes"]}
+    (out / "summary.json").write_text(json.dumps({**summary, "run": run}, indent=2, sort_keys=True) + "\n")
+    figures = plot_profile(agg, out) if plots else []
+    return ProfileResult(out, files["trace"], files, figures, summary, run)
+
+
+def merge_profiles(shard_dirs: list[Path], out: str | Path, calibration=None, plots: bool = True) -> ProfileResult:
+    """Join the traces of `profile_model(..., shard=(i, n))` runs (shard_dirs in order i = 0..n-1) into
+    one profile: sequence j of shard i was sequence i + j*n of the whole run."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from ..runtime.trace import read_trace, write_trace
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    count = len(shard_dirs)
+    tables = []
+    run = {"tokens": 0, "sequences": 0, "seconds": 0.0, "bytes_read": 0, "shards": count}
+    for index, folder in enumerate(shard_dirs):
+        t = read_trace(Path(folder) / "trace.parquet")
+        seq = pc.add(pc.multiply(t["seq"], pa.scalar(count, t["seq"].type)), pa.scalar(index, t["seq"].type))
+        tables.append(t.set_column(t.schema.get_field_index("seq"), "seq", seq))
+        shard_run = json.loads((Path(folder) / "summary.json").read_text()).get("run", {})
+        for key in ("tokens", "sequences", "seconds", "bytes_read"):
+            run[key] += shard_run.get(key, 0)
+    table = pa.concat_tables(tables).sort_by([("seq", "ascending"), ("token", "ascending"), ("layer", "ascending")])
+    table = table.replace_schema_metadata(tables[0].schema.metadata)
+    files = {"trace": write_trace(table, out / "trace.parquet")}
+    agg = aggregate(table)
+    files.update(write_aggregates(agg, out))
+    summary = summarize(agg)
+    summary["calibration"] = str(calibration) if calibration is not None else "moestream calibration/ (PSF)"
     (out / "summary.json").write_text(json.dumps({**summary, "run": run}, indent=2, sort_keys=True) + "\n")
     figures = plot_profile(agg, out) if plots else []
     return ProfileResult(out, files["trace"], files, figures, summary, run)

@@ -87,3 +87,22 @@ def test_prepare_engine_plain_gives_the_same_bundle_without_prefect(tmp_path, sy
     flow = _prepare(src, tmp_path / "flow", prefect_env)
     assert flow.returncode == 0, flow.stderr[-3000:]
     assert _files(tmp_path / "plain") == _files(tmp_path / "flow")
+
+
+def test_profiling_shards_on_dask_give_the_same_layout(tmp_path, synth_dir, prefect_env):
+    """--profile with --workers 2: calibration shards profiled on two Dask worker processes and merged;
+    the expert order and expert files equal the single-process profiled run's."""
+    src = synth_dir("qwen3_moe")
+    one = _prepare(src, tmp_path / "one", prefect_env, extra=("--profile",))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _prepare(src, tmp_path / "two", prefect_env, extra=("--profile", "--workers", "2"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "profile-shard" in two.stdout
+    a, b = _files(tmp_path / "one"), _files(tmp_path / "two")
+    for name in ("layout.parquet", "experts/layer_000.bin", "experts/layer_002.bin", "profile/frequency.parquet"):
+        assert a[name] == b[name], name
+    import pyarrow.parquet as pq
+
+    cols = ["seq", "token", "layer", "experts", "weights"]  # the footer's run metadata differs, the trace does not
+    assert pq.read_table(tmp_path / "one" / "profile" / "trace.parquet").select(cols).equals(
+        pq.read_table(tmp_path / "two" / "profile" / "trace.parquet").select(cols))

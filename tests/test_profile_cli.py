@@ -30,3 +30,20 @@ def test_profile_then_profile_ordered_bundle_then_replay(tmp_path, synth_dir, ca
     rows = json.loads(out.read_text())
     assert {(r["policy"], r["budget"]) for r in rows} >= {("lru", 0.25), ("prior", 0.5)}
     assert "hit" in capsys.readouterr().out.lower()
+
+
+def test_sharded_profile_merges_into_exactly_the_whole_runs_trace(tmp_path, synth_dir):
+    import pyarrow.parquet as pq
+
+    from moestream.stages.profile import merge_profiles, profile_model
+
+    src = synth_dir("qwen3_moe")
+    whole = profile_model(src, None, tmp_path / "whole", 1024, seq_len=128, plots=False)
+    shards = [profile_model(src, None, tmp_path / f"s{i}", 1024, seq_len=128, plots=False, shard=(i, 3)).out
+              for i in range(3)]
+    merged = merge_profiles(shards, tmp_path / "merged", plots=False)
+    a = pq.read_table(whole.trace).select(["seq", "token", "layer", "experts", "weights"])
+    b = pq.read_table(merged.trace).select(["seq", "token", "layer", "experts", "weights"])
+    assert a.equals(b)
+    assert merged.summary["next_token_reuse"] == whole.summary["next_token_reuse"]
+    assert merged.run["tokens"] == whole.run["tokens"]
