@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--delete-source", action="store_true", help="delete the synth checkpoint once the bundle is made")
     ap.add_argument("--no-reference", action="store_true", help="skip mlx-lm fully in memory")
     ap.add_argument("--compare-naive", action="store_true", help="also run the naive loader baseline")
+    ap.add_argument("--compare", default="", help="also: buffered, prefetch, policy:NAME (comma list)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
         _, report["prepare_s"] = _timed(prepare_sequential, src, bundle_path, args.bits, 64)
         print(f"prepare: {report['prepare_s']:.1f}s", flush=True)
     report.update(bench_bundle(bundle_path, args.budget_fraction, args.prompt_tokens, args.gen_tokens, args.io_mode,
-                               compare=("naive",) if args.compare_naive else (),
+                               compare=tuple(c for c in args.compare.split(",") if c) + (("naive",) if args.compare_naive else ()),
                                reference_checkpoint=None if args.no_reference or not src.exists() else src,
                                full_layers=args.full_layers, bits=args.bits))
     if args.delete_source and src.exists():

@@ -121,7 +121,8 @@ def print_report(r: dict) -> None:
     print(f"warm-up (kernel compilation): {r.get('warmup_s', 0):.1f}s")
     print("\n== decode ==")
     print(f"{'run':<14}{'TTFT s':>8}{'tok/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'MB/tok':>8}{'hit':>7}{'GB/s io':>9}{'eff':>6}{'roof':>8}{'share':>7}")
-    for name in [n for n in ("cold", "warm", "buffered_cold") if n in r] + [n for n in r if n.startswith("policy_")]:
+    names = ("cold", "warm", "buffered_cold", "prefetch_cold", "prefetch_warm")
+    for name in [n for n in names if n in r] + [n for n in r if n.startswith("policy_")]:
         x = r[name]
         print(f"{name:<14}{x['ttft_s']:>8.2f}{x['tokens_per_s']:>8.2f}{x['p50_token_ms']:>8.0f}{x['p99_token_ms']:>8.0f}"
               f"{x['bytes_read_per_token'] / 1e6:>8.1f}{x['hit_rate']:>7.1%}{x['read_gb_per_s_during_io']:>9.2f}"
@@ -231,6 +232,16 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
         evict_page_cache(files)
         report["buffered_cold"] = decode(model, prompt, gen_tokens)
         _derive(report["buffered_cold"], ceiling["gb_per_s"], n_moe, full)
+        del model
+    if "prefetch" in compare:
+        model, _ = moestream.load(bundle_path, memory_budget=budget, io_mode=io_mode, prefetch=True)
+        evict_page_cache(files)
+        report["prefetch_cold"] = decode(model, prompt, gen_tokens)
+        report["prefetch_warm"] = decode(model, prompt, gen_tokens)
+        s = moestream.stats(model)
+        report["prefetch_stats"] = {k: s[k] for k in ("prefetch_issued", "prefetch_used", "prefetch_wasted")}
+        for name in ("prefetch_cold", "prefetch_warm"):
+            _derive(report[name], ceiling["gb_per_s"], n_moe, full)
         del model
     for policy in [c.split(":", 1)[1] for c in compare if c.startswith("policy:")]:
         model, _ = moestream.load(bundle_path, memory_budget=budget, io_mode=io_mode, cache_policy=policy)
