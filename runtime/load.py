@@ -52,7 +52,8 @@ def _resolve_dtype(dtype) -> mx.Dtype | None:
     return dtype
 
 
-def _resolve(model: nn.Module, path: str):
+def resolve_module(model: nn.Module, path: str):
+    """The module at a dotted MLX path ("model.layers.3.mlp"); list items by index."""
     obj = model
     for part in path.split(".") if path else ():
         obj = obj[int(part)] if isinstance(obj, list) else getattr(obj, part)
@@ -62,7 +63,7 @@ def _resolve(model: nn.Module, path: str):
 def _module_at(model: nn.Module, path: str):
     """(parent module, attribute name, module) for a dotted MLX module path."""
     parent_path, _, name = path.rpartition(".")
-    parent = _resolve(model, parent_path)
+    parent = resolve_module(model, parent_path)
     return parent, name, getattr(parent, name)
 
 
@@ -80,7 +81,7 @@ def enable_lookahead(model: nn.Module, layers: dict[int, str], streamer: ExpertS
 
     order = sorted(layers)
     for layer, following in zip(order, order[1:], strict=False):
-        route = router_of(_resolve(model, layers[following].rpartition(".")[0]))
+        route = router_of(resolve_module(model, layers[following].rpartition(".")[0]))
         if route is not None:
             object.__setattr__(_module_at(model, layers[layer])[2], "lookahead", (following, route))
     streamer.enable_prefetch()
@@ -92,7 +93,7 @@ def set_experts_per_token(model: nn.Module, layers: dict[int, str], k: int, num_
     if not 1 <= k <= num_experts:
         raise ValueError(f"experts_per_token must be between 1 and {num_experts}, got {k}")
     for path in layers.values():
-        block = _resolve(model, path.rpartition(".")[0])
+        block = resolve_module(model, path.rpartition(".")[0])
         touched = False
         for obj in (block, getattr(block, "gate", None)):
             for attr in ("top_k", "num_experts_per_tok"):

@@ -56,11 +56,11 @@ class LookaheadStats:
 def measure_lookahead(model, token_ids: list[int], window: int = 256) -> LookaheadStats:
     """Run text through a moestream-loaded model; at each MoE layer predict the next MoE layer's
     experts per token with that layer's router, and compare with what it then routes."""
-    from .load import _resolve, runtime_of
+    from .load import resolve_module, runtime_of
 
     rt = runtime_of(model)
     layers = sorted(rt.store.layers)
-    routers = {layer: router_of(_resolve(model, rt.store.layers[layer].rpartition(".")[0])) for layer in layers}
+    routers = {layer: router_of(resolve_module(model, rt.store.layers[layer].rpartition(".")[0])) for layer in layers}
     nxt = dict(zip(layers, layers[1:], strict=False))
     pending: dict[int, np.ndarray] = {}
     stats = LookaheadStats()

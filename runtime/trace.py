@@ -37,6 +37,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .load import resolve_module
+
 TRACE_META_KEY = b"moestream.trace"
 TRACE_SCHEMA = pa.schema(
     [
@@ -70,13 +72,6 @@ def _switch_modules(model: nn.Module) -> dict[int, str]:
     return out
 
 
-def _resolve(model: nn.Module, path: str):
-    obj = model
-    for part in path.split(".") if path else ():
-        obj = obj[int(part)] if isinstance(obj, list) else getattr(obj, part)
-    return obj
-
-
 def _num_experts(model: nn.Module, layers: dict[int, str]) -> int | None:
     rt = getattr(model, "_moestream", None)
     if rt is not None:
@@ -85,7 +80,7 @@ def _num_experts(model: nn.Module, layers: dict[int, str]) -> int | None:
             return store.bundle.num_experts
         if hasattr(store, "ckpt"):
             return store.ckpt.dims.num_experts
-    module = _resolve(model, next(iter(layers.values())))
+    module = resolve_module(model, next(iter(layers.values())))
     w = getattr(getattr(module, "gate_proj", None), "weight", None)
     return int(w.shape[0]) if w is not None else None
 
@@ -175,8 +170,8 @@ class TraceRecorder:
         done = []
         try:
             for layer, path in self.layers.items():
-                switch = _resolve(self.model, path)
-                block = _resolve(self.model, path.rpartition(".")[0])
+                switch = resolve_module(self.model, path)
+                block = resolve_module(self.model, path.rpartition(".")[0])
                 _wrap(switch, "switch", _switch_call, self, layer)
                 done.append(switch)
                 _wrap(block, "block", _block_call, self, layer)
@@ -192,8 +187,8 @@ class TraceRecorder:
         if not self.installed:
             return
         for path in self.layers.values():
-            _unwrap(_resolve(self.model, path))
-            _unwrap(_resolve(self.model, path.rpartition(".")[0]))
+            _unwrap(resolve_module(self.model, path))
+            _unwrap(resolve_module(self.model, path.rpartition(".")[0]))
         self.installed = False
 
     def __enter__(self) -> TraceRecorder:

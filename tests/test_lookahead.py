@@ -28,7 +28,7 @@ def test_router_of_picks_the_experts_the_block_routes(family, bundle_dir):
     import mlx.core as mx
     import numpy as np
 
-    from moestream.runtime.load import _resolve
+    from moestream.runtime.load import resolve_module
     from moestream.runtime.lookahead import router_of
 
     model, _ = moestream.load(bundle_dir(family))
@@ -36,7 +36,7 @@ def test_router_of_picks_the_experts_the_block_routes(family, bundle_dir):
     seen = []
 
     def observe(layer, x, indices):
-        block = _resolve(model, rt.store.layers[layer].rpartition(".")[0])
+        block = resolve_module(model, rt.store.layers[layer].rpartition(".")[0])
         mine = np.array(router_of(block)(x)).reshape(-1, indices.shape[-1])
         theirs = np.array(indices).reshape(mine.shape[0], -1)
         seen.append(all(set(a.tolist()) == set(b.tolist()) for a, b in zip(mine, theirs, strict=True)))
