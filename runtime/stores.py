@@ -8,6 +8,7 @@ ExtentReader (O_DIRECT, coalescing) and return MLX arrays in the compute dtype.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -89,31 +90,57 @@ class CheckpointStore:
     def __init__(self, ckpt: SourceCheckpoint, reader: ExtentReader, dtype: mx.Dtype | None = None):
         self.ckpt, self.reader, self.dtype = ckpt, reader, dtype
         self._layers = {layer: ckpt.family.module_path(layer) for layer in ckpt.expert_layers}
+        self._slices: dict = {}  # per-call lookups, computed once per expert (as in BundleStore)
+        self._nbytes: dict = {}
 
     @property
     def layers(self) -> dict[int, str]:
         return self._layers
 
+    def _expert_slices(self, layer: int, expert: int):
+        key = (layer, expert)
+        if key not in self._slices:
+            self._slices[key] = self.ckpt.expert_slices(layer, expert)
+        return self._slices[key]
+
     def quant(self, layer: int, expert: int) -> dict[str, ProjectionQuant]:
-        return {n.rsplit(".", 1)[0]: ProjectionQuant(None, None, None) for n in self.ckpt.expert_slices(layer, expert) if n.endswith(".weight")}
+        return {n.rsplit(".", 1)[0]: ProjectionQuant(None, None, None)
+                for n in self._expert_slices(layer, expert) if n.endswith(".weight")}
 
     def nbytes(self, layer: int, expert: int) -> int:
-        total = 0
-        for s in self.ckpt.expert_slices(layer, expert).values():
-            info, _, nbytes = self.ckpt.slice_range(s)
-            item = DTYPES[info.dtype][0]
-            total += nbytes // item * (self.dtype.size if self.dtype is not None else item)
-        return total
+        """Bytes the expert's tensors take in memory (not the bytes read: a fused gate_up row is
+        read once and kept as two halves)."""
+        key = (layer, expert)
+        if key not in self._nbytes:
+            total = 0
+            for s in self._expert_slices(layer, expert).values():
+                info = self.ckpt.tensors[s.tensor]
+                item = DTYPES[info.dtype][0]
+                total += slice_numel(s, info) * (self.dtype.size if self.dtype is not None else item)
+            self._nbytes[key] = total
+        return self._nbytes[key]
 
     def read(self, layer: int, experts: list[int]) -> dict[int, dict[str, mx.array]]:
-        plan = []  # (expert, name, slice, tensor info)
+        plan = []  # (expert, name, slice, tensor info, index of its byte range)
+        ranges: dict[tuple, int] = {}  # each byte range read once, e.g. the gate_up row both halves come from
         requests = []
         for e in experts:
-            for name, s in self.ckpt.expert_slices(layer, e).items():
+            for name, s in self._expert_slices(layer, e).items():
                 info, offset, nbytes = self.ckpt.slice_range(s)
-                plan.append((e, name, s, info))
-                requests.append(ReadRequest(str(info.file), offset, nbytes, f"layer {layer} expert {e} {s.tensor}"))
+                key = (str(info.file), offset, nbytes)
+                if key not in ranges:
+                    ranges[key] = len(requests)
+                    requests.append(ReadRequest(*key, f"layer {layer} expert {e} {s.tensor}"))
+                plan.append((e, name, s, info, ranges[key]))
+        bufs = self.reader.read(requests)
         out: dict[int, dict[str, mx.array]] = {e: {} for e in experts}
-        for (e, name, s, info), buf in zip(plan, self.reader.read(requests), strict=True):
-            out[e][name] = finish_slice(s, info, buf)
+        for e, name, s, info, i in plan:
+            out[e][name] = finish_slice(s, info, bufs[i])
         return {e: _cast(t, self.dtype) for e, t in out.items()}
+
+
+def slice_numel(s, info) -> int:
+    """Elements of the tensor an ExpertSlice yields (shape arithmetic only)."""
+    shape = list(info.shape if s.expert is None else info.shape[1:])
+    shape[s.axis] = len(range(*slice(s.start, s.stop, s.step).indices(shape[s.axis])))
+    return math.prod(shape)

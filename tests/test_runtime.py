@@ -119,3 +119,18 @@ def test_unbounded_budget_holds_fully_loaded_layers_whole_and_stays_exact(synth_
     s = moestream.stats(model)
     assert s["cache_misses"] == misses and s["cache_hits"] > 0
     assert s["expert_cache_bytes"] == sum(rt.store.nbytes(layer, e) for layer in rt.store.layers for e in range(16))
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_moe", "gpt_oss", "qwen3_moe"])
+def test_checkpoint_store_reads_each_range_once_and_counts_memory_held(family, synth_dir):
+    """A fused gate_up row is read once for both halves; nbytes is what the arrays hold."""
+    model, _ = moestream.load(synth_dir(family))
+    store = model._moestream.store
+    layer = next(iter(store.layers))
+    before = store.reader.stats()["requests"]
+    arrays = store.read(layer, [0, 1])
+    requests = store.reader.stats()["requests"] - before
+    ranges = {store.ckpt.slice_range(s)[1:] for e in (0, 1) for s in store.ckpt.expert_slices(layer, e).values()}
+    assert requests == len(ranges)
+    for e in (0, 1):
+        assert store.nbytes(layer, e) == sum(a.nbytes for a in arrays[e].values())
