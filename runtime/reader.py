@@ -38,6 +38,10 @@ ALIGN = 4096  # O_DIRECT needs 512; 4096 covers 4K-sector drives and is the page
 # caps one read at ~2 GiB anyway.
 DEFAULT_MAX_READ_BYTES = 64 << 20
 DEFAULT_MAX_OPEN_FILES = 64
+# A batch is split across the threads in shares of at least this size: below it, one more
+# syscall costs more than the parallelism wins.
+DEFAULT_SPLIT_MIN_BYTES = 1 << 20
+_IOV_MAX = 512  # buffers per preadv (Linux allows 1024)
 # Idle read buffers kept for reuse. Counted in the memory budget ("buffers"); about two layers of
 # 8 routed 7 MB experts.
 DEFAULT_POOL_BYTES = 128 << 20
@@ -87,6 +91,16 @@ class _Group:
     start: int
     end: int
     members: list[tuple[int, ReadRequest]] = field(default_factory=list)  # (caller index, request)
+    spans: list[tuple[int, int]] = field(default_factory=list)  # each member's (aligned) file range
+    # where the bytes go: (file offset, destination) covering [start, end) in order
+    segments: list[tuple[int, memoryview]] = field(default_factory=list)
+    buffer: mmap.mmap | None = None  # the pool buffer the members are views of (no targets)
+    targets: list[memoryview] = field(default_factory=list)  # per member, when the caller gave targets
+    scratch: list[mmap.mmap] = field(default_factory=list)  # gaps between targets, discarded
+    pieces: int = 0  # pieces not yet read
+    got: list[tuple[int, int, int]] = field(default_factory=list)  # (start, start + got, end) per piece read
+    failed: bool = False
+    finished: bool = False
 
 
 def _align_down(x: int) -> int:
@@ -106,12 +120,32 @@ def _open_direct(path: str) -> int:
     return fd
 
 
-def _preadv(fd: int, buf: memoryview, offset: int) -> int:
+def _preadv(fd: int, bufs: list[memoryview], offset: int) -> int:
     if hasattr(os, "preadv"):
-        return os.preadv(fd, [buf], offset)
-    data = os.pread(fd, len(buf), offset)  # platforms without preadv: one extra copy
-    buf[: len(data)] = data
+        return os.preadv(fd, bufs, offset)
+    data = os.pread(fd, sum(len(b) for b in bufs), offset)  # platforms without preadv: one extra copy
+    done = 0
+    for b in bufs:
+        n = min(len(b), len(data) - done)
+        b[:n] = data[done : done + n]
+        done += n
     return len(data)
+
+
+def _skip(bufs: list[memoryview], n: int) -> list[memoryview]:
+    """The buffers after their first n bytes (what a partial scatter read left to fill)."""
+    out = []
+    for b in bufs:
+        if n >= len(b):
+            n -= len(b)
+            continue
+        out.append(b[n:])
+        n = 0
+    return out
+
+
+def _address(view: memoryview) -> int:
+    return np.frombuffer(view, dtype=np.uint8).ctypes.data if len(view) else 0
 
 
 class _BufferPool:
@@ -188,7 +222,8 @@ class ExtentReader:
     coalesce_gap: extents of one file whose (aligned) ranges are at most this many bytes apart
     are read with one syscall, the gap read and discarded.
     max_read_bytes: no coalesced read grows past this. max_open_files: descriptors kept open.
-    pool_bytes: idle read buffers kept for reuse.
+    pool_bytes: idle read buffers kept for reuse. split_min_bytes: a batch is cut into one share
+    per thread, each at least this large (a large extent is then read by several threads).
     """
 
     def __init__(
@@ -200,6 +235,7 @@ class ExtentReader:
         max_read_bytes: int = DEFAULT_MAX_READ_BYTES,
         max_open_files: int = DEFAULT_MAX_OPEN_FILES,
         pool_bytes: int = DEFAULT_POOL_BYTES,
+        split_min_bytes: int = DEFAULT_SPLIT_MIN_BYTES,
     ):
         if io_mode not in IO_MODES:
             raise ValueError(f"io_mode must be one of {IO_MODES}, got {io_mode!r}")
@@ -211,6 +247,7 @@ class ExtentReader:
         self.coalesce_gap = coalesce_gap
         self.max_read_bytes = max_read_bytes
         self.max_open_files = max_open_files
+        self.split_min_bytes = split_min_bytes
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="moestream-io")
         self._lock = threading.Lock()  # guards the fd cache and the stats
         self._files: OrderedDict[str, _Handle] = OrderedDict()
@@ -220,18 +257,24 @@ class ExtentReader:
 
     # ---- public API -------------------------------------------------------------------------
 
-    def read(self, requests: list[ReadRequest], convert=None) -> list:
+    def read(self, requests: list[ReadRequest], convert=None, into=None) -> list:
         """One memoryview per request, in order, exactly `nbytes` long. The views keep their
         buffer alive; it returns to the pool when the caller has dropped them all.
 
         With `convert(index, view)`, each request's view is converted in the I/O thread that
-        read it, as soon as its read completes, and the results are returned instead: turning
-        bytes into arrays then overlaps with the other reads instead of following them all."""
+        completed it, as soon as all its bytes are in, and the results are returned instead:
+        turning bytes into arrays then overlaps with the other reads instead of following them.
+
+        With `into(needs) -> targets`, the bytes are read straight into the caller's memory (no
+        copy): it is called once, with (request index, bytes needed) for each request with nbytes
+        > 0 (bytes needed: its ALIGN-aligned span in direct mode, the request itself otherwise),
+        and returns one writable buffer per need, at least that large (ALIGN-aligned in direct
+        mode); the views handed out are slices of them."""
         if self._closed:
             raise ValueError("ExtentReader is closed")
         t0 = time.perf_counter()
         try:
-            return self._read(requests, convert)
+            return self._read(requests, convert, into)
         finally:
             with self._lock:
                 self._stats["io_wait_s"] += time.perf_counter() - t0
@@ -271,25 +314,30 @@ class ExtentReader:
 
     # ---- planning ---------------------------------------------------------------------------
 
-    def _read(self, requests: list[ReadRequest], convert=None) -> list:
+    def _read(self, requests: list[ReadRequest], convert=None, into=None) -> list:
         for r in requests:
             if r.offset < 0 or r.nbytes < 0:
                 raise ValueError(f"{r.label or r.path}: negative offset or size in {r}")
         out: list = [memoryview(b"")] * len(requests)
-        groups = self._plan(requests)
-
-        def run(g: _Group) -> list[tuple[int, object]]:
-            buf = self._run_group(g)
-            spans = [(r.offset - g.start, r.offset - g.start + r.nbytes) for _, r in g.members]
-            views = self._buffers.views(buf, spans)
-            return [(i, convert(i, v) if convert else v) for (i, _), v in zip(g.members, views, strict=True)]
-
-        if len(groups) == 1:  # no pool hand-off for a single read
-            results = [run(groups[0])]
-        else:
-            futures = [self._pool.submit(run, g) for g in groups]
-            wait(futures)  # let every read finish before raising, so none outlives the call
-            results = [f.result() for f in futures]
+        groups = self._plan(requests, separate=into is not None)
+        try:
+            if into is not None:
+                self._give_targets(groups, into)
+            else:
+                for g in groups:
+                    g.buffer = self._buffers.take(g.end - g.start)
+                    g.segments = [(g.start, memoryview(g.buffer)[: g.end - g.start])]
+            work = self._split(groups)
+            if len(work) == 1:  # no pool hand-off for a single worker's share
+                results = [self._work(work[0], convert)]
+            else:
+                futures = [self._pool.submit(self._work, w, convert) for w in work]
+                wait(futures)  # let every read finish before raising, so none outlives the call
+                results = [f.result() for f in futures]
+        finally:
+            for g in groups:
+                if not g.finished:  # failed or never read: its buffers are not handed out
+                    self._drop_group(g)
         for members in results:
             for i, value in members:
                 out[i] = value
@@ -304,9 +352,10 @@ class ExtentReader:
             return _align_down(r.offset), _align_up(r.offset + r.nbytes)
         return r.offset, r.offset + r.nbytes
 
-    def _plan(self, requests: list[ReadRequest]) -> list[_Group]:
+    def _plan(self, requests: list[ReadRequest], separate: bool = False) -> list[_Group]:
         """Sort by (file, offset) and merge ranges that touch, overlap or lie within
-        coalesce_gap of each other, up to max_read_bytes per read."""
+        coalesce_gap of each other, up to max_read_bytes per read. `separate`: ranges may
+        not overlap within a group (each request is read into its own target)."""
         order = sorted(range(len(requests)), key=lambda i: (requests[i].path, requests[i].offset))
         groups: list[_Group] = []
         for i in order:
@@ -316,40 +365,150 @@ class ExtentReader:
             start, end = self._span(r)
             g = groups[-1] if groups else None
             if (g is not None and g.path == r.path and start <= g.end + self.coalesce_gap
-                    and max(end, g.end) - g.start <= self.max_read_bytes):
+                    and max(end, g.end) - g.start <= self.max_read_bytes and not (separate and start < g.end)):
                 g.end = max(g.end, end)
             else:
                 g = _Group(r.path, start, end)
                 groups.append(g)
             g.members.append((i, r))
+            g.spans.append((start, end))
         return groups
+
+    def _give_targets(self, groups: list[_Group], into) -> None:
+        """Ask the caller for one target per request (one batch call) and lay each group's
+        range out as [target, gap scratch, target ...], read with scatter reads."""
+        members = [(g, k) for g in groups for k in range(len(g.members))]
+        sizes = [g.spans[k][1] - g.spans[k][0] for g, k in members]
+        targets = into([(g.members[k][0], size) for (g, k), size in zip(members, sizes, strict=True)])
+        if len(targets) != len(sizes):
+            raise ValueError(f"into() returned {len(targets)} targets for {len(sizes)} requests")
+        for (g, k), size, t in zip(members, sizes, targets, strict=True):
+            t = memoryview(t).cast("B")
+            if len(t) < size or t.readonly:
+                raise ValueError(f"target for {g.members[k][1].label or g.path} must be writable and hold {size} bytes")
+            g.targets.append(t[:size])
+        for g in groups:
+            cursor = g.start
+            for (start, end), t in zip(g.spans, g.targets, strict=True):
+                if start > cursor:  # the padding between extents, read and discarded
+                    scratch = self._buffers.take(start - cursor)
+                    g.scratch.append(scratch)
+                    g.segments.append((cursor, memoryview(scratch)[: start - cursor]))
+                if self._direct(g) and _address(t) % ALIGN:
+                    raise ValueError(f"target for {g.path} at offset {start} is not {ALIGN}-byte aligned")
+                g.segments.append((start, t))
+                cursor = end
+
+    def _direct(self, g: _Group) -> bool:
+        h = self._files.get(g.path)
+        return h is not None and h.direct
+
+    def _split(self, groups: list[_Group]) -> list[list[tuple[_Group, int, int]]]:
+        """Who reads what: one list of (group, start, end) pieces per worker thread.
+
+        A small batch (under two split_min_bytes) is one piece per group, on as many threads.
+        A large one is laid end to end and cut into one equal share per thread (at ALIGN
+        boundaries), so that every thread reads until the batch is done, instead of a few large
+        extents keeping a few threads busy while the others idle."""
+        total = sum(g.end - g.start for g in groups)
+        n = min(self.threads, total // max(self.split_min_bytes, 1))
+        if n < 2:
+            work = [[(g, g.start, g.end)] for g in groups]
+        else:
+            share = _align_up(-(-total // n))
+            work, room = [[]], share
+            for g in groups:
+                a = g.start
+                while a < g.end:
+                    if room < ALIGN:
+                        work.append([])
+                        room = share
+                    take = min(g.end - a, room // ALIGN * ALIGN)
+                    work[-1].append((g, a, a + take))
+                    room -= take
+                    a += take
+        for w in work:
+            for g, _, _ in w:
+                g.pieces += 1
+        return [w for w in work if w]
+
+    def _work(self, pieces: list[tuple[_Group, int, int]], convert) -> list[tuple[int, object]]:
+        """Read this thread's pieces; finish (views, convert) each group whose last piece it read."""
+        out = []
+        for g, a, b in pieces:
+            try:
+                got = self._read_piece(g, a, b)
+            except BaseException:
+                with self._lock:
+                    g.failed = True
+                raise
+            with self._lock:
+                g.got.append((a, a + got, b))
+                g.pieces -= 1
+                last = g.pieces == 0 and not g.failed
+            if last:
+                out.extend(self._finish(g, convert))
+        return out
+
+    def _read_piece(self, g: _Group, a: int, b: int) -> int:
+        bufs = []
+        for off, view in g.segments:
+            lo, hi = max(a, off), min(b, off + len(view))
+            if lo < hi:
+                bufs.append(view[lo - off : hi - off])
+        h = self._acquire(g.members[0][1])
+        got = calls = 0
+        try:
+            got, calls = self._fill(h, g, bufs, a)
+        finally:
+            self._release(h, got, calls)
+        return got
+
+    def _finish(self, g: _Group, convert) -> list[tuple[int, object]]:
+        """Check every member arrived, then hand out its bytes (converted in this thread)."""
+        valid = g.start  # bytes known good, contiguously from the group's start
+        for a, end, b in sorted(g.got):
+            if a > valid:
+                break
+            valid = max(valid, end)
+            if end < b:
+                break
+        try:
+            self._check_complete(g, valid - g.start)
+            if g.buffer is not None:
+                spans = [(r.offset - g.start, r.offset - g.start + r.nbytes) for _, r in g.members]
+                views = self._buffers.views(g.buffer, spans)
+            else:
+                views = [t[r.offset - s : r.offset - s + r.nbytes]
+                         for (_, r), (s, _), t in zip(g.members, g.spans, g.targets, strict=True)]
+            g.finished = True
+            for buf in g.scratch:
+                self._buffers.give(buf)
+            g.scratch = []
+        except BaseException:
+            self._drop_group(g)
+            raise
+        return [(i, convert(i, v) if convert else v) for (i, _), v in zip(g.members, views, strict=True)]
+
+    def _drop_group(self, g: _Group) -> None:
+        g.finished = True
+        for buf in g.scratch + ([g.buffer] if g.buffer is not None else []):
+            self._buffers.give(buf)
+        g.scratch, g.buffer = [], None
 
     # ---- one read ---------------------------------------------------------------------------
 
-    def _run_group(self, g: _Group) -> mmap.mmap:
-        first = g.members[0][1]
-        h = self._acquire(first)
-        got = calls = 0
-        buf = self._buffers.take(g.end - g.start)
-        try:
-            got, calls = self._fill(h, g, buf)
-            self._check_complete(g, got)
-        except BaseException:
-            self._buffers.give(buf)
-            raise
-        finally:
-            self._release(h, got, calls)
-        return buf
-
-    def _fill(self, h: _Handle, g: _Group, buf: mmap.mmap) -> tuple[int, int]:
-        """Read until the range is full or the file ends; returns (bytes got, syscalls)."""
-        view, length = memoryview(buf)[: g.end - g.start], g.end - g.start
+    def _fill(self, h: _Handle, g: _Group, bufs: list[memoryview], offset: int) -> tuple[int, int]:
+        """Scatter-read [offset, offset + len(bufs)) until full or the file ends; returns
+        (bytes got, syscalls)."""
+        length = sum(len(b) for b in bufs)
         got = calls = 0
         while got < length:
             was_direct = h.direct
+            rest = _skip(bufs, got)[:_IOV_MAX]
             try:
                 calls += 1
-                n = _preadv(h.fd, view[got:], g.start + got)
+                n = _preadv(h.fd, rest, offset + got)
             except OSError as e:
                 if e.errno == errno.EINVAL and was_direct and not h.verified:
                     self._fall_back(h)  # the filesystem refuses O_DIRECT: retry buffered

@@ -342,3 +342,112 @@ def test_convert_runs_in_io_threads_in_request_order(disk_dir):
     assert [i for i, _ in out] == [0, 1, 2, 3]
     assert [b for _, b in out] == [data[r.offset : r.offset + r.nbytes] for r in requests]
     assert any(name.startswith("moestream-io") for name in seen_threads)
+
+
+def _aligned_targets(needs, extra=0):
+    """One page-aligned mmap per need (as a caller's own memory would be), kept by the caller."""
+    bufs = [mmap.mmap(-1, max(n + extra, 1)) for _, n in needs]
+    return bufs
+
+
+@pytest.mark.parametrize("mode", ["direct", "buffered"])
+def test_a_large_batch_is_split_across_threads(disk_dir, mode):
+    import threading
+
+    f = disk_dir / "big.bin"
+    data = _write(f, 8 << 20, seed=3)
+    # three 1.5 MB extents on four threads: each thread reads a quarter, so some extents are
+    # read by two threads; convert still runs once per extent, after all its bytes are in
+    reqs = [_req(f, off, 1_500_000, f"expert {k}") for k, off in enumerate((0, 2 << 20, 5 << 20))]
+    calls = []
+
+    def convert(i, view):
+        calls.append((i, threading.current_thread().name))
+        return bytes(view)
+
+    with ExtentReader(mode, threads=4, split_min_bytes=256 << 10) as r:
+        out = r.read(reqs, convert)
+        assert r.stats()["reads"] >= 4
+        assert r.stats()["bytes_read"] >= 3 * 1_500_000
+    assert out == [data[q.offset : q.offset + q.nbytes] for q in reqs]
+    assert sorted(i for i, _ in calls) == [0, 1, 2]
+
+
+def test_a_small_batch_is_not_split(disk_dir):
+    f = disk_dir / "small.bin"
+    _write(f, 1 << 20)
+    with ExtentReader("direct", threads=8) as r:
+        r.read([_req(f, 0, 600_000)])
+        assert r.stats()["reads"] == 1
+
+
+@pytest.mark.parametrize("mode", ["direct", "buffered"])
+def test_reads_go_straight_into_the_callers_targets(disk_dir, mode):
+    f = disk_dir / "into.bin"
+    data = _write(f, 64 * 16 * 1024, seed=4)
+    reqs = _extents(f, 12, 10_000)  # 16 KiB apart: coalesced with their padding read and dropped
+    reqs = [reqs[k] for k in (5, 0, 3, 4, 11, 1)]
+    asked, kept = [], {}
+
+    def into(needs):
+        asked.extend(needs)
+        bufs = _aligned_targets(needs)
+        kept.update({i: b for (i, _), b in zip(needs, bufs, strict=True)})
+        return bufs
+
+    with ExtentReader(mode, coalesce_gap=16 * 1024) as r:
+        views = r.read(reqs, into=into)
+        assert r.stats()["reads"] == 3  # runs 0-1, 3-5, 11
+    assert sorted(i for i, _ in asked) == list(range(len(reqs)))
+    want = 12_288 if mode == "direct" else 10_000
+    assert {n for _, n in asked} == {want}
+    for i, (q, v) in enumerate(zip(reqs, views, strict=True)):
+        assert bytes(v) == data[q.offset : q.offset + q.nbytes]
+        target = np.frombuffer(kept[i], dtype=np.uint8)
+        assert np.frombuffer(v, dtype=np.uint8).ctypes.data == target.ctypes.data  # no copy
+
+
+def test_into_splits_a_large_extent_across_threads(disk_dir):
+    f = disk_dir / "into_big.bin"
+    data = _write(f, 6 << 20, seed=6)
+    reqs = [_req(f, 1 << 20, 3_000_000, "expert 7"), _req(f, 4 << 20, 1_000_000, "expert 8")]
+    kept = []
+
+    def into(needs):
+        kept.extend(_aligned_targets(needs))
+        return kept[-len(needs):]
+
+    with ExtentReader("direct", threads=4, split_min_bytes=256 << 10) as r:
+        views = r.read(reqs, into=into)
+        assert r.stats()["reads"] >= 4
+    for q, v in zip(reqs, views, strict=True):
+        assert bytes(v) == data[q.offset : q.offset + q.nbytes]
+
+
+def test_bad_targets_are_refused(disk_dir):
+    f = disk_dir / "t.bin"
+    _write(f, 1 << 20)
+    with ExtentReader("direct") as r:
+        with pytest.raises(ValueError, match="hold 8192 bytes"):
+            r.read([_req(f, 0, 5000, "expert 1")], into=lambda needs: [mmap.mmap(-1, 4096)])
+        with pytest.raises(ValueError, match="aligned"):
+            r.read([_req(f, 0, 5000)], into=lambda needs: [memoryview(mmap.mmap(-1, 3 * 4096))[8:]])
+        with pytest.raises(ValueError, match="writable"):
+            r.read([_req(f, 0, 5000)], into=lambda needs: [bytes(8192)])
+        with pytest.raises(ValueError, match="2 targets for 1"):
+            r.read([_req(f, 0, 5000)], into=lambda needs: [mmap.mmap(-1, 8192)] * 2)
+        # the reader is still usable, and its buffers were given back
+        (v,) = r.read([_req(f, 0, 10)])
+        assert len(v) == 10
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_truncated_extent_in_a_split_batch_names_it(disk_dir, split):
+    f = disk_dir / "trunc.bin"
+    _write(f, 3 << 20)
+    reqs = [_req(f, 0, 1 << 20, "layer 1 expert 0"), _req(f, 2 << 20, 2 << 20, "layer 1 expert 9")]
+    with ExtentReader("direct", threads=4, split_min_bytes=(256 << 10) if split else 64 << 20) as r:
+        with pytest.raises(ReadError, match="layer 1 expert 9: short read") as e:
+            r.read(reqs)
+        assert e.value.got == 1 << 20
+        assert r.read([_req(f, 0, 10)])[0].nbytes == 10
