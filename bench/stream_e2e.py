@@ -32,7 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--delete-source", action="store_true", help="delete the synth checkpoint once the bundle is made")
     ap.add_argument("--no-reference", action="store_true", help="skip mlx-lm fully in memory")
     ap.add_argument("--compare-naive", action="store_true", help="also run the naive loader baseline")
-    ap.add_argument("--compare", default="", help="also: buffered, prefetch, policy:NAME (comma list)")
+    ap.add_argument("--compare", default="", help="also (comma list): buffered, prefetch, host, stage, nostage, policy:NAME, threads:N")
+    ap.add_argument("--io-threads", type=int, default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -53,7 +54,8 @@ def main(argv=None) -> int:
     report.update(bench_bundle(bundle_path, args.budget_fraction, args.prompt_tokens, args.gen_tokens, args.io_mode,
                                compare=tuple(c for c in args.compare.split(",") if c) + (("naive",) if args.compare_naive else ()),
                                reference_checkpoint=None if args.no_reference or not src.exists() else src,
-                               full_layers=args.full_layers, bits=args.bits))
+                               full_layers=args.full_layers, bits=args.bits,
+                               load_kwargs={"io_threads": args.io_threads} if args.io_threads else None))
     if args.delete_source and src.exists():
         shutil.rmtree(src)
     print_report(report)

@@ -121,6 +121,17 @@ def unpack_extent(buf, entries: tuple[TensorEntry, ...]) -> dict[str, mx.array]:
     return {e.name: from_buffer(view[e.offset : e.offset + e.nbytes], e.dtype, e.shape) for e in entries}
 
 
+def extent_views(data: mx.array, start: int, entries: tuple[TensorEntry, ...]) -> dict[str, mx.array]:
+    """The tensors of one raw extent that sits in the uint8 MLX array `data` from byte `start`,
+    as views of it (no copy: slices, bit casts and reshapes of contiguous memory share it).
+    Tensors are TENSOR_ALIGNMENT-aligned inside the extent, so the views are aligned for any
+    dtype when `start` is."""
+    return {
+        e.name: data[start + e.offset : start + e.offset + e.nbytes].view(DTYPES[e.dtype][2]).reshape(e.shape)
+        for e in entries
+    }
+
+
 # ---------------------------------------------------------------- checks on one row
 
 

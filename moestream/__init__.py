@@ -14,18 +14,23 @@ __version__ = "0.1.0"
 
 
 def load(path, memory_budget=None, experts_per_token=None, dtype=None, io_mode="direct", io_threads=None,
-         cache_policy="lru", verify=False, revision=None, prefetch=False, profile=None):
+         cache_policy="lru", verify=False, revision=None, prefetch=False, profile=None, read_into="arrays",
+         stage_on_device=None):
     """Load a bundle (or a source checkpoint folder) as an mlx-lm model that streams its experts.
 
     memory_budget: bytes or a string like "6GB"; covers resident weights, the expert cache, the KV
     cache reserve and read buffers (None: no limit). dtype None computes in float32 on the CPU and
     in the source dtype on GPUs. Returns (model, tokenizer) for mlx-lm's generate/stream_generate.
+    read_into: "arrays" reads experts straight into MLX memory (no copy), "host" into host buffers
+    then copies (for comparison). stage_on_device (None: on GPUs) moves each read expert into
+    GPU-made memory in the I/O thread, off the layer's critical path.
     """
     from .runtime.load import load as _load
 
     return _load(path, memory_budget=memory_budget, experts_per_token=experts_per_token, dtype=dtype,
                  io_mode=io_mode, io_threads=io_threads, cache_policy=cache_policy, verify=verify,
-                 revision=revision, prefetch=prefetch, profile=profile)
+                 revision=revision, prefetch=prefetch, profile=profile, read_into=read_into,
+                 stage_on_device=stage_on_device)
 
 
 def stats(model) -> dict:

@@ -169,7 +169,8 @@ def cmd_bench(args):
     compare = tuple(c for c in (args.compare or "").split(",") if c)
     report = bench_bundle(resolve_bundle(args.bundle, revision=args.revision), args.budget_fraction,
                           args.prompt_tokens, args.gen_tokens, args.io_mode, compare=compare,
-                          reference_checkpoint=args.reference, full_layers=args.full_layers)
+                          reference_checkpoint=args.reference, full_layers=args.full_layers,
+                          load_kwargs={"io_threads": args.io_threads} if args.io_threads else None)
     print_report(report)
     if args.json:
         with open(args.json, "w") as f:
@@ -346,7 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--io-mode", choices=("direct", "buffered"), default="direct")
-    p.add_argument("--compare", default="", help="comma list: naive, buffered, policy:NAME")
+    p.add_argument("--compare", default="", help="comma list, each run cold and warm: naive, buffered, prefetch, "
+                   "host (read into host buffers + copy), stage / nostage (GPU staging copy), policy:NAME, threads:N")
+    p.add_argument("--io-threads", type=int, default=None, help="reader threads (default: the runtime's)")
     p.add_argument("--reference", default=None, help="source checkpoint: also run mlx-lm fully in memory")
     p.add_argument("--full-layers", type=int, default=None, help="also scale the figure to this many layers (labelled)")
     p.add_argument("--json", default=None)

@@ -117,14 +117,16 @@ def print_report(r: dict) -> None:
     print(f"budget {bud['budget_bytes'] / 1e9:.2f} GB (expert cache {bud['expert_cache_bytes'] / 1e9:.2f} GB = "
           f"{bud['expert_cache_bytes'] / bud['expert_bytes_in_memory']:.0%} of experts); prompt {r['args']['prompt_tokens']} tok, "
           f"greedy {r['args']['gen_tokens']} tok; {r['platform']}")
-    print(f"ceiling: {r['ceiling']['gb_per_s']:.2f} GB/s (O_DIRECT, {r['ceiling']['chunk_bytes'] / 1e6:.2f} MB reads, {r['ceiling']['threads']} threads)")
+    print(f"ceiling: {r['ceiling']['gb_per_s']:.2f} GB/s (O_DIRECT, {r['ceiling']['chunk_bytes'] / 1e6:.2f} MB reads = the "
+          f"runtime's mean read, {r['ceiling']['threads']} threads); by threads: "
+          + ", ".join(f"{t}: {g:.2f}" for t, g in r.get("ceiling_by_threads", {}).items()))
+    print("settings: " + ", ".join(f"{k}={v}" for k, v in r.get("settings", {}).items()))
     print(f"warm-up (kernel compilation): {r.get('warmup_s', 0):.1f}s")
     print("\n== decode ==")
-    print(f"{'run':<14}{'TTFT s':>8}{'tok/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'MB/tok':>8}{'hit':>7}{'GB/s io':>9}{'eff':>6}{'roof':>8}{'share':>7}")
-    names = ("cold", "warm", "buffered_cold", "prefetch_cold", "prefetch_warm")
-    for name in [n for n in names if n in r] + [n for n in r if n.startswith("policy_")]:
+    print(f"{'run':<18}{'TTFT s':>8}{'tok/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'MB/tok':>8}{'hit':>7}{'GB/s io':>9}{'eff':>6}{'roof':>8}{'share':>7}")
+    for name in [n for n, x in r.items() if isinstance(x, dict) and "share_of_roofline" in x]:
         x = r[name]
-        print(f"{name:<14}{x['ttft_s']:>8.2f}{x['tokens_per_s']:>8.2f}{x['p50_token_ms']:>8.0f}{x['p99_token_ms']:>8.0f}"
+        print(f"{name:<18}{x['ttft_s']:>8.2f}{x['tokens_per_s']:>8.2f}{x['p50_token_ms']:>8.0f}{x['p99_token_ms']:>8.0f}"
               f"{x['bytes_read_per_token'] / 1e6:>8.1f}{x['hit_rate']:>7.1%}{x['read_gb_per_s_during_io']:>9.2f}"
               f"{x['io_efficiency']:>6.2f}{x['roofline_tokens_per_s']:>8.2f}{x['share_of_roofline']:>7.2f}")
     if "naive" in r:
@@ -174,34 +176,62 @@ def _derive(run: dict, ceiling_gbs: float, n_moe: int, full_layers: int) -> None
     }
 
 
+# --compare NAME -> what that run changes in moestream.load (each runs cold, then warm)
+VARIANTS = {
+    "buffered": {"io_mode": "buffered"},
+    "prefetch": {"prefetch": True},
+    "host": {"read_into": "host"},  # read into host buffers, then copy into MLX arrays
+    "stage": {"stage_on_device": True},
+    "nostage": {"stage_on_device": False},
+}
+
+
+def _variant(name: str) -> dict | None:
+    if name.startswith("policy:"):
+        return {"cache_policy": name.split(":", 1)[1]}
+    if name.startswith("threads:"):
+        return {"io_threads": int(name.split(":", 1)[1])}
+    return VARIANTS.get(name)
+
+
+def _settings(model) -> dict:
+    """What the runtime ran with: the tuned knobs, recorded in every report."""
+    rt = model._moestream
+    r = rt.reader
+    return {"io_mode": r.io_mode_in_use, "io_threads": r.threads, "split_min_bytes": r.split_min_bytes,
+            "coalesce_gap": r.coalesce_gap, "read_into": getattr(rt.store, "read_into", "host"),
+            "stage_on_device": getattr(rt.store, "stage_on_device", False), "cache_policy": type(rt.cache.policy).__name__,
+            "prefetch": rt.streamer._prefetch_pool is not None, "dtype": rt.dtype}
+
+
 def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int = 16, gen_tokens: int = 24,
                  io_mode: str = "direct", compare: tuple[str, ...] = (), reference_checkpoint=None,
-                 full_layers: int | None = None, bits: int = 4) -> dict:
+                 full_layers: int | None = None, bits: int = 4, load_kwargs: dict | None = None) -> dict:
     import moestream
     from moestream.manifests.open import open_bundle
 
     from .iobench import evict_page_cache, read_ceiling
 
+    unknown = [c for c in compare if c != "naive" and _variant(c) is None]
+    if unknown:
+        raise ValueError(f"unknown --compare entries {unknown}; known: naive, {', '.join(VARIANTS)}, policy:NAME, threads:N")
     bundle_path = Path(bundle_path)
     bundle = open_bundle(bundle_path)
     extents = list(bundle.extents.values())
     files = sorted({bundle.path(e.file) for e in extents})
-    mean_extent = int(np.mean([e.nbytes for e in extents]))
     n_moe = len(bundle.layers)
+    base = {"io_mode": io_mode, **(load_kwargs or {})}
     report = {"platform": {"machine": platform.platform(), "python": sys.version.split()[0], "mlx": mx.__version__,
                            "device": str(mx.default_device())},
               "args": {"bundle": str(bundle_path), "budget_fraction": budget_fraction, "prompt_tokens": prompt_tokens,
-                       "gen_tokens": gen_tokens, "sampling": "greedy", "io_mode": io_mode},
+                       "gen_tokens": gen_tokens, "sampling": "greedy", **base},
               "bundle": moestream.inspect(bundle_path)}
 
-    model, _ = moestream.load(bundle_path, io_mode=io_mode)
-    threads = model._moestream.reader.stats().get("threads", 8)
+    model, _ = moestream.load(bundle_path, **base)
     budget = budget_for(model, budget_fraction)
     plan = model._moestream.plan
     expert_mem = sum(model._moestream.store.nbytes(layer, e) for (layer, e) in bundle.extents)
     del model
-    ceiling = read_ceiling(files, mean_extent, threads)
-    report["ceiling"] = ceiling
     report["budget"] = {"budget_bytes": budget, "expert_cache_bytes": budget - plan.resident_bytes - plan.kv_reserve_bytes
                         - plan.buffer_bytes, "expert_bytes_in_memory": expert_mem, "resident_bytes": plan.resident_bytes}
 
@@ -210,45 +240,44 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
     prompt = rng.integers(0, min(vocab, 50_000), size=prompt_tokens).tolist()
 
     # warm-up on a throwaway model: kernel compilation is not what "cold" measures
-    model, _ = moestream.load(bundle_path, memory_budget=budget, io_mode=io_mode)
+    model, _ = moestream.load(bundle_path, memory_budget=budget, **base)
     _, report["warmup_s"] = _timed(decode, model, prompt, 4)
     del model
 
-    model, _ = moestream.load(bundle_path, memory_budget=budget, io_mode=io_mode)
-    evict_page_cache(files)
-    report["cold"] = decode(model, prompt, gen_tokens)
-    report["warm"] = decode(model, prompt, gen_tokens)
-    del model
+    def cold_and_warm(name: str, **kw) -> None:
+        model, _ = moestream.load(bundle_path, memory_budget=budget, **{**base, **kw})
+        evict_page_cache(files)
+        report[f"{name}cold"] = decode(model, prompt, gen_tokens)
+        report[f"{name}warm"] = decode(model, prompt, gen_tokens)
+        report[f"{name}settings"] = _settings(model)
+        if kw.get("prefetch"):
+            s = moestream.stats(model)
+            report["prefetch_stats"] = {k: s[k] for k in ("prefetch_issued", "prefetch_used", "prefetch_wasted")}
+
+    cold_and_warm("")
+    # The ceiling at the read size the runtime actually issued (its batches are split across its
+    # threads, so this is not the extent size) and its thread count; then other thread counts,
+    # to show whether the setting is the disk's best.
+    threads = report["settings"]["io_threads"]
+    read_size = int(report["cold"]["mean_read_bytes"]) or int(np.mean([e.nbytes for e in extents]))
+    report["ceiling"] = read_ceiling(files, read_size, threads)
+    report["ceiling_by_threads"] = {t: read_ceiling(files, read_size, t, seconds=2.0)["gb_per_s"]
+                                    for t in sorted({max(1, threads // 2), threads, threads * 2})}
     full = full_layers or n_moe
     for name in ("cold", "warm"):
-        _derive(report[name], ceiling["gb_per_s"], n_moe, full)
+        _derive(report[name], report["ceiling"]["gb_per_s"], n_moe, full)
 
     if "naive" in compare:
         report["naive"] = naive_run(bundle_path, prompt, gen_tokens, budget)
         n = report["naive"]
         n["bytes_read_per_token"] = n["bytes_read"] / max(n["decode_tokens"], 1)
-    if "buffered" in compare and io_mode != "buffered":
-        model, _ = moestream.load(bundle_path, memory_budget=budget, io_mode="buffered")
-        evict_page_cache(files)
-        report["buffered_cold"] = decode(model, prompt, gen_tokens)
-        _derive(report["buffered_cold"], ceiling["gb_per_s"], n_moe, full)
-        del model
-    if "prefetch" in compare:
-        model, _ = moestream.load(bundle_path, memory_budget=budget, io_mode=io_mode, prefetch=True)
-        evict_page_cache(files)
-        report["prefetch_cold"] = decode(model, prompt, gen_tokens)
-        report["prefetch_warm"] = decode(model, prompt, gen_tokens)
-        s = moestream.stats(model)
-        report["prefetch_stats"] = {k: s[k] for k in ("prefetch_issued", "prefetch_used", "prefetch_wasted")}
-        for name in ("prefetch_cold", "prefetch_warm"):
-            _derive(report[name], ceiling["gb_per_s"], n_moe, full)
-        del model
-    for policy in [c.split(":", 1)[1] for c in compare if c.startswith("policy:")]:
-        model, _ = moestream.load(bundle_path, memory_budget=budget, io_mode=io_mode, cache_policy=policy)
-        decode(model, prompt, gen_tokens)
-        report[f"policy_{policy}"] = decode(model, prompt, gen_tokens)
-        _derive(report[f"policy_{policy}"], ceiling["gb_per_s"], n_moe, full)
-        del model
+    for c in compare:
+        if c == "naive":
+            continue
+        name = c.replace(":", "_") + "_"
+        cold_and_warm(name, **_variant(c))
+        for run in ("cold", "warm"):
+            _derive(report[name + run], report["ceiling"]["gb_per_s"], n_moe, full)
     if reference_checkpoint is not None:
         ref = _reference_model(Path(reference_checkpoint), bits)
         report["mlx_lm_in_memory"] = decode(ref, prompt, gen_tokens)

@@ -52,6 +52,13 @@ def _resolve_dtype(dtype) -> mx.Dtype | None:
     return dtype
 
 
+def _stage_default(stage_on_device: bool | None) -> bool:
+    """None: stage on GPUs (where host-written memory is migrated on first use), not on the CPU."""
+    if stage_on_device is None:
+        return mx.default_device() != mx.cpu
+    return bool(stage_on_device)
+
+
 def resolve_module(model: nn.Module, path: str):
     """The module at a dotted MLX path ("model.layers.3.mlp"); list items by index."""
     obj = model
@@ -126,6 +133,8 @@ def load(
     revision: str | None = None,
     profile=None,
     prefetch: bool = False,
+    read_into: str = "arrays",
+    stage_on_device: bool | None = None,
 ):
     if not Path(path).exists():  # ORG/NAME: fetched (cached, resumable) and verified once
         from .hub import resolve_bundle
@@ -139,7 +148,7 @@ def load(
     if (path / BUNDLE_JSON).is_file():
         bundle = open_bundle(path, verify=verify)
         config, kind = bundle.config, "bundle"
-        store = BundleStore(bundle, reader, compute_dtype)
+        store = BundleStore(bundle, reader, compute_dtype, read_into, _stage_default(stage_on_device))
         num_experts, default_k = bundle.num_experts, bundle.experts_per_token
     else:
         ckpt = SourceCheckpoint.open(path)

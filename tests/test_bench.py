@@ -11,17 +11,20 @@ from moestream.cli import main
 def test_bench_cli_reports_ceiling_roofline_and_comparisons(tmp_path, bundle_dir, capsys):
     out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
     code = main(["bench", str(bundle_dir("qwen3_moe")), "--gen-tokens", "4", "--prompt-tokens", "8",
-                 "--compare", "naive,buffered,policy:lfu", "--json", str(out), "--plot", str(plot)])
+                 "--compare", "naive,buffered,host,policy:lfu", "--json", str(out), "--plot", str(plot)])
     assert code == 0
     r = json.loads(out.read_text())
     assert r["ceiling"]["gb_per_s"] > 0 and r["ceiling"]["direct"]
-    for run in ("cold", "warm", "buffered_cold", "policy_lfu"):
+    for run in ("cold", "warm", "buffered_cold", "host_warm", "policy_lfu_warm"):
         for key in ("ttft_s", "tokens_per_s", "p50_token_ms", "p99_token_ms", "bytes_read_per_token", "hit_rate",
                     "read_gb_per_s_during_io", "io_efficiency", "roofline_tokens_per_s", "share_of_roofline"):
             assert key in r[run], (run, key)
     assert r["cold"]["bytes_read"] > 0, "a 25% budget must read experts while decoding"
     assert r["naive"]["reads"] > r["cold"]["reads"], "the naive loader reads tensor by tensor"
     assert r["budget"]["expert_cache_bytes"] < r["budget"]["expert_bytes_in_memory"]
+    assert r["settings"]["read_into"] == "arrays" and r["host_settings"]["read_into"] == "host"
+    assert r["settings"]["io_threads"] in {int(t) for t in r["ceiling_by_threads"]}
+    assert r["host_warm"]["bytes_read"] == r["warm"]["bytes_read"], "same reads, only where they land differs"
     assert plot.stat().st_size > 0
     text = capsys.readouterr().out
     assert "roof" in text and "ceiling" in text
