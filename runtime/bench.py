@@ -9,6 +9,7 @@ fully in memory (given the source checkpoint).
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import time
@@ -180,7 +181,7 @@ def _derive(run: dict, ceiling_gbs: float, n_moe: int, full_layers: int) -> None
 VARIANTS = {
     "buffered": {"io_mode": "buffered"},
     "prefetch": {"prefetch": True},
-    "host": {"read_into": "host"},  # read into host buffers, then copy into MLX arrays
+    "host": {"read_into": "host", "stage_on_device": False},  # host buffers, then mx.array copies (the old path)
     "stage": {"stage_on_device": True},
     "nostage": {"stage_on_device": False},
 }
@@ -189,6 +190,8 @@ VARIANTS = {
 def _variant(name: str) -> dict | None:
     if name.startswith("policy:"):
         return {"cache_policy": name.split(":", 1)[1]}
+    if name == "noadvice":  # staging without cudaMemAdvise (see runtime/staging.py)
+        return {"stage_on_device": True, "_no_cuda_advice": True}
     if name.startswith("threads:"):
         return {"io_threads": int(name.split(":", 1)[1])}
     return VARIANTS.get(name)
@@ -201,7 +204,17 @@ def _settings(model) -> dict:
     return {"io_mode": r.io_mode_in_use, "io_threads": r.threads, "split_min_bytes": r.split_min_bytes,
             "coalesce_gap": r.coalesce_gap, "read_into": getattr(rt.store, "read_into", "host"),
             "stage_on_device": getattr(rt.store, "stage_on_device", False), "cache_policy": type(rt.cache.policy).__name__,
-            "prefetch": rt.streamer._prefetch_pool is not None, "dtype": rt.dtype}
+            "prefetch": rt.streamer._prefetch_pool is not None, "dtype": rt.dtype,
+            "staging_slots_advised": getattr(getattr(rt.store, "staging", None), "advised", 0),
+            "cuda_advice": _advice_state()}
+
+
+def _advice_state() -> str:
+    from .staging import _advice
+
+    if _advice is None:
+        return "not asked"
+    return f"available (CUDA runtime {_advice.version})" if _advice.available else f"unavailable: {_advice.why}"
 
 
 def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int = 16, gen_tokens: int = 24,
@@ -245,7 +258,15 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
     del model
 
     def cold_and_warm(name: str, **kw) -> None:
-        model, _ = moestream.load(bundle_path, memory_budget=budget, **{**base, **kw})
+        from . import staging
+
+        if kw.pop("_no_cuda_advice", False):
+            os.environ["MOESTREAM_CUDA_ADVICE"] = "0"
+        staging._advice = None  # decided anew from the environment
+        try:
+            model, _ = moestream.load(bundle_path, memory_budget=budget, **{**base, **kw})
+        finally:
+            os.environ.pop("MOESTREAM_CUDA_ADVICE", None)
         evict_page_cache(files)
         report[f"{name}cold"] = decode(model, prompt, gen_tokens)
         report[f"{name}warm"] = decode(model, prompt, gen_tokens)

@@ -18,7 +18,8 @@ from ..manifests.bundle import ExpertExtent, TensorEntry, extent_views, unpack_e
 from ..manifests.checkpoint import SourceCheckpoint, finish_slice
 from ..manifests.open import Bundle
 from ..manifests.tensors import DTYPES
-from .reader import ALIGN, ExtentReader, ReadRequest
+from .reader import ALIGN, DEFAULT_POOL_BYTES, ExtentReader, ReadRequest
+from .staging import StagingPool
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,10 @@ class BundleStore:
     written once, by the disk, and never copied. "host": read into the reader's host buffers,
     then copied into MLX arrays (`mx.array(numpy)`: a copy that holds the GIL, so the reader
     threads' copies run one at a time); kept to measure against.
-    stage_on_device: after the read, copy each expert into memory made by a GPU op, in the I/O
-    thread, so that on backends whose host-written memory the GPU must migrate on first touch
-    (MLX's CUDA backend: managed memory) that cost overlaps the other reads instead of landing
-    on the layer's compute.
+    stage_on_device: read into reusable staging arrays (on CUDA advised to stay in host memory,
+    mapped for the GPU: see staging.py) and copy each expert into device memory with one GPU op
+    in the I/O thread, so that moving the bytes to the GPU overlaps the other reads instead of
+    landing, as page faults, on the layer's compute.
     """
 
     def __init__(self, bundle: Bundle, reader: ExtentReader, dtype: mx.Dtype | None = None,
@@ -65,6 +66,7 @@ class BundleStore:
             raise ValueError(f"read_into must be one of {READ_INTO}, got {read_into!r}")
         self.bundle, self.reader, self.dtype = bundle, reader, dtype
         self.read_into, self.stage_on_device = read_into, stage_on_device
+        self.staging = StagingPool(DEFAULT_POOL_BYTES)
         self._quant: dict = {}  # per-call lookups, computed once per expert
         self._nbytes: dict = {}
 
@@ -90,49 +92,90 @@ class BundleStore:
     def read(self, layer: int, experts: list[int]) -> dict[int, dict[str, mx.array]]:
         extents: list[ExpertExtent] = sorted((self.bundle.extent(layer, e) for e in experts), key=lambda x: (x.file, x.offset))
         requests = [ReadRequest(str(self.bundle.path(x.file)), x.offset, x.nbytes, x.label) for x in extents]
+        if self.read_into == "host" or any(x.codec != "none" for x in extents):
+            return self._read_host(extents, requests)
+        if self.stage_on_device:
+            return self._read_staged(extents, requests)
+        return self._read_arrays(extents, requests)
+
+    def _finish(self, arrays: dict[str, mx.array]) -> dict[str, mx.array]:
+        arrays = _cast(arrays, self.dtype)
+        # MLX streams belong to the thread that made them: materialise the views and casts in
+        # the I/O thread, so that the main thread receives plain arrays with nothing left to run.
+        mx.eval(list(arrays.values()))
+        return arrays
+
+    def _read_arrays(self, extents, requests) -> dict[int, dict[str, mx.array]]:
+        """Straight into one fresh MLX array per extent; the tensors are views of it."""
         targets: dict[int, tuple[mx.array, int]] = {}  # request index -> (its array, address of its memory)
-        direct = self.read_into == "arrays" and all(x.codec == "none" for x in extents)
 
         def into(needs: list[tuple[int, int]]) -> list[memoryview]:
-            # made on the CPU stream: host-writable memory (on CUDA, managed memory), one batch
-            # eval for the whole call; ALIGN spare bytes so an aligned start exists for O_DIRECT
+            # made on the CPU stream (host-writable memory), one eval for the whole batch; ALIGN
+            # spare bytes so that an aligned start exists for O_DIRECT
             arrays = [mx.zeros((n + ALIGN,), mx.uint8, stream=mx.cpu) for _, n in needs]
             mx.eval(arrays)
             views = []
             for (i, n), a in zip(needs, arrays, strict=True):
                 host = np.array(a, copy=False)
-                address = host.ctypes.data
-                skip = -address % ALIGN
-                targets[i] = (a, address)
+                skip = -host.ctypes.data % ALIGN
+                targets[i] = (a, host.ctypes.data)
                 views.append(memoryview(host)[skip : skip + n])
             return views
 
         def convert(i: int, buf) -> dict[str, mx.array]:  # runs in the I/O thread that finished it
+            data, address = targets.pop(i)
+            start = np.frombuffer(buf, dtype=np.uint8).ctypes.data - address
+            with mx.stream(mx.cpu):  # views only: no data moves
+                arrays = extent_views(data, start, extents[i].tensors)
+            return self._finish(arrays)
+
+        arrays = self.reader.read(requests, convert, into)
+        return {x.expert: a for x, a in zip(extents, arrays, strict=True)}
+
+    def _read_staged(self, extents, requests) -> dict[int, dict[str, mx.array]]:
+        """Into reusable staging arrays, then one GPU copy per expert (in the I/O thread) into
+        device memory, whose views the tensors are; the staging array is reused at once."""
+        slots: dict[int, tuple] = {}
+
+        def into(needs: list[tuple[int, int]]) -> list[memoryview]:
+            views = []
+            for i, n in needs:
+                slots[i], view = self.staging.take(n)
+                views.append(view)
+            return views
+
+        def convert(i: int, buf) -> dict[str, mx.array]:
+            x, slot = extents[i], slots.pop(i)
+            try:
+                staged = StagingPool.array_at(slot, buf, x.nbytes) + mx.array(0, mx.uint8)  # the copy
+                mx.eval(staged)
+            finally:
+                self.staging.give(slot)
+            return self._finish(extent_views(staged, 0, x.tensors))
+
+        try:
+            arrays = self.reader.read(requests, convert, into)
+        finally:
+            for slot in slots.values():  # a failed read: its slots were never converted
+                self.staging.give(slot)
+        return {x.expert: a for x, a in zip(extents, arrays, strict=True)}
+
+    def _read_host(self, extents, requests) -> dict[int, dict[str, mx.array]]:
+        """Into the reader's host buffers, then copied into MLX arrays (zstd extents, and the
+        "host" mode kept to measure against)."""
+
+        def convert(i: int, buf) -> dict[str, mx.array]:
             x = extents[i]
-            if i in targets:
-                data, address = targets.pop(i)
-                start = np.frombuffer(buf, dtype=np.uint8).ctypes.data - address if len(buf) else 0
-                if self.stage_on_device:
-                    data, start = data[start : start + x.nbytes] + mx.array(0, mx.uint8), 0
-                    arrays = extent_views(data, start, x.tensors)
-                else:
-                    with mx.stream(mx.cpu):  # views only: no data moves
-                        arrays = extent_views(data, start, x.tensors)
-            else:
-                if x.codec == "zstd":
-                    import zstandard
+            if x.codec == "zstd":
+                import zstandard
 
-                    buf = zstandard.ZstdDecompressor().decompress(buf, max_output_size=x.raw_nbytes)
-                arrays = unpack_extent(buf, x.tensors)
-                if self.stage_on_device:
-                    arrays = {k: v + mx.array(0, v.dtype) for k, v in arrays.items()}
-            arrays = _cast(arrays, self.dtype)
-            # MLX streams belong to the thread that made them: materialise the views and casts
-            # here, so that the main thread receives plain arrays with nothing left to run.
-            mx.eval(list(arrays.values()))
-            return arrays
+                buf = zstandard.ZstdDecompressor().decompress(buf, max_output_size=x.raw_nbytes)
+            arrays = unpack_extent(buf, x.tensors)
+            if self.stage_on_device:
+                arrays = {k: v + mx.array(0, v.dtype) for k, v in arrays.items()}
+            return self._finish(arrays)
 
-        arrays = self.reader.read(requests, convert, into if direct else None)
+        arrays = self.reader.read(requests, convert)
         return {x.expert: a for x, a in zip(extents, arrays, strict=True)}
 
 

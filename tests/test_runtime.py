@@ -173,3 +173,29 @@ def test_tensors_read_into_arrays_are_views_of_one_aligned_buffer(bundle_dir):
             if t.name in addresses:
                 assert addresses[t.name] == base + t.offset, "tensors sit where the extent puts them: one buffer"
                 assert addresses[t.name] % 64 == 0
+
+
+def test_staging_slots_are_reused_and_given_back_after_a_failed_read(tmp_path, bundle_dir):
+    from moestream.runtime.reader import ReadError
+    from moestream.runtime.staging import cuda_advice
+
+    model, _ = moestream.load(bundle_dir("qwen3_moe"), memory_budget=None, stage_on_device=True)
+    store = model._moestream.store
+    for layer in store.layers:
+        store.read(layer, list(range(8)))
+    assert store.staging.allocations <= 8, "slots are reused from one batch to the next"
+    if not mx.cuda.is_available():
+        assert not cuda_advice().available and cuda_advice().why
+
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle_dir("qwen3_moe"), bad)
+    model, _ = moestream.load(bad, stage_on_device=True)
+    store = model._moestream.store
+    last = max(store.bundle.extents.values(), key=lambda x: (x.file, x.offset))
+    path = store.bundle.path(last.file)
+    with open(path, "r+b") as f:
+        f.truncate(last.offset + 100)
+    idle = sum(s[1].nbytes for s in store.staging._free)
+    with pytest.raises(ReadError, match=f"layer {last.layer} expert {last.expert}"):
+        store.read(last.layer, [0, last.expert])
+    assert sum(s[1].nbytes for s in store.staging._free) >= idle

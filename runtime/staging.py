@@ -1,0 +1,170 @@
+"""Staging buffers: where expert bytes land on their way from the disk to the GPU.
+
+MLX's CUDA backend gives host-made arrays managed (unified) memory. By default the driver migrates
+a managed page to whichever processor touched it last, so an expert read by the disk (a host
+write) and then used by a kernel moves its pages to the GPU by page faults, and reusing that memory
+for the next read faults them back: both ways at a few GB/s, which is slower than the copies it
+replaces. So on CUDA the reader fills a small pool of staging arrays that are advised to live in
+host memory and be mapped for the GPU (`cudaMemAdvise`: preferred location host, accessed by the
+device): the disk writes them without faults, and one GPU copy per expert, in the I/O thread,
+moves the bytes into device memory over the bus. The pool's arrays are allocated once and reused.
+
+Without the CUDA runtime (CPU backend, Apple silicon's unified memory), the pool still works; the
+advice is simply not given.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import sys
+import threading
+
+import mlx.core as mx
+import numpy as np
+
+ALIGN = 4096
+
+# cudaMemoryAdvise and cudaMemLocationType values (cuda_runtime_api.h / driver_types.h)
+_ADVISE_SET_PREFERRED_LOCATION = 3
+_ADVISE_SET_ACCESSED_BY = 5
+_LOCATION_DEVICE = 1
+_LOCATION_HOST = 2
+_CPU_DEVICE_ID = -1  # cudaCpuDeviceId, in the pre-13 int-device form
+
+
+class _MemLocation(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+
+
+class CudaAdvice:
+    """`cudaMemAdvise` through ctypes, from the CUDA runtime MLX itself loaded; `available` is
+    False (and `why` says why) when there is none or it refuses."""
+
+    def __init__(self):
+        self.available, self.why, self._lib, self._struct = False, "", None, True
+        if os.environ.get("MOESTREAM_CUDA_ADVICE", "1") == "0":
+            self.why = "disabled by MOESTREAM_CUDA_ADVICE=0"
+            return
+        if not _mlx_uses_cuda():
+            self.why = "MLX is not running on CUDA"
+            return
+        lib = _load_cudart()
+        if lib is None:
+            self.why = "libcudart not found"
+            return
+        version = ctypes.c_int(0)
+        if lib.cudaRuntimeGetVersion(ctypes.byref(version)) != 0:
+            self.why = "cudaRuntimeGetVersion failed"
+            return
+        # CUDA 13 takes a cudaMemLocation by value; 12.x has that form as cudaMemAdvise_v2
+        if version.value >= 13000:
+            self._advise = lib.cudaMemAdvise
+        elif hasattr(lib, "cudaMemAdvise_v2"):
+            self._advise = lib.cudaMemAdvise_v2
+        else:
+            self._advise, self._struct = lib.cudaMemAdvise, False
+        self._advise.restype = ctypes.c_int
+        self._lib, self.available, self.version = lib, True, version.value
+
+    def host_resident(self, address: int, nbytes: int) -> bool:
+        """Keep [address, +nbytes) of managed memory in host RAM, mapped for GPU 0."""
+        if not self.available:
+            return False
+        ptr, n = ctypes.c_void_p(address), ctypes.c_size_t(nbytes)
+        if self._struct:
+            a = self._advise(ptr, n, _ADVISE_SET_PREFERRED_LOCATION, _MemLocation(_LOCATION_HOST, 0))
+            b = self._advise(ptr, n, _ADVISE_SET_ACCESSED_BY, _MemLocation(_LOCATION_DEVICE, 0))
+        else:
+            a = self._advise(ptr, n, _ADVISE_SET_PREFERRED_LOCATION, ctypes.c_int(_CPU_DEVICE_ID))
+            b = self._advise(ptr, n, _ADVISE_SET_ACCESSED_BY, ctypes.c_int(0))
+        if a or b:
+            self.available, self.why = False, f"cudaMemAdvise returned {a or b}"
+            return False
+        return True
+
+
+def _mlx_uses_cuda() -> bool:
+    try:
+        return bool(mx.cuda.is_available())
+    except AttributeError:
+        return False
+
+
+def _load_cudart():
+    names = ["libcudart.so.13", "libcudart.so.12", "libcudart.so"]
+    for name in names:  # already loaded by MLX: dlopen by soname finds it
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            pass
+    for base in sys.path:
+        for path in sorted(glob.glob(os.path.join(base, "nvidia", "*", "lib", "libcudart.so*"))):
+            try:
+                return ctypes.CDLL(path)
+            except OSError:
+                pass
+    return None
+
+
+_advice: CudaAdvice | None = None
+_advice_lock = threading.Lock()
+
+
+def cuda_advice() -> CudaAdvice:
+    global _advice
+    with _advice_lock:
+        if _advice is None:
+            _advice = CudaAdvice()
+        return _advice
+
+
+class StagingPool:
+    """Reusable host-writable MLX uint8 arrays for reads that are copied to the device.
+
+    take(n) -> (slot, aligned writable view of n bytes); give(slot) once the bytes have been copied
+    out (the GPU copy evaluated). At most `max_idle_bytes` of idle slots are kept; more are made
+    when several batches are in flight (prefetch) and dropped when given back.
+    """
+
+    def __init__(self, max_idle_bytes: int):
+        self.max_idle_bytes = max_idle_bytes
+        self._free: list[tuple[mx.array, np.ndarray]] = []
+        self._idle = 0
+        self._lock = threading.Lock()
+        self.allocations = 0
+        self.advised = 0
+
+    def take(self, n: int) -> tuple[tuple[mx.array, np.ndarray], memoryview]:
+        with self._lock:
+            fits = [s for s in self._free if n <= s[1].nbytes <= 2 * n + (1 << 20)]
+            if fits:
+                slot = min(fits, key=lambda s: s[1].nbytes)
+                self._free.remove(slot)
+                self._idle -= slot[1].nbytes
+                return slot, memoryview(slot[1])[:n]
+            self.allocations += 1
+        size = -(-n // (1 << 20)) * (1 << 20) if n > 1 << 20 else -(-n // ALIGN) * ALIGN
+        raw = mx.zeros((size + ALIGN,), mx.uint8, stream=mx.cpu)  # host-made: managed memory on CUDA
+        mx.eval(raw)
+        host = np.array(raw, copy=False)
+        skip = -host.ctypes.data % ALIGN
+        aligned = host[skip : skip + size]
+        if cuda_advice().host_resident(aligned.ctypes.data, size):
+            self.advised += 1
+        slot = (raw, aligned)
+        return slot, memoryview(aligned)[:n]
+
+    def give(self, slot) -> None:
+        with self._lock:
+            if self._idle + slot[1].nbytes <= self.max_idle_bytes:
+                self._free.append(slot)
+                self._idle += slot[1].nbytes
+
+    @staticmethod
+    def array_at(slot, view: memoryview, nbytes: int) -> mx.array:
+        """The bytes of `view` (a slice of the slot's memory) as a lazy uint8 MLX slice of the slot."""
+        raw, _ = slot
+        start = np.frombuffer(view, dtype=np.uint8).ctypes.data - np.array(raw, copy=False).ctypes.data
+        return raw[start : start + nbytes]
