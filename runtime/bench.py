@@ -118,8 +118,9 @@ def print_report(r: dict) -> None:
     print(f"budget {bud['budget_bytes'] / 1e9:.2f} GB (expert cache {bud['expert_cache_bytes'] / 1e9:.2f} GB = "
           f"{bud['expert_cache_bytes'] / bud['expert_bytes_in_memory']:.0%} of experts); prompt {r['args']['prompt_tokens']} tok, "
           f"greedy {r['args']['gen_tokens']} tok; {r['platform']}")
-    print(f"ceiling: {r['ceiling']['gb_per_s']:.2f} GB/s (O_DIRECT, {r['ceiling']['chunk_bytes'] / 1e6:.2f} MB reads = the "
-          f"runtime's mean read, {r['ceiling']['threads']} threads); by threads: "
+    print(f"ceiling: {r['ceiling']['gb_per_s']:.2f} GB/s (O_DIRECT random reads, best of "
+          + ", ".join(f"{t['chunk_bytes'] / 1e6:.2f} MB: {t['gb_per_s']:.2f}" for t in r.get("ceiling_trials", [r["ceiling"]]))
+          + f"; {r['ceiling']['threads']} threads); other thread counts: "
           + ", ".join(f"{t}: {g:.2f}" for t, g in r.get("ceiling_by_threads", {}).items()))
     print("settings: " + ", ".join(f"{k}={v}" for k, v in r.get("settings", {}).items()))
     print(f"warm-up (kernel compilation): {r.get('warmup_s', 0):.1f}s")
@@ -276,14 +277,20 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
             report["prefetch_stats"] = {k: s[k] for k in ("prefetch_issued", "prefetch_used", "prefetch_wasted")}
 
     cold_and_warm("")
-    # The ceiling at the read size the runtime actually issued (its batches are split across its
-    # threads, so this is not the extent size) and its thread count; then other thread counts,
-    # to show whether the setting is the disk's best.
+    # The ceiling: the disk's best at the runtime's thread count, for reads of the bundle's extent
+    # size and of the size the runtime actually issued (it splits a batch across its threads), the
+    # best of two trials each: the lent machines' disks vary by tens of percent from one second to
+    # the next, and an underestimated ceiling would flatter every ratio below. Then the other
+    # thread counts, to show whether the setting is the disk's best.
     threads = report["settings"]["io_threads"]
-    read_size = int(report["cold"]["mean_read_bytes"]) or int(np.mean([e.nbytes for e in extents]))
-    report["ceiling"] = read_ceiling(files, read_size, threads)
-    report["ceiling_by_threads"] = {t: read_ceiling(files, read_size, t, seconds=2.0)["gb_per_s"]
-                                    for t in sorted({max(1, threads // 2), threads, threads * 2})}
+    extent_size = int(np.mean([e.nbytes for e in extents]))
+    read_size = int(report["cold"]["mean_read_bytes"]) or extent_size
+    trials = [read_ceiling(files, size, threads) for size in (extent_size, read_size) for _ in range(2)]
+    report["ceiling"] = max(trials, key=lambda t: t["gb_per_s"])
+    report["ceiling_trials"] = [{k: t[k] for k in ("chunk_bytes", "threads", "gb_per_s")} for t in trials]
+    report["ceiling_by_threads"] = {t: max(read_ceiling(files, size, t, seconds=2.0)["gb_per_s"]
+                                           for size in {extent_size, read_size})
+                                    for t in sorted({max(1, threads // 2), threads * 2})}
     full = full_layers or n_moe
     for name in ("cold", "warm"):
         _derive(report[name], report["ceiling"]["gb_per_s"], n_moe, full)

@@ -23,7 +23,8 @@ def test_bench_cli_reports_ceiling_roofline_and_comparisons(tmp_path, bundle_dir
     assert r["naive"]["reads"] > r["cold"]["reads"], "the naive loader reads tensor by tensor"
     assert r["budget"]["expert_cache_bytes"] < r["budget"]["expert_bytes_in_memory"]
     assert r["settings"]["read_into"] == "arrays" and r["host_settings"]["read_into"] == "host"
-    assert r["settings"]["io_threads"] in {int(t) for t in r["ceiling_by_threads"]}
+    assert r["ceiling"]["threads"] == r["settings"]["io_threads"] and len(r["ceiling_trials"]) == 4
+    assert r["ceiling"]["gb_per_s"] == max(t["gb_per_s"] for t in r["ceiling_trials"])
     assert r["host_warm"]["bytes_read"] == r["warm"]["bytes_read"], "same reads, only where they land differs"
     assert plot.stat().st_size > 0
     text = capsys.readouterr().out
