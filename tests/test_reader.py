@@ -451,3 +451,14 @@ def test_truncated_extent_in_a_split_batch_names_it(disk_dir, split):
             r.read(reqs)
         assert e.value.got == 1 << 20
         assert r.read([_req(f, 0, 10)])[0].nbytes == 10
+
+
+def test_many_small_extents_are_not_split_but_spread_over_the_pool(disk_dir):
+    f = disk_dir / "many.bin"
+    data = _write(f, 64 * 64 * 1024, seed=8)
+    reqs = [_req(f, k * 2 * 64 * 1024, 60_000, f"expert {k}") for k in range(30)]  # 30 groups (gaps)
+    with ExtentReader("direct", threads=4, split_min_bytes=256 << 10) as r:
+        views = r.read(reqs)
+        assert r.stats()["reads"] == 30, "one read per group: none is worth cutting"
+    for q, v in zip(reqs, views, strict=True):
+        assert bytes(v) == data[q.offset : q.offset + q.nbytes]
