@@ -19,7 +19,7 @@ from .budget import KV_RESERVE_TOKENS, BudgetPlan, kv_bytes_per_token, parse_byt
 from .cache import ExpertCache
 from .policies import configure_policy
 from .policies import make_policy as make_cache_policy
-from .reader import ExtentReader
+from .reader import ALIGN, ExtentReader
 from .stores import BundleStore, CheckpointStore
 from .streaming import ExpertStreamer, StreamingSwitchGLU
 
@@ -190,6 +190,12 @@ def load(
         layer_bytes, layer_bytes,
     )
     cache.capacity_bytes = plan.cache_bytes
+    # idle read buffers (host buffers, staging arrays) are the "read buffers" the budget counts
+    # (one layer's k experts; one kind is in use per read mode), plus each read's alignment
+    idle = plan.buffer_bytes + k * ALIGN
+    reader.limit_idle_buffers(idle)
+    if hasattr(store, "staging"):
+        store.staging.max_idle_bytes = idle
     configure_policy(cache.policy, plan.cache_bytes, lambda key: store.nbytes(*key), plan.min_layer_bytes)
     model._moestream = StreamingRuntime(
         path, kind, store, reader, cache, streamer, plan, k, str(compute_dtype or "source").replace("mlx.core.", "")

@@ -291,6 +291,10 @@ class ExtentReader:
         s["buffer_allocations"] = self._buffers.allocations
         return s
 
+    def limit_idle_buffers(self, nbytes: int) -> None:
+        """Keep at most nbytes of idle read buffers (what a memory budget allows for them)."""
+        self._buffers.max_idle_bytes = nbytes
+
     def reset_stats(self) -> None:
         self._stats = {"bytes_read": 0, "reads": 0, "io_wait_s": 0.0, "requested_bytes": 0,
                        "requests": 0}

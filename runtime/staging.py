@@ -145,7 +145,7 @@ class StagingPool:
                 self._idle -= slot[1].nbytes
                 return slot, memoryview(slot[1])[:n]
             self.allocations += 1
-        size = -(-n // (1 << 20)) * (1 << 20) if n > 1 << 20 else -(-n // ALIGN) * ALIGN
+        size = -(-n // ALIGN) * ALIGN
         raw = mx.zeros((size + ALIGN,), mx.uint8, stream=mx.cpu)  # host-made: managed memory on CUDA
         mx.eval(raw)
         host = np.array(raw, copy=False)

@@ -181,9 +181,13 @@ def test_staging_slots_are_reused_and_given_back_after_a_failed_read(tmp_path, b
 
     model, _ = moestream.load(bundle_dir("qwen3_moe"), memory_budget=None, stage_on_device=True)
     store = model._moestream.store
-    for layer in store.layers:
-        store.read(layer, list(range(8)))
-    assert store.staging.allocations <= 8, "slots are reused from one batch to the next"
+    k = model._moestream.experts_per_token
+    for layer in store.layers:  # decode-sized batches: one layer's k experts
+        store.read(layer, list(range(k)))
+    assert store.staging.allocations <= k, "slots are reused from one batch to the next"
+    plan = model._moestream.plan
+    idle = sum(s[1].nbytes for s in store.staging._free)
+    assert 0 < idle <= plan.buffer_bytes + k * 4096, "idle slots are the budget's read buffers (+ alignment)"
     if not mx.cuda.is_available():
         assert not cuda_advice().available and cuda_advice().why
 
