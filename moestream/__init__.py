@@ -22,7 +22,7 @@ def load(path, memory_budget=None, experts_per_token=None, dtype=None, io_mode="
     cache reserve and read buffers (None: no limit). dtype None computes in float32 on the CPU and
     in the source dtype on GPUs. Returns (model, tokenizer) for mlx-lm's generate/stream_generate.
     read_into: "arrays" reads experts straight into MLX memory (no copy), "host" into host buffers
-    then copies (for comparison). stage_on_device (None: on GPUs) moves each read expert into
+    then copies (for comparison). stage_on_device (None: on CUDA) moves each read expert into
     GPU-made memory in the I/O thread, off the layer's critical path.
     """
     from .runtime.load import load as _load

@@ -20,6 +20,7 @@ from .cache import ExpertCache
 from .policies import configure_policy
 from .policies import make_policy as make_cache_policy
 from .reader import ALIGN, ExtentReader
+from .staging import mlx_uses_cuda
 from .stores import BundleStore, CheckpointStore
 from .streaming import ExpertStreamer, StreamingSwitchGLU
 
@@ -53,9 +54,11 @@ def _resolve_dtype(dtype) -> mx.Dtype | None:
 
 
 def _stage_default(stage_on_device: bool | None) -> bool:
-    """None: stage on GPUs (where host-written memory is migrated on first use), not on the CPU."""
+    """None: stage on CUDA, whose host-made arrays are managed memory the GPU would migrate on
+    first use; not on the CPU, nor on Apple silicon, where an array read into is already the
+    memory the GPU computes from."""
     if stage_on_device is None:
-        return mx.default_device() != mx.cpu
+        return mx.default_device() != mx.cpu and mlx_uses_cuda()
     return bool(stage_on_device)
 
 

@@ -47,7 +47,7 @@ class CudaAdvice:
         if os.environ.get("MOESTREAM_CUDA_ADVICE", "1") == "0":
             self.why = "disabled by MOESTREAM_CUDA_ADVICE=0"
             return
-        if not _mlx_uses_cuda():
+        if not mlx_uses_cuda():
             self.why = "MLX is not running on CUDA"
             return
         lib = _load_cudart()
@@ -85,7 +85,7 @@ class CudaAdvice:
         return True
 
 
-def _mlx_uses_cuda() -> bool:
+def mlx_uses_cuda() -> bool:
     try:
         return bool(mx.cuda.is_available())
     except AttributeError:
