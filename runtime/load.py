@@ -238,6 +238,7 @@ def stats(model) -> dict:
         "peak_memory_bytes": mx.get_peak_memory(),
         "moe_calls": rt.streamer.calls,
         "route_sync_s": rt.streamer.sync_s,
+        "attention_s": rt.streamer.attention_s,
         "expert_fetch_s": rt.streamer.fetch_s,
         "expert_compute_s": rt.streamer.compute_s,
         **rt.streamer.prefetch_stats(),
@@ -250,7 +251,7 @@ def reset_stats(model) -> None:
     rt.reader.reset_stats()
     if hasattr(rt.cache, "reset_stats"):
         rt.cache.reset_stats()
-    rt.streamer.sync_s = rt.streamer.fetch_s = rt.streamer.compute_s = 0.0
+    rt.streamer.sync_s = rt.streamer.fetch_s = rt.streamer.compute_s = rt.streamer.attention_s = 0.0
     rt.streamer.calls = 0
 
 

@@ -32,6 +32,10 @@ class ExpertStreamer:
         self.whole: dict[int, tuple[dict[str, mx.array], dict[str, ProjectionQuant]]] = {}
         # wall time per phase, summed over layers and calls (host clocks: each phase ends in a sync)
         self.sync_s = 0.0  # waiting for the router's indices (the host sync; includes attention compute)
+        # split_phases: sync on the MoE input first, so attention (everything before the block's
+        # input) and routing are timed apart; a second host sync per layer, for benchmarks only
+        self.split_phases = False
+        self.attention_s = 0.0
         self.fetch_s = 0.0  # cache lookups + reading missed experts + turning bytes into arrays
         self.compute_s = 0.0  # the expert matmuls of the routed experts
         self.calls = 0
@@ -223,6 +227,11 @@ class StreamingSwitchGLU(nn.Module):
         x = mx.expand_dims(x, (-2, -3))
         indices = mx.stop_gradient(indices)
         t0 = time.perf_counter()
+        if self.streamer.split_phases:
+            mx.eval(x)
+            t1 = time.perf_counter()
+            self.streamer.attention_s += t1 - t0
+            t0 = t1
         routed = np.array(indices)  # the one host sync per layer: which experts to fetch
         self.streamer.sync_s += time.perf_counter() - t0
         self.streamer.calls += 1

@@ -26,6 +26,9 @@ def test_bench_cli_reports_ceiling_roofline_and_comparisons(tmp_path, bundle_dir
     assert r["ceiling"]["threads"] == r["settings"]["io_threads"] and len(r["ceiling_trials"]) == 4
     assert r["ceiling"]["gb_per_s"] == max(t["gb_per_s"] for t in r["ceiling_trials"])
     assert r["host_warm"]["bytes_read"] == r["warm"]["bytes_read"], "same reads, only where they land differs"
+    phases = r["phases"]["per_layer_ms"]
+    assert {"attention (all before the MoE input)", "routing (router, top-k, host sync)", "expert compute"} <= set(phases)
+    assert all(v > 0 for v in phases.values()) and "route_sync (attention + router, host sync)" in r["warm"]["per_layer_ms"]
     assert plot.stat().st_size > 0
     text = capsys.readouterr().out
     assert "roof" in text and "ceiling" in text
