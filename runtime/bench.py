@@ -139,9 +139,9 @@ def print_report(r: dict) -> None:
     timed = r.get("phases", r["warm"])
     print(f"\n== per MoE layer, per call ({'warm pass with attention and routing timed apart' if 'phases' in r else 'warm'}) ==")
     for k, v in timed["per_layer_ms"].items():
-        print(f"  {k:<50}{v:8.2f} ms")
+        print(f"  {k:<58}{v:8.2f} ms")
     for k, v in timed.get("per_token_ms", {}).items():
-        print(f"  {'per token, ' + k:<50}{v:8.2f} ms")
+        print(f"  {'per token, ' + k:<58}{v:8.2f} ms")
     s = r["warm"]["scaled"]
     print(f"\nSCALED to {s['layers_scaled_to']} layers (not measured): {s['tokens_per_s_scaled']:.2f} tok/s warm, "
           f"{r['cold']['scaled']['tokens_per_s_scaled']:.2f} tok/s cold")
