@@ -10,7 +10,11 @@ cache would silently hold the model (the memory budget would lie). So:
   a fresh 7 MB mapping costs ~1700 page faults plus zeroing, which on the 2-core VM here capped
   warm reads at ~1 GB/s against ~11 GB/s into a reused buffer;
 - extents of one file that sit next to each other (the bundle places experts that fire together
-  side by side) are coalesced into one larger read.
+  side by side) are coalesced into one larger read;
+- a batch with extents larger than a fair share (one layer's few 7 MB experts on 8 threads) is cut
+  into one equal share per thread, so that all threads read until the batch is done;
+- a caller may hand in its own memory (`into`): the bytes then go straight there (scatter reads, the
+  padding between coalesced extents read into scratch), so expert bytes are never copied.
 
 Requests may start anywhere (e.g. inside a safetensors file): in direct mode the reader reads the
 4096-aligned superset and hands back a memoryview of exactly the requested bytes.
