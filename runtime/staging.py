@@ -42,15 +42,17 @@ class CudaAdvice:
     """`cudaMemAdvise` through ctypes, from the CUDA runtime MLX itself loaded; `available` is
     False (and `why` says why) when there is none or it refuses."""
 
-    def __init__(self):
+    def __init__(self, lib=None):
+        """lib: the CUDA runtime (default: found as MLX loaded it, when MLX runs on CUDA)."""
         self.available, self.why, self._lib, self._struct = False, "", None, True
         if os.environ.get("MOESTREAM_CUDA_ADVICE", "1") == "0":
             self.why = "disabled by MOESTREAM_CUDA_ADVICE=0"
             return
-        if not mlx_uses_cuda():
-            self.why = "MLX is not running on CUDA"
-            return
-        lib = _load_cudart()
+        if lib is None:
+            if not mlx_uses_cuda():
+                self.why = "MLX is not running on CUDA"
+                return
+            lib = _load_cudart()
         if lib is None:
             self.why = "libcudart not found"
             return
