@@ -122,6 +122,13 @@ def cuda_advice() -> CudaAdvice:
         return _advice
 
 
+def host_bytes(n: int) -> mx.array:
+    """A lazy uint8 MLX array of n bytes, made on the CPU stream (host-writable memory; managed
+    memory on CUDA). Zero-filled as uint32 words: twice as fast as byte by byte, and MLX has no
+    uninitialised arrays."""
+    return mx.view(mx.zeros((-(-n // 4),), mx.uint32, stream=mx.cpu), mx.uint8, stream=mx.cpu)
+
+
 class StagingPool:
     """Reusable host-writable MLX uint8 arrays for reads that are copied to the device.
 
@@ -148,7 +155,7 @@ class StagingPool:
                 return slot, memoryview(slot[1])[:n]
             self.allocations += 1
         size = -(-n // ALIGN) * ALIGN
-        raw = mx.zeros((size + ALIGN,), mx.uint8, stream=mx.cpu)  # host-made: managed memory on CUDA
+        raw = host_bytes(size + ALIGN)  # host-made: managed memory on CUDA
         mx.eval(raw)
         host = np.array(raw, copy=False)
         skip = -host.ctypes.data % ALIGN

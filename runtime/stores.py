@@ -19,7 +19,7 @@ from ..manifests.checkpoint import SourceCheckpoint, finish_slice
 from ..manifests.open import Bundle
 from ..manifests.tensors import DTYPES
 from .reader import ALIGN, DEFAULT_POOL_BYTES, ExtentReader, ReadRequest
-from .staging import StagingPool
+from .staging import StagingPool, host_bytes
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ class BundleStore:
         def into(needs: list[tuple[int, int]]) -> list[memoryview]:
             # made on the CPU stream (host-writable memory), one eval for the whole batch; ALIGN
             # spare bytes so that an aligned start exists for O_DIRECT
-            arrays = [mx.zeros((n + ALIGN,), mx.uint8, stream=mx.cpu) for _, n in needs]
+            arrays = [host_bytes(n + ALIGN) for _, n in needs]
             mx.eval(arrays)
             views = []
             for (i, n), a in zip(needs, arrays, strict=True):
