@@ -119,7 +119,7 @@ def _as_repo_id(source: str | Path, local: Path) -> str:
     try:
         validate_repo_id(source)
     except HFValidationError as err:
-        raise HubError(f"{source}: no such folder, and not a Hugging Face repo id ({_one_line(str(err))})") from None
+        raise HubError(f"{source}: no such folder, and not a Hugging Face repo id ({one_line(str(err))})") from None
     return source
 
 
@@ -156,7 +156,7 @@ def _download_snapshot(repo_id, revision, *, patterns, cache_dir, token, force_d
             force_download=force_download, tqdm_class=None if progress else _NoProgressBars,
         )
     except (OSError, httpx2.HTTPError) as err:  # HfHubHTTPError and LocalEntryNotFound are OSErrors
-        raise HubError(_redact(_explain(err, repo_id, revision, cache_dir), token)) from None
+        raise HubError(redact(_explain(err, repo_id, revision, cache_dir), token)) from None
     return Path(path)
 
 
@@ -242,33 +242,41 @@ def _explain(err: Exception, repo_id: str, revision: str | None, cache_dir) -> s
     offline = constants.is_offline_mode()
     if isinstance(err, IncompleteSnapshotError):
         return (f"the cached copy of {name} in {cache} is incomplete and the Hub cannot be reached"
-                f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: {_one_line(str(err))}")
+                f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: {one_line(str(err))}")
     if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
         if offline:
             return (f"HF_HUB_OFFLINE is set and {name} is not in the cache at {cache}; unset HF_HUB_OFFLINE to "
                     "download it, or point HF_HUB_CACHE at a cache that has it")
-        return f"could not reach the Hub ({constants.ENDPOINT}) to fetch {name}, and it is not in the cache at {cache}: {_root_cause(err)}"
+        return f"could not reach the Hub ({constants.ENDPOINT}) to fetch {name}, and it is not in the cache at {cache}: {root_cause(err)}"
     if isinstance(err, HfHubHTTPError):
-        return f"the Hub returned HTTP {status} while fetching {name}: {_one_line(str(err))}; try again later"
+        return f"the Hub returned HTTP {status} while fetching {name}: {one_line(str(err))}; try again later"
     if isinstance(err, (httpx2.HTTPError, ConnectionError)):
-        return f"network error while fetching {name} from {constants.ENDPOINT}: {type(err).__name__}: {_one_line(str(err))}"
-    return f"could not fetch {name} into {cache}: {type(err).__name__}: {_one_line(str(err))}"
+        return f"network error while fetching {name} from {constants.ENDPOINT}: {type(err).__name__}: {one_line(str(err))}"
+    return f"could not fetch {name} into {cache}: {type(err).__name__}: {one_line(str(err))}"
 
 
-def _root_cause(err: BaseException) -> str:
+def root_cause(err: BaseException) -> str:
+    """The innermost cause, in one line: huggingface_hub wraps a network error in an error whose own
+    text is a paragraph of advice; the innermost cause is the useful part ("connection refused", ...)."""
     while err.__cause__ is not None:
         err = err.__cause__
-    return f"{type(err).__name__}: {_one_line(str(err))}"
+    return f"{type(err).__name__}: {one_line(str(err))}"
 
 
-def _one_line(text: str, limit: int = 300) -> str:
+def one_line(text: str, limit: int = 300) -> str:
+    """The first non-blank line of an error text, at most `limit` characters."""
     line = next((part.strip() for part in text.splitlines() if part.strip()), "")
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def _redact(message: str, token: str | bool | None) -> str:
+def redact(message: str, token: str | bool | None) -> str:
+    """Never let a token reach a log or a terminal, whatever the upstream error text holds."""
     secrets = {token if isinstance(token, str) else None, os.environ.get("HF_TOKEN"),
                os.environ.get("HUGGING_FACE_HUB_TOKEN")}
+    try:
+        secrets.add(huggingface_hub.get_token())
+    except Exception:  # an unreadable token file must not hide the real error
+        pass
     for secret in secrets:
         if secret and len(secret) >= 4:
             message = message.replace(secret, "***")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +33,8 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
+
+from ..runtime.hub import one_line, redact, root_cause
 
 # What a checkpoint needs to be profiled, quantized and run: config, weights, tokenizer, chat
 # template. Image/audio processor configs are left out on purpose (text models only).
@@ -151,7 +152,7 @@ def _repo_id_problem(repo_id: str) -> str | None:
     try:
         validate_repo_id(repo_id)  # the Hub client's own rules, so we never drift from them
     except HFValidationError as err:
-        return _one_line(str(err))
+        return one_line(str(err))
     return None
 
 
@@ -184,7 +185,7 @@ def _download(repo_id, *, revision, cache_dir, allow_patterns, ignore_patterns, 
         )
     except (OSError, httpx2.HTTPError) as err:  # HfHubHTTPError and LocalEntryNotFound are OSErrors
         message = _explain(err, repo_id=repo_id, revision=revision, cache_dir=cache_dir)
-        raise FetchError(_redact(message, token)) from err
+        raise FetchError(redact(message, token)) from err
     return Path(snapshot)
 
 
@@ -239,18 +240,18 @@ def _explain_unreachable(err: Exception, at: _Attempt) -> str | None:
     if isinstance(err, IncompleteSnapshotError):  # before LocalEntryNotFoundError: a subclass
         offline = " (HF_HUB_OFFLINE is set)" if constants.is_offline_mode() else ""
         return (f"the cached snapshot of {at.name} in {at.cache} is incomplete and the Hub "
-                f"cannot be reached{offline}: {_one_line(str(err))}")
+                f"cannot be reached{offline}: {one_line(str(err))}")
     if not isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
         return None
     if constants.is_offline_mode():
         return (f"HF_HUB_OFFLINE is set and {at.name} is not in the cache at {at.cache}; unset "
                 "HF_HUB_OFFLINE to download it, or point HF_HUB_CACHE at a cache that has it")
     return (f"could not reach the Hub ({constants.ENDPOINT}) to fetch {at.name}, and it is not "
-            f"in the cache at {at.cache}: {_root_cause(err)}")
+            f"in the cache at {at.cache}: {root_cause(err)}")
 
 
 def _explain_other(err: Exception, at: _Attempt) -> str:
-    detail = _one_line(str(err))
+    detail = one_line(str(err))
     if isinstance(err, HfHubHTTPError):
         return f"the Hub returned HTTP {_status(err)} while fetching {at.name}: {detail}"
     if isinstance(err, (httpx2.HTTPError, ConnectionError)):
@@ -264,27 +265,10 @@ def _status(err: HfHubHTTPError) -> int | None:
     return getattr(response, "status_code", None)
 
 
-def _root_cause(err: BaseException) -> str:
-    # huggingface_hub wraps the network error in a LocalEntryNotFoundError whose own text is a
-    # paragraph of advice; the innermost cause is the useful part ("connection refused", ...).
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return f"{type(err).__name__}: {_one_line(str(err))}"
 
 
-def _one_line(text: str, limit: int = 300) -> str:
-    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def _redact(message: str, token: str | bool | None) -> str:
-    """Never let a token reach a log or a terminal, whatever the upstream error text holds."""
-    secrets = {token if isinstance(token, str) else None,
-               os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")}
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            message = message.replace(secret, "***")
-    return message
 
 
 # --- validation ----------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from ..manifests.bundle import BUNDLE_JSON, BundleError
 from ..manifests.open import Bundle, open_bundle
+from ..runtime.hub import one_line, redact
 from .card import BENCH_FILE, PROFILE_DIR, QUALITY_FILE, CardError, check_card, fmt_size, render_card
 
 CARD_FILE = "README.md"
@@ -103,7 +104,7 @@ def check_repo_id(repo_id: str) -> str:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
-        raise PublishError(f"{repo_id!r} is not a valid Hub repo id: {_one_line(str(err))}") from None
+        raise PublishError(f"{repo_id!r} is not a valid Hub repo id: {one_line(str(err))}") from None
     return repo_id
 
 
@@ -227,7 +228,7 @@ def commit_plan(plan: PublishPlan, *, private: bool = False, create_pr: bool = F
         if where:  # e.g. "Error while uploading 'experts/layer_001.bin' to the Hub."
             step = f"{step}: {where}"
         # `from None`: the chained upstream error could echo whatever the server said
-        raise PublishError(_redact(_explain(cause, repo_id=repo_id, step=step, revision=revision),
+        raise PublishError(redact(_explain(cause, repo_id=repo_id, step=step, revision=revision),
                                    token)) from None
     return PublishResult(
         repo_id=repo_id, url=f"{constants.ENDPOINT}/{repo_id}", revision=revision or constants.DEFAULT_REVISION,
@@ -329,10 +330,10 @@ def _explain(err: Exception, *, repo_id: str, step: str, revision: str | None) -
         return f"the Hub returned HTTP {status} while {step} for {repo_id}: {detail}; {nothing}"
     if isinstance(err, (httpx2.HTTPError, ConnectionError)):
         return (f"could not reach the Hub ({constants.ENDPOINT}) while {step}: {type(err).__name__}: "
-                f"{_one_line(str(err))}; check the network and run again ({nothing})")
+                f"{one_line(str(err))}; check the network and run again ({nothing})")
     if isinstance(err, ValueError):  # e.g. the Hub rejected the card's YAML, or an LFS object
-        return f"the Hub rejected the upload while {step} for {repo_id}: {_one_line(str(err))}; {nothing}"
-    return f"publishing to {repo_id} failed while {step}: {type(err).__name__}: {_one_line(str(err))}; {nothing}"
+        return f"the Hub rejected the upload while {step} for {repo_id}: {one_line(str(err))}; {nothing}"
+    return f"publishing to {repo_id} failed while {step}: {type(err).__name__}: {one_line(str(err))}; {nothing}"
 
 
 def _unwrap(err: BaseException) -> tuple[BaseException, str | None]:
@@ -342,7 +343,7 @@ def _unwrap(err: BaseException) -> tuple[BaseException, str | None]:
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         if isinstance(err, (HfHubHTTPError, httpx2.HTTPError, OSError)):
-            return err, (_one_line(str(outer)).rstrip(".") if outer is not err else None)
+            return err, (one_line(str(outer)).rstrip(".") if outer is not err else None)
         err = err.__cause__ or err.__context__
     return outer, None
 
@@ -358,13 +359,10 @@ def _server_message(err: Exception) -> str:
     if response is not None:
         message = response.headers.get("X-Error-Message")
         if message:
-            return _one_line(message)
-    return _one_line(str(err))
+            return one_line(message)
+    return one_line(str(err))
 
 
-def _one_line(text: str, limit: int = 300) -> str:
-    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _token_source(token: str | bool | None) -> str:
@@ -379,16 +377,3 @@ def _token_source(token: str | bool | None) -> str:
         return "the stored login (hf auth login)"
     return "no token found (a real run needs `hf auth login` or HF_TOKEN)"
 
-
-def _redact(message: str, token: str | bool | None) -> str:
-    """Never let a token reach a log or a terminal, whatever the upstream error text holds."""
-    secrets = {token if isinstance(token, str) else None, os.environ.get("HF_TOKEN"),
-               os.environ.get("HUGGING_FACE_HUB_TOKEN")}
-    try:
-        secrets.add(huggingface_hub.get_token())
-    except Exception:  # an unreadable token file must not hide the real error
-        pass
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            message = message.replace(secret, "***")
-    return message
