@@ -28,7 +28,6 @@ Figures are printed, never asserted: the machine is shared and noisy; ratios com
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime as dt
 import json
 import os
@@ -40,55 +39,14 @@ import threading
 import time
 from pathlib import Path
 
+from moestream.runtime.iobench import evict_page_cache, page_cache_bytes
+
 CHILD_TAG = "BENCH_CHILD_JSON "
 TARGET_WALL, TARGET_RSS = 1.2, 0.5  # the issue's targets: prepare / convert
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 # ---------------------------------------------------------------- page cache
-
-
-def evict(paths: list[Path]) -> None:
-    """Drop the files' pages from the page cache (after writing back any dirty ones)."""
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def cached_bytes(paths: list[Path]) -> int | None:
-    """Bytes of these files resident in the page cache (mincore), None where it can't tell."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    except (OSError, AttributeError):
-        return None
-    total = 0
-    for p in paths:
-        size = p.stat().st_size
-        if size == 0:
-            continue
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            addr = libc.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
-            if addr in (None, ctypes.c_void_p(-1).value):
-                return None
-            pages = -(-size // PAGE)
-            vec = (ctypes.c_ubyte * pages)()
-            rc = libc.mincore(addr, size, vec)
-            libc.munmap(addr, size)
-            if rc != 0:
-                return None
-            total += sum(b & 1 for b in vec) * PAGE
-        finally:
-            os.close(fd)
-    return total
 
 
 def files_under(folder: Path) -> list[Path]:
@@ -469,8 +427,8 @@ def main() -> int:
             for stale in (out, out.parent / f".{out.name}.partial", out.parent / f".{out.name}.old"):
                 shutil.rmtree(stale, ignore_errors=True)
             os.sync()
-            evict(inputs)
-            before = cached_bytes(inputs)
+            evict_page_cache(inputs)
+            before = page_cache_bytes(inputs)
             r = run_measured(commands[job](out), work / f"{job}-{rnd}.log", env)
             r["round"] = rnd
             r["inputs_cached_before_bytes"] = before

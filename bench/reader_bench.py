@@ -20,6 +20,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from moestream.runtime.iobench import evict_page_cache
 from moestream.runtime.reader import ExtentReader, ReadRequest
 
 STRIDE_ALIGN = 16 * 1024
@@ -35,14 +36,6 @@ def write_file(path: str, size: int) -> None:
         os.fsync(f.fileno())
 
 
-def evict(path: str) -> None:
-    """Drop the file's pages from the page cache: the next buffered read is cold."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def page_cache_bytes() -> int:
@@ -118,7 +111,7 @@ def main() -> None:
             cells = []
             for t in threads:
                 io = "direct" if mode == "direct" else "buffered"
-                evict(args.path)
+                evict_page_cache([args.path])
                 if mode == "buffered-warm":
                     one_pass(io, t, reqs, args.batch, seed=t + 1)  # fill the page cache
                 if mode == "raw-direct":
@@ -129,7 +122,7 @@ def main() -> None:
                              f"{s['cache_growth_mb']:6.0f})")
             print(f"{mode:<15}" + "".join(cells), flush=True)
     finally:
-        evict(args.path)
+        evict_page_cache([args.path])
         if not args.keep:
             os.unlink(args.path)
 

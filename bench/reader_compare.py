@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import random
 import subprocess
 import sys
@@ -21,10 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from reader_bench import STRIDE_ALIGN, write_file  # same folder: the 7 MB-extent file both benches read
+
 from moestream.runtime import reader as current
 from moestream.runtime.iobench import read_ceiling
-
-STRIDE_ALIGN = 16 * 1024
 
 
 def reader_at(rev: str):
@@ -41,15 +40,6 @@ def reader_at(rev: str):
     return module
 
 
-def write_file(path: str, size: int) -> None:
-    if os.path.exists(path) and os.path.getsize(path) >= size:
-        return
-    block = os.urandom(64 << 20)
-    with open(path, "wb") as f:
-        for done in range(0, size, len(block)):
-            f.write(block[: size - done])
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def batches(path: str, size: int, extent: int, batch: int, count: int, seed: int) -> list[list[tuple]]:

@@ -32,7 +32,6 @@ Figures are printed, never asserted: the machine is shared and noisy; ratios com
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import os
@@ -43,57 +42,14 @@ import sys
 import time
 from pathlib import Path
 
+from moestream.runtime.iobench import evict_page_cache, page_cache_bytes
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 IOBENCH = Path("/work/shared/tools/iobench.py")
 PROMPT = "Write a haiku about streaming experts from disk."
 CACHE_SHARE = 0.25
 TARGET_DECODE = 0.9
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-# ---------------------------------------------------------------- page cache
-
-
-def evict(paths: list[Path]) -> None:
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def cached_bytes(paths: list[Path]) -> int | None:
-    """Bytes of these files in the page cache (mincore); None where it can't tell."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    except (OSError, AttributeError):
-        return None
-    total = 0
-    for p in paths:
-        size = p.stat().st_size
-        if not size:
-            continue
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            addr = libc.mmap(None, size, 1, 1, fd, 0)
-            if addr in (None, ctypes.c_void_p(-1).value):
-                return None
-            vec = (ctypes.c_ubyte * -(-size // PAGE))()
-            rc = libc.mincore(addr, size, vec)
-            libc.munmap(addr, size)
-            if rc:
-                return None
-            total += sum(b & 1 for b in vec) * PAGE
-        finally:
-            os.close(fd)
-    return total
 
 
 # ---------------------------------------------------------------- inputs
@@ -486,13 +442,13 @@ def main() -> int:
     # ---- 3. 25% budget, cold, direct and buffered
     budget_runs = {}
     for mode in ("direct", "buffered"):
-        evict(expert_files)
-        before = cached_bytes(expert_files)
+        evict_page_cache(expert_files)
+        before = page_cache_bytes(expert_files)
         mx.reset_peak_memory()  # get_peak_memory is process-wide: count this run only
         model, tok = load_streaming(bundle, memory_budget=budget, io_mode=mode)
         r = run_streaming(model, tok, format_prompt(tok, args.prompt), args.max_tokens)
         r["expert_files_cached_before"] = before
-        r["expert_files_cached_after"] = cached_bytes(expert_files)
+        r["expert_files_cached_after"] = page_cache_bytes(expert_files)
         r["threads"] = model._moestream.reader.threads
         budget_runs[mode] = r
         print(f"  budget {mode}: {r['tokens_per_s']:.2f} tok/s, decode hit rate {r['decode']['hit_rate']:.1%}", flush=True)

@@ -4,6 +4,7 @@ files) at the read size and thread count the runtime actually uses."""
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import random
@@ -51,10 +52,44 @@ def read_ceiling(paths: list[Path], chunk: int, threads: int, seconds: float = 3
 
 
 def evict_page_cache(paths: list[Path]) -> None:
-    """Drop the files' cached pages (cold-start runs of buffered mode)."""
+    """Drop the files' cached pages (cold-start runs), after writing back any dirty ones (the
+    kernel keeps dirty pages whatever it is advised)."""
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
+            os.fsync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def page_cache_bytes(paths: list[Path]) -> int | None:
+    """Bytes of these files resident in the page cache (mincore), None where it can't tell."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    except (OSError, AttributeError):
+        return None
+    total = 0
+    for p in paths:
+        size = Path(p).stat().st_size
+        if size == 0:
+            continue
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            addr = libc.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
+            if addr in (None, ctypes.c_void_p(-1).value):
+                return None
+            vec = (ctypes.c_ubyte * -(-size // page))()
+            rc = libc.mincore(addr, size, vec)
+            libc.munmap(addr, size)
+            if rc != 0:
+                return None
+            total += sum(b & 1 for b in vec) * page
+        finally:
+            os.close(fd)
+    return total

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from moestream.cli import main
 
 
@@ -42,3 +44,20 @@ def test_bench_io_only_replays_a_trace(tmp_path, synth_dir, bundle_dir, capsys):
                  "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["ceiling"]["gb_per_s"] > 0 and r["rows"][0]["bytes_read"] > 0
+
+
+def test_page_cache_residency_and_eviction(tmp_path):
+    from moestream.runtime.iobench import evict_page_cache, page_cache_bytes
+
+    f = tmp_path / "cached.bin"
+    f.write_bytes(b"x" * (1 << 20))
+    f.read_bytes()
+    before = page_cache_bytes([f])
+    if before is None:
+        pytest.skip("mincore is not available here")
+    assert before == 1 << 20, "a file just written and read is resident"
+    evict_page_cache([f])
+    after = page_cache_bytes([f])
+    if after == before:
+        pytest.skip(f"{tmp_path} cannot drop cached pages (tmpfs?)")
+    assert after < before
