@@ -271,7 +271,7 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
     _, report["warmup_s"] = _timed(decode, model, prompt, 4)
     del model
 
-    def cold_and_warm(name: str, **kw) -> None:
+    def cold_and_warm(name: str, phases: bool = False, **kw) -> None:
         from . import staging
 
         if kw.pop("_no_cuda_advice", False):
@@ -285,18 +285,17 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
         report[f"{name}cold"] = decode(model, prompt, gen_tokens)
         report[f"{name}warm"] = decode(model, prompt, gen_tokens)
         report[f"{name}settings"] = _settings(model)
+        if phases:
+            # one more warm pass, with attention and routing timed apart: apart from the figures
+            # above, because the extra host sync per layer that separates them is not part of
+            # the runtime's own decode
+            model._moestream.streamer.split_phases = True
+            report["phases"] = decode(model, prompt, gen_tokens)
         if kw.get("prefetch"):
             s = moestream.stats(model)
             report["prefetch_stats"] = {k: s[k] for k in ("prefetch_issued", "prefetch_used", "prefetch_wasted")}
 
-    cold_and_warm("")
-    # per-layer phases with attention and routing timed apart: a separate warm pass, because the
-    # extra host sync per layer that separates them is not part of the runtime's own decode
-    model, _ = moestream.load(bundle_path, memory_budget=budget, **base)
-    decode(model, prompt, gen_tokens)
-    model._moestream.streamer.split_phases = True
-    report["phases"] = decode(model, prompt, gen_tokens)
-    del model
+    cold_and_warm("", phases=True)
     # The ceiling: the disk's best at the runtime's thread count, for reads of the bundle's extent
     # size and of the size the runtime actually issued (it splits a batch across its threads), the
     # best of two trials each: the lent machines' disks vary by tens of percent from one second to
