@@ -24,7 +24,7 @@ import threading
 import mlx.core as mx
 import numpy as np
 
-ALIGN = 4096
+from .reader import ALIGN
 
 # cudaMemoryAdvise and cudaMemLocationType values (cuda_runtime_api.h / driver_types.h)
 _ADVISE_SET_PREFERRED_LOCATION = 3
@@ -122,11 +122,27 @@ def cuda_advice() -> CudaAdvice:
         return _advice
 
 
-def host_bytes(n: int) -> mx.array:
-    """A lazy uint8 MLX array of n bytes, made on the CPU stream (host-writable memory; managed
-    memory on CUDA). Zero-filled as uint32 words: twice as fast as byte by byte, and MLX has no
+def host_buffers(sizes: list[int]) -> list[tuple[mx.array, np.ndarray]]:
+    """One read target per size: (a uint8 MLX array made on the CPU stream, i.e. host-writable
+    memory, managed memory on CUDA; the ALIGN-aligned numpy view of `size` bytes of it). One eval
+    for the batch. Zero-filled as uint32 words, twice as fast as byte by byte: MLX has no
     uninitialised arrays."""
-    return mx.view(mx.zeros((-(-n // 4),), mx.uint32, stream=mx.cpu), mx.uint8, stream=mx.cpu)
+    raws = [mx.view(mx.zeros((-(-(n + ALIGN) // 4),), mx.uint32, stream=mx.cpu), mx.uint8, stream=mx.cpu)
+            for n in sizes]
+    mx.eval(raws)
+    out = []
+    for n, raw in zip(sizes, raws, strict=True):
+        host = np.array(raw, copy=False)
+        skip = -host.ctypes.data % ALIGN
+        out.append((raw, host[skip : skip + n]))
+    return out
+
+
+def bytes_at(target: tuple[mx.array, np.ndarray], view, nbytes: int) -> mx.array:
+    """The bytes of `view` (a slice of the target's memory) as a lazy uint8 MLX slice of it."""
+    raw, _ = target
+    start = np.frombuffer(view, dtype=np.uint8).ctypes.data - np.array(raw, copy=False).ctypes.data
+    return raw[start : start + nbytes]
 
 
 class StagingPool:
@@ -155,25 +171,13 @@ class StagingPool:
                 return slot, memoryview(slot[1])[:n]
             self.allocations += 1
         size = -(-n // ALIGN) * ALIGN
-        raw = host_bytes(size + ALIGN)  # host-made: managed memory on CUDA
-        mx.eval(raw)
-        host = np.array(raw, copy=False)
-        skip = -host.ctypes.data % ALIGN
-        aligned = host[skip : skip + size]
-        if cuda_advice().host_resident(aligned.ctypes.data, size):
+        slot = host_buffers([size])[0]
+        if cuda_advice().host_resident(slot[1].ctypes.data, size):
             self.advised += 1
-        slot = (raw, aligned)
-        return slot, memoryview(aligned)[:n]
+        return slot, memoryview(slot[1])[:n]
 
     def give(self, slot) -> None:
         with self._lock:
             if self._idle + slot[1].nbytes <= self.max_idle_bytes:
                 self._free.append(slot)
                 self._idle += slot[1].nbytes
-
-    @staticmethod
-    def array_at(slot, view: memoryview, nbytes: int) -> mx.array:
-        """The bytes of `view` (a slice of the slot's memory) as a lazy uint8 MLX slice of the slot."""
-        raw, _ = slot
-        start = np.frombuffer(view, dtype=np.uint8).ctypes.data - np.array(raw, copy=False).ctypes.data
-        return raw[start : start + nbytes]

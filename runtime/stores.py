@@ -18,8 +18,8 @@ from ..manifests.bundle import ExpertExtent, TensorEntry, extent_views, unpack_e
 from ..manifests.checkpoint import SourceCheckpoint, finish_slice
 from ..manifests.open import Bundle
 from ..manifests.tensors import DTYPES
-from .reader import ALIGN, DEFAULT_POOL_BYTES, ExtentReader, ReadRequest
-from .staging import StagingPool, host_bytes
+from .reader import DEFAULT_POOL_BYTES, ExtentReader, ReadRequest
+from .staging import StagingPool, bytes_at, host_buffers
 
 
 @dataclass(frozen=True)
@@ -107,26 +107,17 @@ class BundleStore:
 
     def _read_arrays(self, extents, requests) -> dict[int, dict[str, mx.array]]:
         """Straight into one fresh MLX array per extent; the tensors are views of it."""
-        targets: dict[int, tuple[mx.array, int]] = {}  # request index -> (its array, address of its memory)
+        targets: dict[int, tuple[mx.array, np.ndarray]] = {}  # request index -> its target
 
         def into(needs: list[tuple[int, int]]) -> list[memoryview]:
-            # made on the CPU stream (host-writable memory), one eval for the whole batch; ALIGN
-            # spare bytes so that an aligned start exists for O_DIRECT
-            arrays = [host_bytes(n + ALIGN) for _, n in needs]
-            mx.eval(arrays)
-            views = []
-            for (i, n), a in zip(needs, arrays, strict=True):
-                host = np.array(a, copy=False)
-                skip = -host.ctypes.data % ALIGN
-                targets[i] = (a, host.ctypes.data)
-                views.append(memoryview(host)[skip : skip + n])
-            return views
+            for (i, _), target in zip(needs, host_buffers([n for _, n in needs]), strict=True):
+                targets[i] = target
+            return [memoryview(targets[i][1]) for i, _ in needs]
 
         def convert(i: int, buf) -> dict[str, mx.array]:  # runs in the I/O thread that finished it
-            data, address = targets.pop(i)
-            start = np.frombuffer(buf, dtype=np.uint8).ctypes.data - address
+            x = extents[i]
             with mx.stream(mx.cpu):  # views only: no data moves
-                arrays = extent_views(data, start, extents[i].tensors)
+                arrays = extent_views(bytes_at(targets.pop(i), buf, x.nbytes), 0, x.tensors)
             return self._finish(arrays)
 
         arrays = self.reader.read(requests, convert, into)
@@ -147,7 +138,7 @@ class BundleStore:
         def convert(i: int, buf) -> dict[str, mx.array]:
             x, slot = extents[i], slots.pop(i)
             try:
-                staged = StagingPool.array_at(slot, buf, x.nbytes) + mx.array(0, mx.uint8)  # the copy
+                staged = bytes_at(slot, buf, x.nbytes) + mx.array(0, mx.uint8)  # the copy
                 mx.eval(staged)
             finally:
                 self.staging.give(slot)

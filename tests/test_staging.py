@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moestream.runtime.staging import CudaAdvice, StagingPool
+from moestream.runtime.staging import CudaAdvice, StagingPool, bytes_at
 
 
 class FakeCudart:
@@ -63,7 +63,7 @@ def test_staging_slots_are_aligned_writable_and_reused():
     assert len(view) == 10_000 and not view.readonly
     assert np.frombuffer(view, dtype=np.uint8).ctypes.data % 4096 == 0
     view[:4] = b"abcd"
-    assert bytes(np.array(StagingPool.array_at(slot, view[:4], 4))) == b"abcd"  # the MLX array sees the write
+    assert bytes(np.array(bytes_at(slot, view[:4], 4))) == b"abcd"  # the MLX array sees the write
     pool.give(slot)
     again, _ = pool.take(9_000)  # fits the idle slot: no new allocation
     assert again is slot and pool.allocations == 1
