@@ -165,25 +165,26 @@ def write_tokenizer(folder: Path) -> TokenizerInfo:
     tok = build_tokenizer()
     (folder / "tokenizer.json").write_text(tok.to_str(pretty=True), encoding="utf-8")
     info = TokenizerInfo.from_tokenizer(tok)
-    config = _tokenizer_config(tok)
+    config = tokenizer_config(tok)
     (folder / "tokenizer_config.json").write_text(
         json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )
     return info
 
 
-def _tokenizer_config(tok: Tokenizer) -> dict:
-    # Like Qwen's tokenizer_config.json, but with the generic fast-tokenizer class: the
-    # tokenizer is fully described by tokenizer.json (there is no vocab.json/merges.txt).
+def tokenizer_config(tok: Tokenizer, special_tokens=SPECIAL_TOKENS, marker_tokens=MARKER_TOKENS,
+                     model_max_length: int = 131072) -> dict:
+    """Like Qwen's tokenizer_config.json, but with the generic fast-tokenizer class: the
+    tokenizer is fully described by tokenizer.json (there is no vocab.json/merges.txt)."""
     decoder = {}
-    for content in SPECIAL_TOKENS + MARKER_TOKENS:
+    for content in special_tokens + marker_tokens:
         decoder[str(tok.token_to_id(content))] = {
             "content": content,
             "lstrip": False,
             "normalized": False,
             "rstrip": False,
             "single_word": False,
-            "special": content in SPECIAL_TOKENS,
+            "special": content in special_tokens,
         }
     return {
         "add_bos_token": False,
@@ -195,7 +196,7 @@ def _tokenizer_config(tok: Tokenizer) -> dict:
         "clean_up_tokenization_spaces": False,
         "eos_token": "<|im_end|>",
         "errors": "replace",
-        "model_max_length": 131072,
+        "model_max_length": model_max_length,
         "pad_token": "<|endoftext|>",
         "split_special_tokens": False,
         "tokenizer_class": "PreTrainedTokenizerFast",
