@@ -18,6 +18,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from ..common.errors import MoestreamError
 from .tensors import DTYPES, from_buffer, nbytes_of
 
 FORMAT_NAME = "moestream-bundle"
@@ -34,7 +35,7 @@ CODECS = ("none", "zstd")
 QUANT_MODES = ("affine",)
 
 
-class BundleError(ValueError):
+class BundleError(MoestreamError, ValueError):
     """The bundle is malformed or does not match its manifest; the message names where."""
 
 
@@ -83,6 +84,21 @@ def file_sha256(path: Path, chunk: int = 16 << 20) -> str:
 
 def align(n: int, to: int) -> int:
     return (n + to - 1) // to * to
+
+
+def next_extent_offset(offset: int, nbytes: int) -> int:
+    """The layout rule of expert files: extents follow one another, each starting on the first
+    EXTENT_ALIGNMENT boundary after the previous one ends (zero padding between)."""
+    return align(offset + nbytes, EXTENT_ALIGNMENT)
+
+
+def extent_offsets(sizes) -> list[int]:
+    """Where extents of these sizes start when packed in this order into one file."""
+    offsets, offset = [], 0
+    for n in sizes:
+        offsets.append(offset)
+        offset = next_extent_offset(offset, int(n))
+    return offsets
 
 
 # ---------------------------------------------------------------- packing one expert
@@ -244,16 +260,6 @@ def read_bundle_json(root: Path) -> dict:
             f"(this moestream reads version {FORMAT_VERSION}); upgrade moestream or re-prepare the bundle"
         )
     return meta
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def extent_to_dict(e: ExpertExtent) -> dict:

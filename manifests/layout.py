@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .bundle import BundleError, ExpertExtent, TensorEntry
+from .profile import write_table
 
 TENSOR_TYPE = pa.struct(
     [
@@ -56,12 +56,7 @@ def write_layout(path: Path, extents: list[ExpertExtent]) -> None:
                 )
             else:
                 columns[name].append(getattr(e, name))
-    table = pa.table(columns, schema=SCHEMA)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_table(pa.table(columns, schema=SCHEMA), path)
 
 
 def read_layout(path: Path) -> list[ExpertExtent]:

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from ..common.errors import MoestreamError
 from .tensors import SAFETENSORS_DTYPES, from_buffer, itemsize
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MoestreamError, ValueError):
     """A source checkpoint that cannot be read as it claims to be."""
 
 

@@ -1,43 +1,44 @@
 """moestream: run Mixture-of-Experts models larger than memory by streaming experts from disk.
 
-The public API is small and imports its parts lazily, so `import moestream` stays cheap and a
-bundle consumer never imports the preparation pipeline (Prefect):
+The public API is small and imports its parts only when used, so `import moestream` stays cheap
+and a bundle consumer never imports the preparation pipeline (Prefect):
 
     model, tokenizer = moestream.load("bundles/q3", memory_budget="8GB")
-    moestream.stats(model)     # bytes read, cache hit rate, ...
+    moestream.plan_memory("bundles/q3", expert_cache_share=0.25).budget_bytes
+    moestream.runtime_of(model).stats()     # bytes read, cache hit rate, ...; .close()
     moestream.inspect("bundles/q3")
+    moestream.prepare("Qwen/Qwen3-30B-A3B", "bundles/q3", expert_bits=4)
+
+Every error moestream raises on purpose is a `moestream.MoestreamError`.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+
 __version__ = "0.1.0"
 
+# name -> the module that defines it (imported on first use)
+_PUBLIC = {
+    "load": "moestream.runtime.model.load",
+    "plan_memory": "moestream.runtime.model.load",
+    "runtime_of": "moestream.runtime.model.load",
+    "stats": "moestream.runtime.model.load",
+    "IOOptions": "moestream.runtime.model.load",
+    "MemoryPlan": "moestream.runtime.model.budget",
+    "PrepareOptions": "moestream.stages.prepare",
+    "PrepareResult": "moestream.stages.prepare",
+    "MoestreamError": "moestream.common.errors",
+}
 
-def load(path, memory_budget=None, experts_per_token=None, dtype=None, io_mode="direct", io_threads=None,
-         cache_policy="lru", verify=False, revision=None, prefetch=False, profile=None, read_into="arrays",
-         stage_on_device=None):
-    """Load a bundle (or a source checkpoint folder) as an mlx-lm model that streams its experts.
-
-    memory_budget: bytes or a string like "6GB"; covers resident weights, the expert cache, the KV
-    cache reserve and read buffers (None: no limit). dtype None computes in float32 on the CPU and
-    in the source dtype on GPUs. Returns (model, tokenizer) for mlx-lm's generate/stream_generate.
-    read_into: "arrays" reads experts straight into MLX memory (no copy), "host" into host buffers
-    then copies (for comparison). stage_on_device (None: on CUDA) moves each read expert into
-    GPU-made memory in the I/O thread, off the layer's critical path.
-    """
-    from .runtime.load import load as _load
-
-    return _load(path, memory_budget=memory_budget, experts_per_token=experts_per_token, dtype=dtype,
-                 io_mode=io_mode, io_threads=io_threads, cache_policy=cache_policy, verify=verify,
-                 revision=revision, prefetch=prefetch, profile=profile, read_into=read_into,
-                 stage_on_device=stage_on_device)
+__all__ = ["inspect", "prepare", *_PUBLIC]
 
 
-def stats(model) -> dict:
-    """I/O and cache statistics of a model loaded by `load`."""
-    from .runtime.load import stats as _stats
-
-    return _stats(model)
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'moestream' has no attribute {name!r}")
 
 
 def inspect(path) -> dict:
@@ -47,9 +48,32 @@ def inspect(path) -> dict:
     return describe_bundle(path)
 
 
-def prepare(source, out, expert_bits=4, group_size=64, resident_bits=None, revision=None, overwrite=False):
-    """Run the preparation flow (Prefect) on SOURCE (Hub repo id or folder) into bundle OUT."""
-    from .flows.prepare import prepare_bundle
+def prepare(source, out, *, engine: str = "prefect", progress=None, **options):
+    """Prepare a bundle from SOURCE (a Hub repo id or a checkpoint folder) into OUT.
 
-    return prepare_bundle(source, str(out), expert_bits=expert_bits, group_size=group_size,
-                          resident_bits=resident_bits, revision=revision, overwrite=overwrite)
+    options: the fields of PrepareOptions (expert_bits, group_size, resident_bits, revision,
+    bits_plan, size_budget, calibration, profile, profile_tokens, overwrite, workers,
+    dask_address). engine: "prefect" (the flow: retries, resume, Dask, the Prefect UI) or
+    "plain" (the same steps in this process). progress(step, done, total) is called as steps
+    finish. Returns a PrepareResult (bundle folder, bundle.json, seconds).
+    """
+    from dataclasses import fields
+
+    from .common.errors import OptionsError
+    from .stages.prepare import ENGINES, PrepareOptions, prepare_in_process
+
+    if engine not in ENGINES:
+        raise OptionsError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    known = {f.name for f in fields(PrepareOptions)} - {"source", "out"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise OptionsError(f"unknown preparation option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    opts = PrepareOptions(source=source, out=out, **options)
+    if engine == "plain":
+        return prepare_in_process(opts, progress)
+    if importlib.util.find_spec("prefect") is None:
+        raise OptionsError("the Prefect engine needs Prefect: pip install 'moestream[prepare]' "
+                           "(or run the same steps without it: engine='plain', --engine plain)")
+    from .flows.prepare import prepare_with_prefect
+
+    return prepare_with_prefect(opts, progress)

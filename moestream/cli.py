@@ -8,39 +8,36 @@ import json
 import os
 import sys
 
-EXPECTED_ERRORS = ("BundleError", "CheckpointError", "FetchError", "BudgetError", "UnsupportedFamily",
-                   "ReadError", "CacheFullError", "PublishError", "HubError", "CardError")
-
 
 def _add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="bundle folder, Hub repo id of a bundle (ORG/NAME), or a source checkpoint folder")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of ORG/NAME")
     p.add_argument("--memory-budget", default=None, help="e.g. 8GB: resident weights + expert cache + KV cache + buffers")
     p.add_argument("--experts-per-token", type=int, default=None, help="lower the routed top-k of every MoE layer")
-    p.add_argument("--io-mode", choices=("direct", "buffered"), default="direct",
-                   help="direct: bypass the OS page cache (honest budget); buffered: trust the OS")
-    p.add_argument("--io-threads", type=int, default=None)
-    p.add_argument("--cache-policy", default="lru", help="expert cache policy: lru or lfu")
+    p.add_argument("--cache-policy", default="lru", choices=CACHE_POLICIES,
+                   help="expert cache policy; hot, prior and lrfu need a routing profile (a bundle prepared with "
+                        "--profile has one) (default: lru)")
+    p.add_argument("--prefetch", action="store_true", help="read the next MoE layer's experts early, predicted by its router")
+    p.add_argument("--max-kv-size", type=int, default=None, help="tokens of KV cache the budget reserves (default: 4096)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="compute dtype (default: float32 on CPU, the source dtype on GPU)")
+    p.add_argument("--io-mode", choices=("direct", "buffered"), default="direct",
+                   help="direct: bypass the OS page cache (honest budget); buffered: trust the OS (default: direct)")
+    p.add_argument("--io-threads", type=int, default=None, help="expert reader threads (default: 8, or 2 per core if fewer)")
     p.add_argument("--verify", action="store_true", help="check every checksum before loading")
 
 
+CACHE_POLICIES = ("lru", "lfu", "hot", "prior", "lrfu")
+
+
 def _load(args):
-    from moestream import load
+    """moestream.load with the runtime options every running subcommand shares."""
+    from moestream import IOOptions, load
 
     return load(args.bundle, memory_budget=args.memory_budget, experts_per_token=args.experts_per_token,
-                dtype=args.dtype, io_mode=args.io_mode, io_threads=args.io_threads,
-                cache_policy=args.cache_policy, verify=args.verify, revision=args.revision)
-
-
-def _import_flows():
-    import importlib.util
-
-    # find_spec, not import: moestream.flows sets Prefect's defaults before Prefect reads them
-    if importlib.util.find_spec("prefect") is None:
-        raise ValueError("the preparation pipeline needs Prefect: pip install 'moestream[prepare]' "
-                         "(or run it without orchestration: --engine plain)")
+                cache_policy=args.cache_policy, prefetch=args.prefetch, max_kv_size=args.max_kv_size,
+                dtype=args.dtype, revision=args.revision, verify=args.verify,
+                io=IOOptions(mode=args.io_mode, threads=args.io_threads))
 
 
 def cmd_synth(args):
@@ -51,23 +48,20 @@ def cmd_synth(args):
 
 
 def cmd_prepare(args):
-    from pathlib import Path
+    import moestream
 
-    if Path(args.out).exists() and not args.overwrite:  # fail before Prefect's server starts
-        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    options = dict(expert_bits=args.expert_bits, group_size=args.group_size, resident_bits=args.resident_bits,
+                   revision=args.revision, bits_plan=args.bits_plan, size_budget=args.size_budget,
+                   calibration=args.calibration, profile=args.profile, overwrite=args.overwrite,
+                   workers=args.workers, dask_address=args.dask)
+    progress = None
     if args.engine == "plain":
-        return _prepare_plain(args)
-    _import_flows()
-    from moestream.flows.prepare import run_prepare
-    from moestream.runtime.budget import parse_bytes
+        def progress(step, done, total):
+            if step == "pack-layer":
+                print(f"layer {done} of {total} packed", flush=True)
 
-    result = run_prepare(args.source, args.out, dask_address=args.dask, workers=args.workers,
-                         expert_bits=args.expert_bits if args.expert_bits == "auto" else int(args.expert_bits),
-                         group_size=args.group_size, resident_bits=args.resident_bits, revision=args.revision,
-                         overwrite=args.overwrite, bits_plan=args.bits_plan,
-                         size_budget=parse_bytes(args.size_budget), calibration=args.calibration,
-                         profile=args.profile)
-    print(json.dumps(result, indent=2))
+    result = moestream.prepare(args.source, args.out, engine=args.engine, progress=progress, **options)
+    print(json.dumps(result.summary(), indent=2))
 
 
 def cmd_publish(args):
@@ -76,43 +70,6 @@ def cmd_publish(args):
     result = publish_bundle(args.bundle, args.repo, private=args.private, create_pr=args.create_pr,
                             dry_run=args.dry_run, revision=args.revision, license=args.license)
     print(result.summary())
-
-
-def _prepare_plain(args):
-    """The same stages in one process, no Prefect: no server start-up, resumes from the staging
-    folder all the same; no retries, no task runners, no artifacts."""
-    from pathlib import Path
-
-    from moestream.runtime.budget import parse_bytes
-    from moestream.stages.fetch import fetch_source
-    from moestream.stages.sequential import prepare_sequential
-
-    plan = None
-    if args.bits_plan:
-        from moestream.stages.plan import load_plan
-
-        plan = load_plan(Path(args.bits_plan)).bits
-    fetched = fetch_source(args.source, revision=args.revision)
-    if args.expert_bits == "auto":
-        from moestream.stages.plan import calibration_token_ids, plan_expert_bits
-
-        if not args.size_budget:
-            raise ValueError("--expert-bits auto needs --size-budget (bytes of experts)")
-        plan = plan_expert_bits(fetched.path, calibration_token_ids(fetched.path, args.calibration),
-                                parse_bytes(args.size_budget), args.group_size).bits
-    bits = 4 if args.expert_bits == "auto" else int(args.expert_bits)
-    profile_dir = None
-    if args.profile:
-        import tempfile
-
-        from moestream.stages.profile import profile_model
-
-        profile_dir = Path(tempfile.mkdtemp(prefix="moestream-profile-"))
-        profile_model(fetched.path, args.calibration, profile_dir)
-    bundle = prepare_sequential(fetched.path, Path(args.out), bits, args.group_size, args.resident_bits,
-                                overwrite=args.overwrite, plan=plan, profile_dir=profile_dir,
-                                progress=lambda layer: print(f"layer {layer} packed", flush=True))
-    print(json.dumps({"bundle": str(bundle.root), **bundle.meta["layout"]}, indent=2))
 
 
 def cmd_verify(args):
@@ -134,7 +91,7 @@ def cmd_inspect(args):
 
 
 def cmd_generate(args):
-    from moestream.runtime.generate import format_prompt, generate_text
+    from moestream.runtime.frontends.generate import format_prompt, generate_text
 
     model, tokenizer = _load(args)
     prompt = format_prompt(tokenizer, args.prompt, not args.ignore_chat_template)
@@ -148,29 +105,29 @@ def cmd_generate(args):
 
 
 def cmd_chat(args):
-    from moestream.runtime.chat import chat_loop
+    from moestream.runtime.frontends.chat import chat_loop
 
     model, tokenizer = _load(args)
     chat_loop(model, tokenizer, max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p, seed=args.seed)
 
 
 def cmd_serve(args):
-    from moestream.runtime.serve import serve
+    from moestream.runtime.frontends.serve import serve
 
-    serve(args)
+    model, tokenizer = _load(args)
+    serve(model, tokenizer, args.host, args.port)
 
 
 def cmd_bench(args):
-    from moestream.runtime.bench import bench_bundle, plot_report, print_report
-    from moestream.runtime.hub import resolve_bundle
+    from moestream.runtime.io.hub import resolve_bundle
+    from moestream.runtime.measure.bench import bench_bundle, plot_report, print_report
 
     if args.io_only:
         return _bench_io_only(args)
     compare = tuple(c for c in (args.compare or "").split(",") if c)
     report = bench_bundle(resolve_bundle(args.bundle, revision=args.revision), args.budget_fraction,
-                          args.prompt_tokens, args.gen_tokens, args.io_mode, compare=compare,
-                          reference_checkpoint=args.reference, full_layers=args.full_layers,
-                          load_kwargs={"io_threads": args.io_threads} if args.io_threads else None)
+                          args.prompt_tokens, args.gen_tokens, io={"mode": args.io_mode, "threads": args.io_threads},
+                          compare=compare, reference_checkpoint=args.reference, full_layers=args.full_layers)
     print_report(report)
     if args.json:
         with open(args.json, "w") as f:
@@ -220,7 +177,7 @@ def cmd_profile(args):
 
 
 def cmd_replay(args):
-    from moestream.runtime.replay import format_table, replay
+    from moestream.runtime.measure.replay import format_table, replay
 
     def fraction(x: str) -> float:
         return float(x[:-1]) / 100 if x.endswith("%") else float(x)
@@ -236,13 +193,14 @@ def cmd_replay(args):
 def _bench_io_only(args):
     """Replay a routing trace through the real cache and reader, no compute: the I/O engine
     against the disk's ceiling, measurable on machines whose matmuls are slow."""
+    from moestream.common.errors import OptionsError
     from moestream.manifests.open import open_bundle
-    from moestream.runtime.iobench import read_ceiling
-    from moestream.runtime.reader import default_threads
-    from moestream.runtime.replay import format_table, replay
+    from moestream.runtime.io.reader import default_threads
+    from moestream.runtime.measure.ceiling import read_ceiling
+    from moestream.runtime.measure.replay import format_table, replay
 
     if not args.trace:
-        raise ValueError("--io-only needs --trace (trace.parquet from `moestream profile`)")
+        raise OptionsError("--io-only needs --trace (trace.parquet from `moestream profile`)")
     bundle = open_bundle(args.bundle)
     extents = list(bundle.extents.values())
     files = sorted({bundle.path(e.file) for e in extents})
@@ -260,7 +218,6 @@ def _bench_io_only(args):
 
 
 def cmd_demo(args):
-    _import_flows()
     from moestream.demo import run_demo
 
     run_demo(workdir=args.workdir, family=args.family, preset=args.preset)
@@ -407,18 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from moestream.common.errors import MoestreamError
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except KeyboardInterrupt:
         return 130
-    except Exception as e:  # expected failures: one clear line, no traceback
-        if type(e).__name__ in EXPECTED_ERRORS or isinstance(e, (FileExistsError, FileNotFoundError, ValueError)):
-            if os.environ.get("MOESTREAM_DEBUG"):
-                raise
-            print(f"moestream {args.command}: error: {e}", file=sys.stderr)
-            return 2
-        raise
+    except MoestreamError as e:  # expected failures: one clear line, no traceback
+        if os.environ.get("MOESTREAM_DEBUG"):
+            raise
+        print(f"moestream {args.command}: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -21,8 +21,8 @@ DEMO_TOOLS = json.loads('[{"type": "function", "function": {"name": "query_datab
 
 def run_demo(workdir: str | Path = "moestream-demo", family: str | None = None, preset: str = "tiny") -> dict:
     import moestream
-    from moestream.runtime.budget import fmt_bytes
-    from moestream.runtime.generate import format_prompt, generate_text
+    from moestream.common.units import fmt_bytes
+    from moestream.runtime.frontends.generate import format_prompt, generate_text
     from moestream.stages.synth import synth_checkpoint
 
     workdir = Path(workdir)
@@ -41,18 +41,14 @@ def run_demo(workdir: str | Path = "moestream-demo", family: str | None = None, 
         print(f"[1/3] synth: reusing {checkpoint}")
     print(f"[2/3] prepare: 4-bit experts, source-precision resident weights -> {bundle}")
     moestream.prepare(str(checkpoint), bundle, expert_bits=4, overwrite=True)
-    info = moestream.inspect(bundle)
 
-    model, tokenizer = moestream.load(bundle)  # unbounded, to learn what the budget must cover
-    plan = model._moestream.plan
-    expert_bytes = sum(model._moestream.store.nbytes(layer, e) for layer in model._moestream.store.layers
-                       for e in range(info["experts"]))
-    cache = max(plan.min_layer_bytes, int(CACHE_SHARE * expert_bytes))
-    budget = plan.resident_bytes + plan.kv_reserve_bytes + plan.buffer_bytes + cache
+    plan = moestream.plan_memory(bundle, expert_cache_share=CACHE_SHARE)
+    budget, cache = plan.budget_bytes, plan.cache_bytes
     print(f"[3/3] generate: memory budget {fmt_bytes(budget)} = resident {fmt_bytes(plan.resident_bytes)} + "
           f"KV reserve {fmt_bytes(plan.kv_reserve_bytes)} + buffers {fmt_bytes(plan.buffer_bytes)} + expert "
-          f"cache {fmt_bytes(cache)} ({cache / expert_bytes:.0%} of the {fmt_bytes(expert_bytes)} of experts)")
-    model, tokenizer = moestream.load(bundle, memory_budget=budget)
+          f"cache {fmt_bytes(cache)} ({plan.cache_share:.0%} of the {fmt_bytes(plan.expert_bytes)} of experts)")
+    loaded = moestream.load(bundle, memory_budget=budget)
+    model, tokenizer = loaded
     if trained:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": DEMO_REQUEST}], tools=DEMO_TOOLS,
                                                add_generation_prompt=True)
@@ -61,7 +57,8 @@ def run_demo(workdir: str | Path = "moestream-demo", family: str | None = None, 
     else:
         prompt = format_prompt(tokenizer, "Write a haiku about streaming experts from disk.")
         print("--- output (random weights: expect gibberish) ---")
-    _, report = generate_text(model, tokenizer, prompt, max_tokens=48)
+    with loaded:
+        _, report = generate_text(model, tokenizer, prompt, max_tokens=48)
     print("\n---")
     print(report.line())
     s = report.stats

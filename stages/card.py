@@ -13,13 +13,15 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from importlib import metadata
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from ..common.errors import MoestreamError
+from ..common.units import fmt_bytes
+from ..common.versions import package_version
 from ..manifests.bundle import EXTENT_ALIGNMENT
 from ..manifests.open import Bundle
 
@@ -32,7 +34,7 @@ MAX_TABLE_ROWS = 64  # a card stays readable: longer tables are cut, with a note
 REQUIRED_TAGS = ("mlx", "moestream")
 
 
-class CardError(ValueError):
+class CardError(MoestreamError, ValueError):
     """The model card would not parse, or lacks what the Hub needs to list it as an MLX model."""
 
 
@@ -103,12 +105,7 @@ def check_card(text: str) -> ModelCard:
 
 
 def fmt_size(n: int | float | None) -> str:
-    if n is None:
-        return "unknown"
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
+    return fmt_bytes(n, none="unknown")
 
 
 def _cell(value) -> str:
@@ -220,9 +217,11 @@ def _sizes(bundle: Bundle, download_bytes: int | None) -> str:
 
 
 def _suggested_budget(bundle: Bundle) -> str:
-    """An example --memory-budget: resident weights with headroom plus a quarter of the experts."""
-    resident = (bundle.meta.get("resident") or {}).get("nbytes") or 0
-    want = 1.25 * resident + 0.25 * bundle.expert_bytes
+    """An example --memory-budget: what the runtime needs for an expert cache holding a quarter of
+    the experts, computing in the source dtype as on a GPU or Apple silicon, rounded up to GB."""
+    from ..runtime.model.load import plan_memory  # the runtime's own budget split
+
+    want = plan_memory(bundle.root, expert_cache_share=0.25, dtype="source").budget_bytes
     return f"{max(1, math.ceil(want / 1e9))}GB"
 
 
@@ -283,13 +282,6 @@ Hugging Face cache and checks every checksum once; later runs (also with `HF_HUB
 start from the cache."""
 
 
-def _moestream_version() -> str:
-    try:
-        return metadata.version("moestream")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def render_card(bundle: Bundle, repo_id: str, *, license: str | None = None,
                 download_bytes: int | None = None) -> str:
     """The model card (README.md text) for `bundle` published as `repo_id`; checked to parse."""
@@ -324,7 +316,7 @@ def render_card(bundle: Bundle, repo_id: str, *, license: str | None = None,
         "`bundle.json` (format, recipe, sizes and checksums), `config.json` and tokenizer files as mlx-lm reads "
         "them, `resident.safetensors` (every non-expert tensor), `layout.parquet` (where each expert's bytes "
         "live) and `experts/*.bin` (packed expert extents: raw bytes, no pickle, no code). "
-        f"Published with moestream {_moestream_version()}.",
+        f"Published with moestream {package_version('moestream') or 'unknown'}.",
     ]
     text = f"---\n{card_data(bundle, license).to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
     check_card(text)

@@ -19,6 +19,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from ..common.errors import OptionsError
+
 SUITES = ("perplexity", "kl", "tools")
 JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "object": dict, "array": list}
 
@@ -160,24 +162,30 @@ def evaluate(bundle, reference, suites=SUITES, text: str | None = None, tool_exa
              max_text_tokens: int = 2048, experts_per_token: int | None = None, memory_budget=None,
              reference_tools: dict | None = None) -> dict:
     """Score `bundle` against `reference` (a source checkpoint folder) on the given suites."""
-    from ..runtime.load import load, stats
+    from ..runtime.model.load import load, runtime_of
 
     unknown = set(suites) - set(SUITES)
     if unknown:
-        raise ValueError(f"unknown suites {sorted(unknown)}; known: {', '.join(SUITES)}")
-    model, tokenizer = load(bundle, experts_per_token=experts_per_token, memory_budget=memory_budget)
-    ref, ref_tokenizer = load(reference)
-    out: dict = {"bundle": str(bundle), "reference": str(reference), "experts_per_token": model._moestream.experts_per_token}
+        raise OptionsError(f"unknown suites {sorted(unknown)}; known: {', '.join(SUITES)}")
+    with load(bundle, experts_per_token=experts_per_token, memory_budget=memory_budget) as (model, tokenizer), \
+            load(reference) as (ref, ref_tokenizer):
+        return _evaluate(model, tokenizer, ref, ref_tokenizer, bundle, reference, suites, text, tool_examples,
+                         max_text_tokens, reference_tools, runtime_of(model))
+
+
+def _evaluate(model, tokenizer, ref, ref_tokenizer, bundle, reference, suites, text, tool_examples, max_text_tokens,
+              reference_tools, rt) -> dict:
+    out: dict = {"bundle": str(bundle), "reference": str(reference), "experts_per_token": rt.experts_per_token}
     if {"kl", "perplexity"} & set(suites):
         if not text:
-            raise ValueError("the kl/perplexity suites need held-out text (--text FILE)")
+            raise OptionsError("the kl/perplexity suites need held-out text (--text FILE)")
         ids = tokenizer.encode(text)[:max_text_tokens]
         out["text"] = asdict(text_scores(model, ref, ids))
     if "tools" in suites:
         if not tool_examples:
-            raise ValueError("the tools suite needs examples (--tools FILE, JSON lines)")
+            raise OptionsError("the tools suite needs examples (--tools FILE, JSON lines)")
         out["tools"] = asdict(tool_scores(model, tokenizer, tool_examples))
         # the reference's score does not depend on the bundle: a sweep passes it in once computed
         out["tools_reference"] = reference_tools or asdict(tool_scores(ref, ref_tokenizer, tool_examples))
-    out["stats"] = stats(model)
+    out["stats"] = rt.stats()
     return out

@@ -5,17 +5,16 @@ with a sidecar that lets an interrupted preparation resume without redoing the l
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..common.files import atomic_path, write_atomic
 from ..manifests.bundle import (
     EXPERTS_DIR,
-    EXTENT_ALIGNMENT,
     ExpertExtent,
-    align,
     extent_from_dict,
     extent_to_dict,
+    next_extent_offset,
     pack_extent,
     sha256_hex,
 )
@@ -39,6 +38,11 @@ def layer_file(layer: int) -> str:
     return f"{EXPERTS_DIR}/layer_{layer:03d}.bin"
 
 
+def is_sidecar(rel: str) -> bool:
+    """The resume record of a finished layer (dropped when the bundle is finalized)."""
+    return rel.startswith(f"{EXPERTS_DIR}/") and rel.endswith(".json")
+
+
 def staged_layer(staging: Path, job: LayerJob) -> list[ExpertExtent] | None:
     """The extents of a layer finished by an earlier run with the same job, if any."""
     sidecar = staging / (layer_file(job.layer) + ".json")
@@ -58,23 +62,17 @@ def pack_layer(ckpt: SourceCheckpoint, job: LayerJob, staging: Path) -> list[Exp
     rel = layer_file(job.layer)
     path = staging / rel
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     extents, offset = [], 0
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         for expert in job.order:
             where = f"layer {job.layer} expert {expert}"
             tensors = ckpt.read_expert(job.layer, expert)
             data, entries = pack_extent(quantize_expert(tensors, job.bits[expert], job.recipe, where))
             extents.append(ExpertExtent(job.layer, expert, rel, offset, len(data), sha256_hex(data), "none", len(data), entries))
             f.write(data)
-            end = align(offset + len(data), EXTENT_ALIGNMENT)
+            end = next_extent_offset(offset, len(data))
             f.write(b"\0" * (end - offset - len(data)))
             offset = end
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    sidecar = path.with_name(path.name + ".json")
-    sidecar_tmp = sidecar.with_name(sidecar.name + ".tmp")
-    sidecar_tmp.write_text(json.dumps({"key": job.key(), "extents": [extent_to_dict(e) for e in extents]}))
-    os.replace(sidecar_tmp, sidecar)
+    write_atomic(path.with_name(path.name + ".json"),
+                 json.dumps({"key": job.key(), "extents": [extent_to_dict(e) for e in extents]}))
     return extents

@@ -30,9 +30,18 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from ..runtime.trace import TraceArrays, trace_arrays
+from ..common.errors import MoestreamError
+from ..common.files import write_json_atomic
+from ..manifests.profile import (
+    SUMMARY_FILE,
+    TRACE_FILE,
+    Aggregates,
+    read_trace,
+    trace_arrays,
+    write_aggregates,
+    write_trace,
+)
 
 DEFAULT_MAX_TOKENS = 16384
 DEFAULT_SEQ_LEN = 512
@@ -40,7 +49,7 @@ HOT_FRACTION = 0.10
 PROFILE_FILES = ("trace", "frequency", "coactivation", "reuse", "transitions")
 
 
-class CalibrationError(ValueError):
+class CalibrationError(MoestreamError, ValueError):
     pass
 
 
@@ -156,40 +165,6 @@ def calibration_sequences(tokenizer, docs: list[str], seq_len: int = DEFAULT_SEQ
 # ----------------------------------------------------------------------------- aggregates
 
 
-@dataclass
-class Aggregates:
-    """Dense per-layer routing statistics; layer i here is `layers[i]` of the model."""
-
-    layers: list[int]
-    num_experts: int
-    k: int
-    tokens: np.ndarray  # [L] tokens routed in each layer
-    frequency: np.ndarray  # [L, E] tokens routed to each expert
-    mass: np.ndarray | None  # [L, E] sum of router weights (None: weights unavailable)
-    coactivation: np.ndarray  # [L, E, E] tokens routed to both; symmetric, diagonal = frequency
-    reuse_pairs: np.ndarray  # [L] tokens that have a previous token in their sequence
-    reuse_sum: np.ndarray  # [L] sum over those of |S_t & S_{t-1}| / k
-    transitions: np.ndarray  # [L-1, E, E] layer i expert -> layer i+1 expert, same token
-    sequences: int = 0
-
-    @property
-    def reuse(self) -> np.ndarray:
-        return np.divide(self.reuse_sum, self.reuse_pairs, out=np.zeros(len(self.layers)), where=self.reuse_pairs > 0)
-
-    @property
-    def share(self) -> np.ndarray:
-        """[L, E] fraction of tokens routed to each expert (sums to k per layer)."""
-        return self.frequency / np.maximum(self.tokens, 1)[:, None]
-
-    def reuse_if_independent(self) -> np.ndarray:
-        """[L] the reuse routing with these frequencies would show with no temporal correlation."""
-        return (self.share**2).sum(axis=1) / max(self.k, 1)
-
-
-def _token_keys(t: TraceArrays) -> np.ndarray:
-    return t.seq * (int(t.token.max()) + 2 if len(t) else 1) + t.token
-
-
 def aggregate(trace, num_experts: int | None = None) -> Aggregates:
     """Aggregates of a trace (table, path or TraceArrays)."""
     t = trace_arrays(trace)
@@ -197,7 +172,7 @@ def aggregate(trace, num_experts: int | None = None) -> Aggregates:
     k = t.k
     layers = sorted(set(t.layers) | set(np.unique(t.layer).tolist()))
     L = len(layers)
-    keys = _token_keys(t)
+    keys = t.token_keys()
     freq = np.zeros((L, E), np.int64)
     mass = np.zeros((L, E), np.float64) if t.weights is not None else None
     coact = np.zeros((L, E, E), np.int32)
@@ -273,84 +248,6 @@ def summarize(agg: Aggregates, hot_fraction: float = HOT_FRACTION) -> dict:
 
 
 # ----------------------------------------------------------------------------- Parquet in and out
-
-
-def _write(table: pa.Table, path: Path) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    tmp.replace(path)
-    return path
-
-
-def write_aggregates(agg: Aggregates, out: Path) -> dict[str, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    E, L = agg.num_experts, len(agg.layers)
-    layer_col = np.repeat(np.array(agg.layers, np.int32), E)
-    expert_col = np.tile(np.arange(E, dtype=np.int32), L)
-    freq = {
-        "layer": layer_col, "expert": expert_col, "count": agg.frequency.reshape(-1),
-        "share": agg.share.reshape(-1),
-    }
-    freq["mass"] = pa.array(agg.mass.reshape(-1)) if agg.mass is not None else pa.nulls(L * E, pa.float64())
-    files = {"frequency": _write(pa.table(freq), out / "frequency.parquet")}
-
-    li, a, b = np.nonzero(np.triu(agg.coactivation, 1)) if L else (np.zeros(0, int),) * 3
-    files["coactivation"] = _write(pa.table({
-        "layer": np.array(agg.layers, np.int32)[li], "expert_a": a.astype(np.int32), "expert_b": b.astype(np.int32),
-        "count": agg.coactivation[li, a, b].astype(np.int64),
-    }), out / "coactivation.parquet")
-
-    files["reuse"] = _write(pa.table({
-        "layer": np.array(agg.layers, np.int32), "tokens": agg.tokens, "pairs": agg.reuse_pairs,
-        "reuse": agg.reuse, "reuse_if_independent": agg.reuse_if_independent(),
-    }), out / "reuse.parquet")
-
-    li, a, b = np.nonzero(agg.transitions) if L > 1 else (np.zeros(0, int),) * 3
-    lay = np.array(agg.layers, np.int32)
-    files["transitions"] = _write(pa.table({
-        "layer": lay[li] if L > 1 else np.zeros(0, np.int32), "next_layer": lay[li + 1] if L > 1 else np.zeros(0, np.int32),
-        "expert": a.astype(np.int32), "next_expert": b.astype(np.int32),
-        "count": agg.transitions[li, a, b].astype(np.int64) if L > 1 else np.zeros(0, np.int64),
-    }), out / "transitions.parquet")
-    meta = {"layers": agg.layers, "num_experts": E, "experts_per_token": agg.k, "sequences": agg.sequences}
-    (out / "aggregates.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return files
-
-
-def read_aggregates(profile_dir: str | Path) -> Aggregates:
-    """Aggregates back from a profile folder's Parquet files (the inverse of write_aggregates)."""
-    d = Path(profile_dir)
-    meta = json.loads((d / "aggregates.json").read_text())
-    layers, E, k = [int(x) for x in meta["layers"]], int(meta["num_experts"]), int(meta["experts_per_token"])
-    pos = {layer: i for i, layer in enumerate(layers)}
-    L = len(layers)
-    f = pq.read_table(d / "frequency.parquet").to_pydict()
-    freq = np.zeros((L, E), np.int64)
-    li = np.array([pos[x] for x in f["layer"]], dtype=np.int64)
-    freq[li, f["expert"]] = f["count"]
-    mass = None
-    if f["mass"] and f["mass"][0] is not None:
-        mass = np.zeros((L, E))
-        mass[li, f["expert"]] = f["mass"]
-    c = pq.read_table(d / "coactivation.parquet").to_pydict()
-    coact = np.zeros((L, E, E), np.int32)
-    ci = np.array([pos[x] for x in c["layer"]], dtype=np.int64)
-    coact[ci, c["expert_a"], c["expert_b"]] = c["count"]
-    coact = coact + coact.transpose(0, 2, 1)
-    for i in range(L):
-        coact[i][np.diag_indices(E)] = freq[i]
-    r = pq.read_table(d / "reuse.parquet").to_pydict()
-    tokens = np.zeros(L, np.int64)
-    pairs = np.zeros(L, np.int64)
-    rsum = np.zeros(L)
-    for layer, n, p, x in zip(r["layer"], r["tokens"], r["pairs"], r["reuse"], strict=True):
-        tokens[pos[layer]], pairs[pos[layer]], rsum[pos[layer]] = n, p, x * p
-    tr = pq.read_table(d / "transitions.parquet").to_pydict()
-    trans = np.zeros((max(L - 1, 0), E, E), np.int32)
-    if tr["layer"]:
-        ti = np.array([pos[x] for x in tr["layer"]], dtype=np.int64)
-        trans[ti, tr["expert"], tr["next_expert"]] = tr["count"]
-    return Aggregates(layers, E, k, tokens, freq, mass, coact, pairs, rsum, trans, int(meta.get("sequences", 0)))
 
 
 # ----------------------------------------------------------------------------- plots
@@ -470,43 +367,47 @@ def profile_model(
     joins them into exactly the trace of the whole run, sequences numbered as in the whole run)."""
     import mlx.core as mx
 
-    from ..runtime.load import load, stats
-    from ..runtime.trace import TraceRecorder, write_trace
+    from ..runtime.measure.trace import TraceRecorder
+    from ..runtime.model.load import IOOptions, load, runtime_of
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     docs = load_calibration(calibration, max_chars=max_tokens * 8)
     if memory_budget == "auto":
         memory_budget = auto_memory_budget()
-    model, tokenizer = load(source, memory_budget=memory_budget, io_mode=io_mode, dtype=dtype)
-    seqs = calibration_sequences(tokenizer, docs, seq_len, max_tokens)
-    if not seqs:
-        raise CalibrationError("the calibration text gave no tokens")
-    if shard is not None:
-        index, count = shard
-        seqs = seqs[index::count]
-    total = sum(len(s) for s in seqs)
-    start = time.perf_counter()
-    done = 0
-    with TraceRecorder(model, weights=weights) as rec:
-        for s in seqs:
-            rec.next_sequence()
-            mx.eval(model(mx.array([s])))
-            done += len(s)
-            if progress:
-                progress(done, total)
-    seconds = time.perf_counter() - start
-    table = rec.table()
-    files = {"trace": write_trace(table, out / "trace.parquet")}
+    with load(source, memory_budget=memory_budget, dtype=dtype, io=IOOptions(mode=io_mode)) as (model, tokenizer):
+        seqs = calibration_sequences(tokenizer, docs, seq_len, max_tokens)
+        if not seqs:
+            raise CalibrationError("the calibration text gave no tokens")
+        if shard is not None:
+            index, count = shard
+            seqs = seqs[index::count]
+        total = sum(len(s) for s in seqs)
+        start = time.perf_counter()
+        done = 0
+        with TraceRecorder(model, weights=weights) as rec:
+            for s in seqs:
+                rec.next_sequence()
+                mx.eval(model(mx.array([s])))
+                done += len(s)
+                if progress:
+                    progress(done, total)
+        seconds = time.perf_counter() - start
+        s = runtime_of(model).stats()
+    run = {"tokens": total, "sequences": len(seqs), "seq_len": seq_len, "seconds": seconds,
+           "tokens_per_s": total / seconds if seconds else 0.0, "bytes_read": s["bytes_read"],
+           "hit_rate": s["hit_rate"], "memory_budget": s["budget_bytes"]}
+    return _write_profile(rec.table(), out, calibration, run, plots)
+
+
+def _write_profile(table, out: Path, calibration, run: dict, plots: bool) -> ProfileResult:
+    """The trace, its aggregates, summary.json and the plots, into `out`."""
+    files = {"trace": write_trace(table, out / TRACE_FILE)}
     agg = aggregate(table)
     files.update(write_aggregates(agg, out))
     summary = summarize(agg)
     summary["calibration"] = str(calibration) if calibration is not None else "moestream calibration/ (PSF)"
-    s = stats(model)
-    run = {"tokens": total, "sequences": len(seqs), "seq_len": seq_len, "seconds": seconds,
-           "tokens_per_s": total / seconds if seconds else 0.0, "bytes_read": s["bytes_read"],
-           "hit_rate": s["hit_rate"], "memory_budget": s["budget_bytes"]}
-    (out / "summary.json").write_text(json.dumps({**summary, "run": run}, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(out / SUMMARY_FILE, {**summary, "run": run})
     figures = plot_profile(agg, out) if plots else []
     return ProfileResult(out, files["trace"], files, figures, summary, run)
 
@@ -514,10 +415,7 @@ def profile_model(
 def merge_profiles(shard_dirs: list[Path], out: str | Path, calibration=None, plots: bool = True) -> ProfileResult:
     """Join the traces of `profile_model(..., shard=(i, n))` runs (shard_dirs in order i = 0..n-1) into
     one profile: sequence j of shard i was sequence i + j*n of the whole run."""
-    import pyarrow as pa
     import pyarrow.compute as pc
-
-    from ..runtime.trace import read_trace, write_trace
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -525,19 +423,12 @@ def merge_profiles(shard_dirs: list[Path], out: str | Path, calibration=None, pl
     tables = []
     run = {"tokens": 0, "sequences": 0, "seconds": 0.0, "bytes_read": 0, "shards": count}
     for index, folder in enumerate(shard_dirs):
-        t = read_trace(Path(folder) / "trace.parquet")
+        t = read_trace(Path(folder) / TRACE_FILE)
         seq = pc.add(pc.multiply(t["seq"], pa.scalar(count, t["seq"].type)), pa.scalar(index, t["seq"].type))
         tables.append(t.set_column(t.schema.get_field_index("seq"), "seq", seq))
-        shard_run = json.loads((Path(folder) / "summary.json").read_text()).get("run", {})
+        shard_run = json.loads((Path(folder) / SUMMARY_FILE).read_text()).get("run", {})
         for key in ("tokens", "sequences", "seconds", "bytes_read"):
             run[key] += shard_run.get(key, 0)
     table = pa.concat_tables(tables).sort_by([("seq", "ascending"), ("token", "ascending"), ("layer", "ascending")])
     table = table.replace_schema_metadata(tables[0].schema.metadata)
-    files = {"trace": write_trace(table, out / "trace.parquet")}
-    agg = aggregate(table)
-    files.update(write_aggregates(agg, out))
-    summary = summarize(agg)
-    summary["calibration"] = str(calibration) if calibration is not None else "moestream calibration/ (PSF)"
-    (out / "summary.json").write_text(json.dumps({**summary, "run": run}, indent=2, sort_keys=True) + "\n")
-    figures = plot_profile(agg, out) if plots else []
-    return ProfileResult(out, files["trace"], files, figures, summary, run)
+    return _write_profile(table, out, calibration, run, plots)

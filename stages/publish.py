@@ -29,16 +29,18 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
+from ..common.errors import MoestreamError
+from ..common.hub import one_line, redact
+from ..common.versions import package_version
 from ..manifests.bundle import BUNDLE_JSON, BundleError
 from ..manifests.open import Bundle, open_bundle
-from ..runtime.hub import one_line, redact
 from .card import BENCH_FILE, PROFILE_DIR, QUALITY_FILE, CardError, check_card, fmt_size, render_card
 
 CARD_FILE = "README.md"
 _LOGIN_HINT = "log in with `hf auth login` or set HF_TOKEN to a token with write access"
 
 
-class PublishError(ValueError):
+class PublishError(MoestreamError, ValueError):
     """Publishing failed; the message says what failed and what to do. Nothing was committed."""
 
 
@@ -195,7 +197,7 @@ def commit_plan(plan: PublishPlan, *, private: bool = False, create_pr: bool = F
     """Create the repo if needed and upload the plan in one commit; PublishError on any failure."""
     repo_id = plan.repo_id
     check_options(repo_id, create_pr=create_pr, revision=revision)
-    api = HfApi(token=token, library_name="moestream", library_version=_version())
+    api = HfApi(token=token, library_name="moestream", library_version=package_version("moestream") or "unknown")
     step = "creating the repo"
     try:
         # private=None (not False) lets a new repo follow the namespace's default visibility
@@ -283,17 +285,8 @@ def _commit_message(plan: PublishPlan) -> str:
 
 
 def _commit_description(plan: PublishPlan) -> str:
-    return (f"Published with moestream {_version()} from a verified bundle: every checksum in "
+    return (f"Published with moestream {package_version('moestream') or 'unknown'} from a verified bundle: every checksum in "
             f"{BUNDLE_JSON} and layout.parquet was checked before the upload.")
-
-
-def _version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("moestream")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 # --- errors ----------------------------------------------------------------------------------

@@ -8,22 +8,18 @@ Hamiltonian path on the co-activation graph (a TSP). `order_experts` builds cand
 edge matching, a nearest-neighbour chain from the hottest expert, spectral seriation by the Fiedler
 vector), improves each with 2-opt on that objective, and keeps the best.
 
-`measure_layout` replays a (held-out) trace against an order and counts what the reader would do:
-per token and layer, the distinct missed experts as extents in file order, merged into reads the
-way runtime/reader.py coalesces them.
+What an order costs in reads on a (held-out) trace is measured by runtime/measure/layout.py, with the
+runtime's own cache and read planning.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from ..manifests.bundle import EXTENT_ALIGNMENT
-from ..runtime.reader import ALIGN, DEFAULT_MAX_READ_BYTES
-from ..runtime.trace import TraceArrays, arrays_to_table, trace_arrays, trace_meta
+from ..manifests.profile import TraceArrays, arrays_to_table, trace_arrays, trace_meta
 
 METHODS = ("greedy", "chain", "spectral")
 
@@ -204,7 +200,8 @@ def order_experts(coactivation: np.ndarray, frequency=None, *, method: str = "au
 
 def profile_orders(profile, *, method: str = "auto") -> dict[int, list[int]]:
     """Per-layer file orders from a profile: a profile folder, an Aggregates, or a trace."""
-    from .profile import Aggregates, aggregate, read_aggregates
+    from ..manifests.profile import Aggregates, read_aggregates
+    from .profile import aggregate
 
     if isinstance(profile, Aggregates):
         agg = profile
@@ -216,131 +213,7 @@ def profile_orders(profile, *, method: str = "auto") -> dict[int, list[int]]:
             for i, layer in enumerate(agg.layers)}
 
 
-# ----------------------------------------------------------------------------- measuring
-
-
-def _layer_sizes(extent_bytes, layers: list[int], E: int) -> dict[int, np.ndarray]:
-    if isinstance(extent_bytes, dict):
-        return {layer: np.broadcast_to(np.asarray(extent_bytes[layer], dtype=np.int64), (E,)) for layer in layers}
-    arr = np.asarray(extent_bytes, dtype=np.int64)
-    return {layer: np.broadcast_to(arr, (E,)) for layer in layers}
-
-
-def layer_offsets(order, sizes: np.ndarray, alignment: int = EXTENT_ALIGNMENT) -> np.ndarray:
-    """[E] offset of each expert's extent in its layer file when packed in `order` (as stages/pack.py does)."""
-    off = np.zeros(len(sizes), np.int64)
-    pos = 0
-    for e in order:
-        off[e] = pos
-        pos = -(-(pos + int(sizes[e])) // alignment) * alignment
-    return off
-
-
-def bundle_extent_bytes(bundle) -> dict[int, np.ndarray]:
-    """{layer: [E] on-disk bytes of each expert's extent} of a bundle (path or opened Bundle)."""
-    from ..manifests.open import open_bundle
-
-    b = open_bundle(bundle) if isinstance(bundle, (str, Path)) else bundle
-    out = {layer: np.zeros(b.num_experts, np.int64) for layer in b.layers}
-    for (layer, e), x in b.extents.items():
-        out[layer][e] = x.nbytes
-    return out
-
-
-def measure_layout(
-    trace,
-    orders: dict[int, list[int]] | None,
-    extent_bytes,
-    alignment: int = EXTENT_ALIGNMENT,
-    *,
-    cache_fraction: float = 0.0,
-    coalesce_gap: int | None = None,
-    read_alignment: int = ALIGN,
-    max_read_bytes: int = DEFAULT_MAX_READ_BYTES,
-) -> dict:
-    """Reads one token needs under a file order (None: identity), replaying `trace` token by token.
-
-    extent_bytes: one size for all extents, [E], or {layer: [E]}. Each layer is its own file (as
-    stages/pack.py writes them) with extents at `alignment`. A token's missed experts in a layer
-    (all routed experts, or with cache_fraction > 0 those an LRU cache of that fraction of the
-    expert bytes does not hold) become read_alignment-aligned ranges merged like the reader does:
-    ranges at most coalesce_gap bytes apart join (default None: exactly the extents that are
-    neighbours in file order join, across their alignment padding, which is what the reader does
-    with a coalesce_gap of at least `alignment` for extents larger than that), up to max_read_bytes
-    per read."""
-    t = trace_arrays(trace)
-    E = t.num_experts
-    layers = sorted(set(np.unique(t.layer).tolist()))
-    sizes = _layer_sizes(extent_bytes, layers, E)
-    gap = coalesce_gap
-    file_order = {layer: list((orders or {}).get(layer, range(E))) for layer in layers}
-    offsets = {layer: layer_offsets(file_order[layer], sizes[layer], alignment) for layer in layers}
-    positions = {layer: np.argsort(np.asarray(file_order[layer])) for layer in layers}
-    capacity = cache_fraction * sum(int(s.sum()) for s in sizes.values())
-    lru: OrderedDict[tuple[int, int], int] = OrderedDict()
-    held = 0
-    reads = bytes_read = experts_read = lookups = hits = 0
-    for row in range(len(t)):
-        layer = int(t.layer[row])
-        routed = np.unique(t.experts[row])
-        lookups += len(routed)
-        if capacity > 0:
-            missed = []
-            for e in routed.tolist():
-                key = (layer, e)
-                if key in lru:
-                    lru.move_to_end(key)
-                    hits += 1
-                else:
-                    missed.append(e)
-            for e in missed:
-                lru[(layer, e)] = int(sizes[layer][e])
-                held += int(sizes[layer][e])
-            while held > capacity and len(lru) > len(routed):
-                key = next(k for k in lru if k[0] != layer or k[1] not in routed)
-                held -= lru.pop(key)
-        else:
-            missed = routed.tolist()
-        if not missed:
-            continue
-        experts_read += len(missed)
-        off = offsets[layer][missed]
-        ends = off + sizes[layer][missed]
-        idx = np.argsort(off)
-        starts = off[idx] // read_alignment * read_alignment
-        stops = -(-ends[idx] // read_alignment) * read_alignment
-        pos = positions[layer][missed][idx].tolist()
-        g_start, g_end = int(starts[0]), int(stops[0])
-        for j, (s, e) in enumerate(zip(starts[1:].tolist(), stops[1:].tolist(), strict=True)):
-            near = pos[j + 1] == pos[j] + 1 if gap is None else s <= g_end + gap
-            if near and max(e, g_end) - g_start <= max_read_bytes:
-                g_end = max(g_end, e)
-            else:
-                reads += 1
-                bytes_read += g_end - g_start
-                g_start, g_end = s, e
-        reads += 1
-        bytes_read += g_end - g_start
-    tokens = len(np.unique(t.seq * (int(t.token.max()) + 2 if len(t) else 1) + t.token)) if len(t) else 0
-    return {
-        "tokens": tokens,
-        "layer_steps": len(t),
-        "experts_read": experts_read,
-        "reads": reads,
-        "bytes_read": bytes_read,
-        "reads_per_token": reads / tokens if tokens else 0.0,
-        "experts_read_per_token": experts_read / tokens if tokens else 0.0,
-        "experts_per_read": experts_read / reads if reads else 0.0,
-        "mean_read_bytes": bytes_read / reads if reads else 0.0,
-        "bytes_per_token": bytes_read / tokens if tokens else 0.0,
-        "hit_rate": hits / lookups if (lookups and capacity > 0) else 0.0,
-    }
-
-
-def compare_layouts(trace, layouts: dict[str, dict[int, list[int]] | None], extent_bytes, **kw) -> dict[str, dict]:
-    """measure_layout for several named orders (e.g. {"identity": None, "profile": orders})."""
-    t = trace_arrays(trace)
-    return {name: measure_layout(t, orders, extent_bytes, **kw) for name, orders in layouts.items()}
+# ----------------------------------------------------------------------------- held-out traces
 
 
 def split_trace(trace, holdout: float = 0.25) -> tuple[pa.Table, pa.Table]:

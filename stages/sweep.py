@@ -3,14 +3,13 @@ token) against the source, and tabulate quality against the expert bytes read pe
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..manifests.bundle import write_json_atomic
+from ..common.files import write_atomic, write_json_atomic
 from ..manifests.open import open_bundle
 from .eval import evaluate
-from .sequential import prepare_sequential
+from .prepare import PrepareOptions, prepare_in_process
 
 QUALITY_FILE = "quality.json"  # read by the model card (stages/card.py)
 
@@ -35,7 +34,7 @@ def bundle_for(source: Path, workdir: Path, bits: int, group_size: int) -> Path:
     if (out / "bundle.json").exists():
         open_bundle(out)  # a damaged cached bundle is an error, not a silent re-use
         return out
-    prepare_sequential(source, out, bits, group_size)
+    prepare_in_process(PrepareOptions(str(source), out, expert_bits=bits, group_size=group_size))
     return out
 
 
@@ -103,7 +102,7 @@ def sweep(source: Path, workdir: Path, bits_list: list[int], k_list: list[int] |
             bundle_rows.append(row)
         # the card of each bundle shows its own rows (an optional file, outside the checksummed set)
         write_json_atomic(bundle / QUALITY_FILE, {"reference": str(source), "rows": [r.__dict__ for r in bundle_rows]})
-    (workdir / "sweep.md").write_text(markdown_table(rows) + "\n")
-    (workdir / "sweep.json").write_text(json.dumps([r.__dict__ for r in rows], indent=2))
+    write_atomic(workdir / "sweep.md", markdown_table(rows) + "\n")
+    write_json_atomic(workdir / "sweep.json", [r.__dict__ for r in rows], sort_keys=False)
     plot_rows(rows, workdir / "sweep.png")
     return rows

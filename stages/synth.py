@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from ..common.files import replace_dir, write_json_atomic
 from .synth_tokenizer import TokenizerInfo, build_tokenizer, write_tokenizer
 
 SUPPORTED_FAMILIES = ("qwen3_moe", "qwen3_5_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss")
@@ -958,18 +959,10 @@ def _shard_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    # sorted keys, 2-space indent: how transformers writes config.json
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _write_checkpoint(plan: SynthPlan, folder: Path, workers: int) -> None:
     tok = write_tokenizer(folder)
-    _write_json(folder / "config.json", plan.config)
-    _write_json(folder / "generation_config.json", _generation_config(tok))
+    write_json_atomic(folder / "config.json", plan.config, ensure_ascii=False)
+    write_json_atomic(folder / "generation_config.json", _generation_config(tok), ensure_ascii=False)
     n = len(plan.shards)
     weight_map = {}
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -978,26 +971,7 @@ def _write_checkpoint(plan: SynthPlan, folder: Path, workers: int) -> None:
             _write_shard(folder / name, shard, plan.seed, pool, window=2 * workers)
             weight_map.update({t.name: name for t in shard})
     index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-    _write_json(folder / "model.safetensors.index.json", index)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Rename `new` to `out`; an existing `out` is moved aside first and deleted afterwards."""
-    if not out.exists():
-        os.rename(new, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rename(out, old / out.name)
-    os.rename(new, out)
-    shutil.rmtree(old, ignore_errors=True)
+    write_json_atomic(folder / "model.safetensors.index.json", index, ensure_ascii=False)
 
 
 def synth_checkpoint(
@@ -1027,9 +1001,8 @@ def synth_checkpoint(
     try:
         _write_checkpoint(plan, tmp, workers or min(8, os.cpu_count() or 1))
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a checkpoint folder is normally shared
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(out.parent)
     return SynthResult(out, family, plan.config, plan.total_bytes, plan.expert_bytes)

@@ -3,17 +3,18 @@ layout, bundle.json), verify it, and only then rename it into place."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 
 import mlx.core as mx
 
+from ..common.files import atomic_path, is_temporary, replace_dir, write_json_atomic
+from ..common.versions import tool_versions
 from ..manifests.bundle import (
     BUNDLE_JSON,
     CONFIG_JSON,
+    EXPERTS_DIR,
     EXTENT_ALIGNMENT,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -22,11 +23,11 @@ from ..manifests.bundle import (
     ExpertExtent,
     expert_bytes_per_token,
     file_sha256,
-    write_json_atomic,
 )
 from ..manifests.checkpoint import SourceCheckpoint
 from ..manifests.layout import write_layout
 from ..manifests.open import Bundle, open_bundle
+from .pack import is_sidecar
 from .quantize import ExpertRecipe
 
 TOKENIZER_PATTERNS = (
@@ -88,21 +89,10 @@ def write_resident(ckpt: SourceCheckpoint, staging: Path, resident_bits: int | N
         weights = quantize_resident(weights, model, resident_bits, group_size)
         config["quantization"] = {"group_size": group_size, "bits": resident_bits, "mode": "affine"}
         config["quantization_config"] = config["quantization"]
-    tmp = staging / "resident.tmp.safetensors"
-    mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
-    os.replace(tmp, staging / RESIDENT_FILE)
+    with atomic_path(staging / RESIDENT_FILE) as tmp:
+        mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
     nbytes = sum(w.nbytes for w in weights.values())
     return config, nbytes
-
-
-def tool_versions() -> dict:
-    out = {}
-    for dist in ("moestream", "mlx", "mlx-lm", "safetensors", "pyarrow"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
 
 
 def write_bundle(
@@ -126,9 +116,9 @@ def write_bundle(
     files = {}
     for path in sorted(staging.rglob("*")):
         rel = path.relative_to(staging).as_posix()
-        if path.is_file() and rel != BUNDLE_JSON and not rel.endswith((".json.tmp", ".tmp")) and not (
-            rel.startswith("experts/") and rel.endswith(".json")
-        ):
+        if path.is_file() and is_temporary(path.name):
+            path.unlink()  # left by an interrupted run
+        elif path.is_file() and rel != BUNDLE_JSON and not is_sidecar(rel):
             # expert files are covered extent by extent in layout.parquet: hashing them whole too
             # would make every verify read the experts twice
             checksum = None if rel.startswith("experts/") else file_sha256(path)
@@ -170,16 +160,9 @@ def write_bundle(
 def finalize(staging: Path, out: Path, overwrite: bool = False) -> Bundle:
     """Verify the staged bundle, drop the resume sidecars, then rename it into place."""
     open_bundle(staging, verify=True)
-    for sidecar in (staging / "experts").glob("*.json"):
+    for sidecar in staging.glob(f"{EXPERTS_DIR}/*.json"):
         sidecar.unlink()
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-        trash = out.parent / f".{out.name}.old"
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(out, trash)
-        os.replace(staging, out)
-        shutil.rmtree(trash)
-    else:
-        os.replace(staging, out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    replace_dir(staging, out)
     return open_bundle(out)

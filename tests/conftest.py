@@ -13,11 +13,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def build_bundle(checkpoint: Path, out: Path, bits: int = 4, group_size: int = 64, resident_bits=None,
-                 order=None) -> Path:
-    """synth checkpoint -> bundle through the stage functions, in the flow's order."""
-    from moestream.stages.sequential import prepare_sequential
+                 **options) -> Path:
+    """checkpoint -> bundle with the preparation's steps in this process (the plain engine)."""
+    from moestream.stages.prepare import PrepareOptions, prepare_in_process
 
-    prepare_sequential(checkpoint, out, bits, group_size, resident_bits, orders=order)
+    prepare_in_process(PrepareOptions(str(checkpoint), out, expert_bits=bits, group_size=group_size,
+                                      resident_bits=resident_bits, **options))
     return out
 
 

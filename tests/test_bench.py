@@ -47,7 +47,7 @@ def test_bench_io_only_replays_a_trace(tmp_path, synth_dir, bundle_dir, capsys):
 
 
 def test_page_cache_residency_and_eviction(tmp_path):
-    from moestream.runtime.iobench import evict_page_cache, page_cache_bytes
+    from moestream.runtime.io.pagecache import evict_page_cache, page_cache_bytes
 
     f = tmp_path / "cached.bin"
     f.write_bytes(b"x" * (1 << 20))

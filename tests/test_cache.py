@@ -1,6 +1,8 @@
 import pytest
 
-from moestream.runtime.cache import POLICIES, CacheFullError, ExpertCache, LFUPolicy, LRUPolicy
+from moestream.runtime.cache.expert_cache import CacheFullError, ExpertCache
+from moestream.runtime.cache.policies import BASE_POLICIES as POLICIES
+from moestream.runtime.cache.policies import LFUPolicy, LRUPolicy
 
 
 def _fill(cache, keys, nbytes=10):

@@ -31,7 +31,7 @@ def scripted(*lines):
 
 
 def test_chat_loop_keeps_history_reuses_the_cache_and_resets(loaded, monkeypatch):
-    from moestream.runtime import chat
+    from moestream.runtime.frontends import chat
 
     model, tokenizer = loaded
     rendered, fed = [], []
@@ -75,7 +75,7 @@ def test_chat_loop_keeps_history_reuses_the_cache_and_resets(loaded, monkeypatch
 
 
 def test_eof_and_quit_end_the_loop(loaded):
-    from moestream.runtime.chat import chat_loop
+    from moestream.runtime.frontends.chat import chat_loop
 
     model, tokenizer = loaded
     for script in (scripted(), scripted("/quit", "never read")):
@@ -90,7 +90,7 @@ def test_cached_turn_matches_a_fresh_run_of_the_whole_conversation(loaded):
     from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    from moestream.runtime.chat import ChatSession
+    from moestream.runtime.frontends.chat import ChatSession
 
     model, tokenizer = loaded
     greedy = make_sampler(0.0)

@@ -66,8 +66,8 @@ def _budget_30pct(bundle_path, model_probe) -> int:
     stats = moestream.stats(model_probe)
     bundle = open_bundle(bundle_path)
     # 30% of the expert bytes for the cache, on top of what the budget reserves for the rest
-    expert_bytes_f32 = sum(model_probe._moestream.store.nbytes(layer, e) for (layer, e) in bundle.extents)
-    plan = model_probe._moestream.plan
+    expert_bytes_f32 = sum(moestream.runtime_of(model_probe).store.nbytes(layer, e) for (layer, e) in bundle.extents)
+    plan = moestream.runtime_of(model_probe).plan
     return int(stats["resident_bytes"] + stats["kv_reserve_bytes"] + plan.buffer_bytes + 0.3 * expert_bytes_f32)
 
 

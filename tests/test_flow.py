@@ -1,6 +1,11 @@
 """The Prefect flow end to end, in subprocesses as a user runs it: `moestream prepare` makes a
 verified bundle; killed with SIGKILL in the middle, a rerun resumes without redoing the finished
-layer and yields a bundle byte-identical to an uninterrupted run."""
+layer and yields a bundle byte-identical to an uninterrupted run; on Dask, the steps really run in
+worker processes, and every engine makes the same bundle.
+
+Steps are observed (and the kill injected) by a hook module the subprocess imports first: it wraps
+the step functions of stages/prepare.py, which the executors look up when they run. Dask workers
+import it too (through PYTHONPATH), because a task's function travels to them by its module name."""
 
 from __future__ import annotations
 
@@ -12,23 +17,53 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
+HOOKS = '''
+import os, signal
+import moestream.stages.prepare as prepare
+
+def _observed(name, real):
+    def step(plan, *args):
+        out = real(plan, *args)
+        with open(os.environ["MOESTREAM_TEST_STEPS"], "a") as f:
+            f.write(f"{name} {os.getpid()}\\n")
+        if name == "pack-layer" and os.environ.get("MOESTREAM_TEST_KILL_AFTER_LAYER") == str(args[0].layer):
+            os.kill(os.getpid(), signal.SIGKILL)  # like `kill -9` once this layer is on disk
+        return out
+    step.__name__ = step.__qualname__ = real.__name__  # found here by name, in Dask workers too
+    return step
+
+pack_layer_step = prepare.pack_layer_step = _observed("pack-layer", prepare.pack_layer_step)
+profile_shard = prepare.profile_shard = _observed("profile-shard", prepare.profile_shard)
+'''
+
 
 def _prepare(src: Path, out: Path, env: dict, extra=()) -> subprocess.CompletedProcess:
-    """Run `moestream prepare` in its own process group; output goes to a file, because a
-    SIGKILLed run leaves Prefect's embedded server behind holding any pipe open. Whatever the
-    run leaves behind is killed with the group."""
+    """Run `moestream prepare` in its own process group, the hook module imported first; output goes
+    to a file, because a SIGKILLed run leaves Prefect's embedded server behind holding any pipe open.
+    Whatever the run leaves behind is killed with the group. The result's `steps` are the
+    (step, process id) pairs the hooks saw, and `pid` the command's own process."""
     log = out.parent / f"{out.name}.log"
-    args = [sys.executable, "-m", "moestream.cli", "prepare", str(src), "--out", str(out), *extra]
+    steps = out.parent / f"{out.name}.steps"
+    steps.unlink(missing_ok=True)
+    argv = ["prepare", str(src), "--out", str(out), *extra]
+    code = f"import moestream_test_hooks; from moestream.cli import main; raise SystemExit(main({argv!r}))"
+    env = {**env, "MOESTREAM_TEST_STEPS": str(steps)}
     with open(log, "w") as f:
-        proc = subprocess.Popen(args, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         try:
-            code = proc.wait(timeout=300)
+            returncode = proc.wait(timeout=300)
         finally:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    return subprocess.CompletedProcess(args, code, log.read_text(), log.read_text())
+    result = subprocess.CompletedProcess(argv, returncode, log.read_text(), log.read_text())
+    result.pid = proc.pid
+    result.steps = [tuple(line.split()) for line in steps.read_text().splitlines()] if steps.exists() else []
+    return result
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -37,9 +72,13 @@ def _files(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def prefect_env(tmp_path):
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "moestream_test_hooks.py").write_text(HOOKS)
     env = dict(os.environ)
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # an isolated embedded server database
-    env.pop("MOESTREAM_FAULT_KILL_AFTER_LAYER", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hooks), env.get("PYTHONPATH")]))
+    env.pop("MOESTREAM_TEST_KILL_AFTER_LAYER", None)
     return env
 
 
@@ -49,7 +88,7 @@ def test_prepare_flow_resumes_after_kill_and_is_byte_identical(tmp_path, synth_d
     assert clean.returncode == 0, clean.stderr[-3000:]
 
     out = tmp_path / "resumed"
-    killed = _prepare(src, out, {**prefect_env, "MOESTREAM_FAULT_KILL_AFTER_LAYER": "0"})
+    killed = _prepare(src, out, {**prefect_env, "MOESTREAM_TEST_KILL_AFTER_LAYER": "0"})
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert not out.exists(), "an interrupted run must not leave a bundle in place"
     staged = out.parent / f".{out.name}.partial" / "experts" / "layer_000.bin"
@@ -69,13 +108,15 @@ def test_prepare_flow_resumes_after_kill_and_is_byte_identical(tmp_path, synth_d
     assert again.returncode == 2 and "exists" in again.stderr
 
 
-def test_prepare_on_local_dask_cluster_is_byte_identical(tmp_path, synth_dir, prefect_env):
+def test_prepare_on_local_dask_cluster_runs_in_workers_and_is_byte_identical(tmp_path, synth_dir, prefect_env):
     src = synth_dir("mixtral")
     seq = _prepare(src, tmp_path / "seq", prefect_env)
     assert seq.returncode == 0, seq.stderr[-3000:]
+    assert {pid for step, pid in seq.steps} == {str(seq.pid)}, "threads: every layer packed in the command's process"
     dask = _prepare(src, tmp_path / "dask", prefect_env, extra=("--workers", "2"))
     assert dask.returncode == 0, dask.stderr[-3000:]
-    assert "DaskTaskRunner" in dask.stdout or "dask" in dask.stdout.lower()
+    packed = [pid for step, pid in dask.steps if step == "pack-layer"]
+    assert len(packed) == 3 and str(dask.pid) not in packed, "Dask: every layer packed in a worker process"
     assert _files(tmp_path / "dask") == _files(tmp_path / "seq")
 
 
@@ -97,7 +138,8 @@ def test_profiling_shards_on_dask_give_the_same_layout(tmp_path, synth_dir, pref
     assert one.returncode == 0, one.stderr[-3000:]
     two = _prepare(src, tmp_path / "two", prefect_env, extra=("--profile", "--workers", "2"))
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "profile-shard" in two.stdout
+    shards = [pid for step, pid in two.steps if step == "profile-shard"]
+    assert len(shards) == 2 and str(two.pid) not in shards, "two shards, each profiled in a worker process"
     a, b = _files(tmp_path / "one"), _files(tmp_path / "two")
     for name in ("layout.parquet", "experts/layer_000.bin", "experts/layer_002.bin", "profile/frequency.parquet"):
         assert a[name] == b[name], name

@@ -15,8 +15,8 @@ from hf_fake import FakeHub, disable_xet, hub_env, repo_folder
 import moestream
 from moestream.manifests.bundle import BundleError
 from moestream.manifests.layout import read_layout
-from moestream.runtime import hub as hub_module
-from moestream.runtime.hub import HubError, resolve_bundle, verified_cache_dir
+from moestream.runtime.io import hub as hub_module
+from moestream.runtime.io.hub import HubError, resolve_bundle, verified_cache_dir
 from moestream.stages.publish import publish_bundle
 
 TOKEN = "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7"
@@ -125,7 +125,7 @@ def test_offline_with_nothing_cached(hub, monkeypatch):
 
 
 def test_unknown_repo_and_network_down(hub):
-    with pytest.raises(HubError, match=r"org/missing: no such folder, and no such repo on the Hub"):
+    with pytest.raises(HubError, match=r"org/missing: no such local folder, and no such repo on the Hub"):
         resolve("org/missing")
     hub.down = True
     with pytest.raises(HubError, match=r"could not reach the Hub .* ConnectError"):
@@ -185,6 +185,6 @@ def test_local_folders_and_what_is_not_a_source(bundle, hub, tmp_path):
     for bad in ("not-a-repo", "a/b/c", "org/bad--name", ""):
         with pytest.raises(HubError):
             resolve(bad)
-    with pytest.raises(HubError, match="no such folder"):
+    with pytest.raises(HubError, match="no such local folder"):
         resolve(tmp_path / "org" / "name")  # a Path is never a repo id
     assert issubclass(HubError, ValueError)

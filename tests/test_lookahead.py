@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import moestream
-from moestream.runtime.lookahead import measure_lookahead
+from moestream.runtime.measure.lookahead import measure_lookahead
 
 TOKENS = [3, 17, 42, 7, 99, 5, 23, 64, 11, 2, 31, 8] * 8
 
@@ -14,8 +14,8 @@ TOKENS = [3, 17, 42, 7, 99, 5, 23, 64, 11, 2, 31, 8] * 8
 def test_lookahead_counts_are_consistent(family, bundle_dir):
     model, _ = moestream.load(bundle_dir(family))
     stats = measure_lookahead(model, TOKENS)
-    k = model._moestream.experts_per_token
-    n_moe = len(model._moestream.store.layers)
+    k = moestream.runtime_of(model).experts_per_token
+    n_moe = len(moestream.runtime_of(model).store.layers)
     assert stats.routed == len(TOKENS) * k * (n_moe - 1)  # every layer after the first is predicted
     assert stats.predicted == stats.routed
     assert 0 <= stats.hits <= stats.routed
@@ -28,11 +28,11 @@ def test_router_of_picks_the_experts_the_block_routes(family, bundle_dir):
     import mlx.core as mx
     import numpy as np
 
-    from moestream.runtime.load import resolve_module
-    from moestream.runtime.lookahead import router_of
+    from moestream.runtime.model.lookahead import router_of
+    from moestream.runtime.model.modules import resolve_module
 
     model, _ = moestream.load(bundle_dir(family))
-    rt = model._moestream
+    rt = moestream.runtime_of(model)
     seen = []
 
     def observe(layer, x, indices):
@@ -50,10 +50,10 @@ def test_router_of_picks_the_experts_the_block_routes(family, bundle_dir):
 def test_prefetch_keeps_results_exact_and_counts_use(family, bundle_dir):
     import mlx.core as mx
 
-    from moestream.runtime.budget import parse_bytes  # noqa: F401
+    from moestream.common.units import parse_bytes  # noqa: F401
 
     probe, _ = moestream.load(bundle_dir(family))
-    p = probe._moestream.plan
+    p = moestream.runtime_of(probe).plan
     budget = p.resident_bytes + p.kv_reserve_bytes + p.buffer_bytes + 3 * p.min_layer_bytes
     plain, _ = moestream.load(bundle_dir(family), memory_budget=budget)
     fetching, _ = moestream.load(bundle_dir(family), memory_budget=budget, prefetch=True)

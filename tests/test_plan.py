@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import mlx.core as mx
 import pytest
+from conftest import build_bundle
 from mlx_lm.models.switch_layers import SwitchLinear
 from mlx_lm.utils import load_model
 
 import moestream
 from moestream.manifests.open import open_bundle
-from moestream.stages.plan import BitPlan, allocate, expert_errors, quantized_nbytes
-from moestream.stages.sequential import prepare_sequential
+from moestream.stages.bits import BitPlan, allocate, expert_errors, quantized_nbytes
 
 PROMPT = [3, 17, 42, 7, 99, 5, 23, 64, 11, 2, 31, 8] * 4
 
@@ -57,15 +59,13 @@ def _dequantized_reference(checkpoint, plan, group_size=64):
 def test_mixed_bit_bundle_streams_like_the_dequantized_reference(tmp_path, synth_dir, budget):
     src = synth_dir("qwen3_moe")
     plan = {(layer, e): (2, 4, 8)[(layer + e) % 3] for layer in range(3) for e in range(16)}
-    bundle = prepare_sequential(src, tmp_path / "mixed", bits=4, plan=plan)
-    assert open_bundle(bundle.root).meta["experts"]["bits"] == "mixed"
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps(BitPlan(plan, 0, 0.0).to_json()))
+    bundle = build_bundle(src, tmp_path / "mixed", bits=4, bits_plan=plan_file)
+    assert open_bundle(bundle).meta["experts"]["bits"] == "mixed"
     ref = _dequantized_reference(src, plan)
-    memory_budget = None
-    if budget:
-        probe, _ = moestream.load(bundle.root)
-        p = probe._moestream.plan
-        memory_budget = p.resident_bytes + p.kv_reserve_bytes + p.buffer_bytes + p.min_layer_bytes
-    model, _ = moestream.load(bundle.root, memory_budget=memory_budget)
+    memory_budget = moestream.plan_memory(bundle).minimum_bytes if budget else None
+    model, _ = moestream.load(bundle, memory_budget=memory_budget)
     a, b = ref(mx.array([PROMPT])), model(mx.array([PROMPT]))
     # gather_qmm vs dequantized matmul: same math, different summation order
     assert float(mx.abs(a - b).max()) <= 1e-4 * float(mx.abs(a).max())

@@ -12,20 +12,26 @@ from mlx_lm.models.switch_layers import SwitchGLU
 from oracle import reference_model
 
 import moestream
-from moestream.runtime.trace import TraceRecorder, arrays_to_table, read_trace, trace_arrays, write_trace
+from moestream.manifests.profile import (
+    arrays_to_table,
+    read_aggregates,
+    read_trace,
+    trace_arrays,
+    write_aggregates,
+    write_trace,
+)
+from moestream.runtime.measure.layout import measure_layout
+from moestream.runtime.measure.trace import TraceRecorder
 from moestream.stages.profile import (
     CalibrationError,
     aggregate,
     calibration_sequences,
     load_calibration,
     profile_model,
-    read_aggregates,
     summarize,
-    write_aggregates,
 )
 from moestream.stages.seriate import (
     adjacency_score,
-    measure_layout,
     order_experts,
     profile_orders,
     split_trace,
@@ -70,7 +76,7 @@ def test_trace_matches_mlx_lm_router_indices_and_weights(synth_dir, monkeypatch)
         mx.eval(model(mx.array([PROMPT])))
     table = rec.table()
     t = trace_arrays(table)
-    layers = sorted(model._moestream.store.layers)
+    layers = sorted(moestream.runtime_of(model).store.layers)
     k = json.loads((ck / "config.json").read_text())["num_experts_per_tok"]
     assert len(t) == len(PROMPT) * len(layers) and t.k == k
     assert set(zip(t.token.tolist(), t.layer.tolist(), strict=True)) == {(i, la) for i in range(len(PROMPT)) for la in layers}
@@ -96,7 +102,7 @@ def test_trace_indices_match_mlx_lm_other_families(family, synth_dir, monkeypatc
     with TraceRecorder(model) as rec:
         mx.eval(model(mx.array([PROMPT])))
     t = trace_arrays(rec.table())
-    layers = sorted(model._moestream.store.layers)
+    layers = sorted(moestream.runtime_of(model).store.layers)
     assert len(t) == len(PROMPT) * len(layers)
     for i, layer in enumerate(layers):
         assert (t.experts[t.layer == layer] == ref_idx[i].reshape(-1, t.k)).all()
@@ -118,7 +124,7 @@ def test_trace_numbers_decode_tokens_after_prefill(bundle_dir, tmp_path):
         mx.eval(model(mx.array([PROMPT[:4], PROMPT[4:8]])))  # a batch: two more sequences
     table = read_trace(write_trace(rec.table(), tmp_path / "t.parquet"))
     t = trace_arrays(table)
-    n_layers = len(model._moestream.store.layers)
+    n_layers = len(moestream.runtime_of(model).store.layers)
     assert sorted(set(t.token[t.seq == 0].tolist())) == list(range(9))
     assert (np.unique(t.seq) == [0, 1, 2]).all() and (t.seq == 2).sum() == 4 * n_layers
     assert t.weights is None and table.column("weights").null_count == len(t)
@@ -132,7 +138,7 @@ def _random_trace(rng, seqs=6, length=40, layers=(0, 1, 2), E=16, k=4) -> pa.Tab
                 p = np.linspace(2, 0.2, E)
                 p /= p.sum()
                 rows.append((s, tok, layer, rng.choice(E, k, replace=False, p=p)))
-    from moestream.runtime.trace import TraceArrays
+    from moestream.manifests.profile import TraceArrays
 
     ex = np.array([r[3] for r in rows])
     w = rng.random(ex.shape).astype(np.float32)
@@ -242,7 +248,7 @@ def test_profile_order_reads_less_than_identity_on_held_out_trace():
     E, k = 32, 4
     groups, ex = _planted(rng, E, k, tokens=4000)
     n = len(ex)
-    from moestream.runtime.trace import TraceArrays
+    from moestream.manifests.profile import TraceArrays
 
     t = TraceArrays(np.arange(n) // 100, np.arange(n) % 100, np.zeros(n, int), ex, None, None, E, [0])
     cal, held = split_trace(arrays_to_table(t), holdout=0.25)
@@ -259,11 +265,15 @@ def test_profile_order_reads_less_than_identity_on_held_out_trace():
 
 
 def test_measure_layout_counts_runs_exactly():
-    from moestream.runtime.trace import TraceArrays
+    from moestream.manifests.profile import TraceArrays
 
     ex = np.array([[0, 1, 2, 3], [0, 2, 4, 6], [5, 4, 7, 6]])
     t = TraceArrays(np.zeros(3, int), np.arange(3), np.zeros(3, int), ex, None, None, 8, [0])
-    m = measure_layout(t, None, 16384)  # extents exactly one alignment unit: touching
+    # extents exactly one alignment unit: touching; with no coalescing gap only touching ones merge
+    m = measure_layout(t, None, 16384, coalesce_gap=0)
     assert m["reads"] == 1 + 4 + 1 and m["bytes_read"] == 12 * 16384
-    m = measure_layout(t, {0: [0, 2, 4, 6, 1, 3, 5, 7]}, 16384)
+    m = measure_layout(t, {0: [0, 2, 4, 6, 1, 3, 5, 7]}, 16384, coalesce_gap=0)
     assert m["reads"] == 2 + 1 + 2
+    # the runtime's gap (one alignment unit) also reads across one skipped extent: 0,2,4,6 in one read
+    m = measure_layout(t, None, 16384)
+    assert m["reads"] == 1 + 1 + 1 and m["bytes_read"] == (4 + 7 + 4) * 16384

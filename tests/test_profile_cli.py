@@ -8,7 +8,6 @@ from conftest import build_bundle
 
 from moestream.cli import main
 from moestream.manifests.open import open_bundle
-from moestream.stages.sequential import prepare_sequential
 
 
 def test_profile_then_profile_ordered_bundle_then_replay(tmp_path, synth_dir, capsys):
@@ -16,8 +15,8 @@ def test_profile_then_profile_ordered_bundle_then_replay(tmp_path, synth_dir, ca
     prof = tmp_path / "prof"
     assert main(["profile", str(src), "--out", str(prof), "--max-tokens", "512"]) == 0
     assert (prof / "trace.parquet").is_file() and (prof / "summary.json").is_file()
-    bundle = prepare_sequential(src, tmp_path / "ordered", profile_dir=prof)
-    meta = open_bundle(bundle.root, verify=True).meta
+    bundle = open_bundle(build_bundle(src, tmp_path / "ordered", profile=prof), verify=True)
+    meta = bundle.meta
     assert meta["layout"]["order"] == "profile" and "profile" in meta
     assert any(f.startswith("profile/") for f in meta["files"])
     # the file order follows the profile, not the expert ids, in at least one layer

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moestream.runtime.reader import ALIGN, ExtentReader, ReadError, ReadRequest
+from moestream.runtime.io.reader import ALIGN, ExtentReader, ReadError, ReadRequest
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="Linux O_DIRECT tests")
 

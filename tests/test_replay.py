@@ -8,19 +8,20 @@ import numpy as np
 import pytest
 
 from moestream.manifests.open import open_bundle
-from moestream.runtime.cache import ExpertCache, LRUPolicy
-from moestream.runtime.policies import (
+from moestream.manifests.profile import TraceArrays, arrays_to_table, trace_arrays
+from moestream.runtime.cache.expert_cache import ExpertCache
+from moestream.runtime.cache.policies import (
     FrequencyPriorPolicy,
     FrequencyTable,
     HotSetPolicy,
     LRFUPolicy,
+    LRUPolicy,
     configure_policy,
     make_policy,
 )
-from moestream.runtime.reader import ExtentReader
-from moestream.runtime.replay import replay
-from moestream.runtime.streaming import ExpertStreamer
-from moestream.runtime.trace import TraceArrays, arrays_to_table, trace_arrays
+from moestream.runtime.io.reader import ExtentReader
+from moestream.runtime.measure.replay import replay
+from moestream.runtime.model.streaming import ExpertStreamer
 
 
 def _skewed_trace(seed: int, tokens: int, layers, E: int = 16, k: int = 4):
@@ -80,7 +81,7 @@ def _simple_lru(trace, sizes: dict, offsets: dict, capacity: int):
 def tiny(bundle_dir):
     path = bundle_dir("qwen3_moe")
     b = open_bundle(path)
-    from moestream.runtime.stores import BundleStore
+    from moestream.runtime.io.stores import BundleStore
 
     store = BundleStore(b, None)
     sizes = {key: store.nbytes(*key) for key in b.extents}
@@ -201,7 +202,8 @@ def test_profile_policies_by_name_and_their_choices(tmp_path):
     assert lrfu.victim(lambda key: key in {(0, 0), (0, 1)}) == (0, 1)
 
     # a profile folder's frequency.parquet is a profile too
-    from moestream.stages.profile import aggregate, write_aggregates
+    from moestream.manifests.profile import write_aggregates
+    from moestream.stages.profile import aggregate
 
     agg = aggregate(_skewed_trace(4, 30, [0, 1]))
     write_aggregates(agg, tmp_path)

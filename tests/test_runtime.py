@@ -11,7 +11,8 @@ import pytest
 from oracle import greedy_tokens, reference_model
 
 import moestream
-from moestream.runtime.budget import BudgetError, parse_bytes
+from moestream.common.units import parse_bytes
+from moestream.runtime.model.budget import BudgetError
 
 PROMPT = [3, 17, 42, 7, 99, 5, 23, 64, 11, 2, 31, 8]
 
@@ -21,7 +22,7 @@ def test_checkpoint_store_runs_source_checkpoint_like_mlx_lm(family, synth_dir):
     """An unprepared checkpoint streams its experts from the source safetensors at source precision."""
     ref = reference_model(synth_dir(family), bits=None)
     model, _ = moestream.load(synth_dir(family), memory_budget=None)
-    assert model._moestream.kind == "checkpoint"
+    assert moestream.runtime_of(model).kind == "checkpoint"
     a, b = ref(mx.array([PROMPT])), model(mx.array([PROMPT]))
     assert float(mx.abs(a - b).max()) <= 1e-5 * float(mx.abs(a).max())
     assert moestream.stats(model)["bytes_read"] > 0
@@ -45,7 +46,7 @@ def test_experts_per_token_matches_mlx_lm_built_with_that_top_k(tmp_path, synth_
 
 def test_budget_too_small_is_refused_with_the_minimum(bundle_dir):
     model, _ = moestream.load(bundle_dir("qwen3_moe"))
-    plan = model._moestream.plan
+    plan = moestream.runtime_of(model).plan
     minimum = plan.resident_bytes + plan.kv_reserve_bytes + plan.buffer_bytes + plan.min_layer_bytes
     with pytest.raises(BudgetError, match=f"need at least .*\\({minimum} bytes\\)"):
         moestream.load(bundle_dir("qwen3_moe"), memory_budget=minimum - 1)
@@ -61,13 +62,13 @@ def test_parse_bytes():
     assert parse_bytes(1234) == 1234
     assert parse_bytes(None) is None
     for bad in ("six", "-1GB", "5 parsecs", 0):
-        with pytest.raises(BudgetError):
+        with pytest.raises(ValueError, match="memory size"):
             parse_bytes(bad)
 
 
 @pytest.mark.parametrize("io_mode", ["direct", "buffered"])
 def test_stats_fields_and_io_modes(io_mode, bundle_dir):
-    model, _ = moestream.load(bundle_dir("qwen3_moe"), io_mode=io_mode, memory_budget="50MB")
+    model, _ = moestream.load(bundle_dir("qwen3_moe"), io=moestream.IOOptions(mode=io_mode), memory_budget="50MB")
     model(mx.array([PROMPT]))
     s = moestream.stats(model)
     for key in ("bytes_read", "reads", "mean_read_bytes", "cache_hits", "cache_misses", "hit_rate", "io_wait_s",
@@ -81,7 +82,7 @@ def test_each_distinct_expert_read_once_per_call(bundle_dir):
     model, _ = moestream.load(bundle_dir("qwen3_moe"))
     model(mx.array([PROMPT * 6]))  # 72 tokens x top-4: many repeats of each expert
     s = moestream.stats(model)
-    n_layers = len(model._moestream.store.layers)
+    n_layers = len(moestream.runtime_of(model).store.layers)
     assert s["cache_misses"] <= n_layers * 16 and s["cache_hits"] == 0
 
 
@@ -109,7 +110,7 @@ def test_generate_cli_bad_bundle_is_one_line_error(tmp_path, capsys):
 def test_unbounded_budget_holds_fully_loaded_layers_whole_and_stays_exact(synth_dir, bundle_dir):
     model, _ = moestream.load(bundle_dir("qwen3_moe"))
     model(mx.array([list(range(3, 300))]))  # enough different tokens to route to every expert
-    rt = model._moestream
+    rt = moestream.runtime_of(model)
     assert set(rt.streamer.whole) == set(rt.store.layers)
     misses = moestream.stats(model)["cache_misses"]
     ref = reference_model(synth_dir("qwen3_moe"), bits=4)
@@ -125,7 +126,7 @@ def test_unbounded_budget_holds_fully_loaded_layers_whole_and_stays_exact(synth_
 def test_checkpoint_store_reads_each_range_once_and_counts_memory_held(family, synth_dir):
     """A fused gate_up row is read once for both halves; nbytes is what the arrays hold."""
     model, _ = moestream.load(synth_dir(family))
-    store = model._moestream.store
+    store = moestream.runtime_of(model).store
     layer = next(iter(store.layers))
     before = store.reader.stats()["requests"]
     arrays = store.read(layer, [0, 1])
@@ -140,27 +141,27 @@ def test_experts_are_read_straight_into_mlx_memory_and_every_path_is_exact(synth
     """read_into="arrays" (default): no copy of expert bytes (the host path's unpack_extent is never
     called); "host" and the device staging copy give the same logits as mlx-lm, under a budget
     small enough to evict."""
-    import moestream.runtime.stores as stores
+    import moestream.runtime.io.stores as stores
 
     ref = reference_model(synth_dir("qwen3_moe"), bits=4)
     want = ref(mx.array([PROMPT * 3]))
-    plan = moestream.load(bundle_dir("qwen3_moe"))[0]._moestream.plan
+    plan = moestream.runtime_of(moestream.load(bundle_dir("qwen3_moe"))[0]).plan
     budget = plan.resident_bytes + plan.kv_reserve_bytes + plan.buffer_bytes + 2 * plan.min_layer_bytes
     for kw in ({}, {"read_into": "host"}, {"stage_on_device": True}, {"read_into": "host", "stage_on_device": True}):
         with monkeypatch.context() as m:
             if kw.get("read_into", "arrays") == "arrays":
                 m.setattr(stores, "unpack_extent", lambda *a: pytest.fail("expert bytes were copied"))
-            model, _ = moestream.load(bundle_dir("qwen3_moe"), memory_budget=budget, **kw)
+            model, _ = moestream.load(bundle_dir("qwen3_moe"), memory_budget=budget, io=moestream.IOOptions(**kw))
             got = model(mx.array([PROMPT * 3]))
             assert moestream.stats(model)["evictions"] > 0, kw
         assert float(mx.abs(want - got).max()) <= 1e-5 * float(mx.abs(want).max()), kw
-    with pytest.raises(ValueError, match="read_into"):
-        moestream.load(bundle_dir("qwen3_moe"), read_into="disk")
+    with pytest.raises(moestream.MoestreamError, match="read_into"):
+        moestream.load(bundle_dir("qwen3_moe"), io=moestream.IOOptions(read_into="disk"))
 
 
 def test_tensors_read_into_arrays_are_views_of_one_aligned_buffer(bundle_dir):
     model, _ = moestream.load(bundle_dir("qwen3_moe"))
-    store = model._moestream.store
+    store = moestream.runtime_of(model).store
     experts = store.read(0, [1, 5])
     import numpy as np
 
@@ -176,16 +177,16 @@ def test_tensors_read_into_arrays_are_views_of_one_aligned_buffer(bundle_dir):
 
 
 def test_staging_slots_are_reused_and_given_back_after_a_failed_read(tmp_path, bundle_dir):
-    from moestream.runtime.reader import ReadError
-    from moestream.runtime.staging import cuda_advice
+    from moestream.runtime.io.reader import ReadError
+    from moestream.runtime.io.staging import cuda_advice
 
-    model, _ = moestream.load(bundle_dir("qwen3_moe"), memory_budget=None, stage_on_device=True)
-    store = model._moestream.store
-    k = model._moestream.experts_per_token
+    model, _ = moestream.load(bundle_dir("qwen3_moe"), memory_budget=None, io=moestream.IOOptions(stage_on_device=True))
+    store = moestream.runtime_of(model).store
+    k = moestream.runtime_of(model).experts_per_token
     for layer in store.layers:  # decode-sized batches: one layer's k experts
         store.read(layer, list(range(k)))
     assert store.staging.allocations <= k, "slots are reused from one batch to the next"
-    plan = model._moestream.plan
+    plan = moestream.runtime_of(model).plan
     idle = sum(s[1].nbytes for s in store.staging._free)
     assert 0 < idle <= plan.buffer_bytes + k * 4096, "idle slots are the budget's read buffers (+ alignment)"
     if not mx.cuda.is_available():
@@ -193,8 +194,8 @@ def test_staging_slots_are_reused_and_given_back_after_a_failed_read(tmp_path, b
 
     bad = tmp_path / "bad"
     shutil.copytree(bundle_dir("qwen3_moe"), bad)
-    model, _ = moestream.load(bad, stage_on_device=True)
-    store = model._moestream.store
+    model, _ = moestream.load(bad, io=moestream.IOOptions(stage_on_device=True))
+    store = moestream.runtime_of(model).store
     last = max(store.bundle.extents.values(), key=lambda x: (x.file, x.offset))
     path = store.bundle.path(last.file)
     with open(path, "r+b") as f:

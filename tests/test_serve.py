@@ -25,8 +25,8 @@ def served(bundle_dir):
     """(handle, model, tokenizer): the server on 127.0.0.1 with a free port, and a memory budget
     whose expert cache holds a quarter of the experts."""
     import moestream
-    from moestream.runtime.load import runtime_of
-    from moestream.runtime.serve import start_server
+    from moestream.runtime.frontends.serve import start_server
+    from moestream.runtime.model.load import runtime_of
 
     bundle = bundle_dir("qwen3_moe")
     model, _ = moestream.load(bundle, dtype="float32")
@@ -211,7 +211,7 @@ def test_shutdown_frees_the_port(bundle_dir):
     import socket
 
     import moestream
-    from moestream.runtime.serve import start_server
+    from moestream.runtime.frontends.serve import start_server
 
     model, tokenizer = moestream.load(bundle_dir("qwen3_moe"), dtype="float32")
     with start_server(model, tokenizer, host="127.0.0.1", port=0) as handle:
@@ -223,10 +223,10 @@ def test_shutdown_frees_the_port(bundle_dir):
 
 
 def test_serve_command(bundle_dir, monkeypatch, capsys):
-    """`moestream serve BUNDLE ...` (the CLI's parser, our serve()): prints the URL and the budget,
-    serves, and stops cleanly when its server is shut down."""
-    from moestream.cli import build_parser
-    from moestream.runtime import serve as serve_module
+    """`moestream serve BUNDLE ...` (the CLI's command): prints the URL and the budget, serves, and
+    stops cleanly when its server is shut down."""
+    from moestream.cli import build_parser, cmd_serve
+    from moestream.runtime.frontends import serve as serve_module
 
     started, real_start = [], serve_module.start_server
 
@@ -237,7 +237,7 @@ def test_serve_command(bundle_dir, monkeypatch, capsys):
     monkeypatch.setattr(serve_module, "start_server", start_server)
     args = build_parser().parse_args(["serve", str(bundle_dir("qwen3_moe")), "--port", "0", "--dtype", "float32",
                                       "--memory-budget", "8MB", "--io-mode", "buffered"])
-    thread = threading.Thread(target=serve_module.serve, args=(args,), daemon=True)
+    thread = threading.Thread(target=cmd_serve, args=(args,), daemon=True)
     thread.start()
     try:
         for _ in range(600):

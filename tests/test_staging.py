@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moestream.runtime.staging import CudaAdvice, StagingPool, bytes_at
+from moestream.runtime.io.staging import CudaAdvice, StagingPool, bytes_at
 
 
 class FakeCudart:

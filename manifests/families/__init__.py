@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ...common.errors import MoestreamError
 from . import deepseek_v3, gpt_oss, mixtral, olmoe, qwen3_5_moe, qwen3_moe
 from .base import ExpertSlice, Family, ModelDims
 
@@ -10,8 +11,8 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-class UnsupportedFamily(ValueError):
-    pass
+class UnsupportedFamily(MoestreamError, ValueError):
+    """The checkpoint is not a Mixture-of-Experts model moestream can prepare."""
 
 
 def family_for_config(config: dict) -> Family:

@@ -18,8 +18,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import _gather_sort, _scatter_unsort
 
-from .cache import CacheFullError, ExpertCache
-from .stores import ProjectionQuant
+from ..cache.expert_cache import CacheFullError, ExpertCache
+from ..io.stores import ProjectionQuant
 
 
 class ExpertStreamer:
@@ -67,6 +67,22 @@ class ExpertStreamer:
 
     def enable_prefetch(self) -> None:
         self._prefetch_pool = ThreadPoolExecutor(1, thread_name_prefix="moestream-prefetch")
+
+    @property
+    def prefetching(self) -> bool:
+        return self._prefetch_pool is not None
+
+    def reset_stats(self) -> None:
+        self.sync_s = self.fetch_s = self.compute_s = self.attention_s = 0.0
+        self.calls = 0
+
+    def close(self) -> None:
+        """Stop prefetching and drop every cached expert and whole layer."""
+        if self._prefetch_pool is not None:
+            self._prefetch_pool.shutdown(wait=True)
+            self._prefetch_pool = None
+        self.whole.clear()
+        self.cache.clear()
 
     def prefetch(self, layer: int, experts) -> None:
         """Start reading experts of `layer` into the cache in the background (not pinned)."""

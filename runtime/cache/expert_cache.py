@@ -7,18 +7,21 @@ raises instead of growing, because that means the caller sized the budget wrong.
 Pins are counted (pin twice, unpin twice) so that independent users (the layer being computed,
 a hot set from the profile) can pin the same expert. A key may be pinned before it is inserted.
 
-A policy only orders keys; the cache owns values, sizes, pins and the byte accounting.
+A policy only orders keys; the cache owns values, sizes, pins and the byte accounting. Policies
+(LRU, LFU and those that use a routing profile) are in policies.py.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Hashable
 from typing import Any, Protocol
 
+from ...common.errors import MoestreamError
 
-class CacheFullError(RuntimeError):
+
+class CacheFullError(MoestreamError, RuntimeError):
     """Nothing evictable is left and the new item still does not fit."""
 
 
@@ -33,83 +36,16 @@ class CachePolicy(Protocol):
     def victim(self, evictable: Callable[[Hashable], bool]) -> Hashable | None: ...
 
 
-class LRUPolicy:
-    """Least recently used first; O(1) per operation (an OrderedDict, oldest first)."""
-
-    def __init__(self) -> None:
-        self._order: OrderedDict[Hashable, None] = OrderedDict()
-
-    def on_insert(self, key: Hashable) -> None:
-        self._order[key] = None
-        self._order.move_to_end(key)
-
-    def on_access(self, key: Hashable) -> None:
-        self._order.move_to_end(key)
-
-    def on_remove(self, key: Hashable) -> None:
-        del self._order[key]
-
-    def victim(self, evictable: Callable[[Hashable], bool]) -> Hashable | None:
-        # Pinned keys are few (one layer's experts, a hot set), so the scan stops early.
-        return next((k for k in self._order if evictable(k)), None)
-
-
-class LFUPolicy:
-    """Least frequently used first, ties broken by recency (least recent first).
-    Keys live in one OrderedDict per access count; a new key starts at count 1."""
-
-    def __init__(self) -> None:
-        self._count: dict[Hashable, int] = {}
-        self._buckets: dict[int, OrderedDict[Hashable, None]] = {}
-
-    def on_insert(self, key: Hashable) -> None:
-        if key in self._count:
-            self.on_access(key)
-            return
-        self._count[key] = 1
-        self._buckets.setdefault(1, OrderedDict())[key] = None
-
-    def on_access(self, key: Hashable) -> None:
-        n = self._count[key]
-        self._unlink(key, n)
-        self._count[key] = n + 1
-        self._buckets.setdefault(n + 1, OrderedDict())[key] = None
-
-    def on_remove(self, key: Hashable) -> None:
-        self._unlink(key, self._count.pop(key))
-
-    def victim(self, evictable: Callable[[Hashable], bool]) -> Hashable | None:
-        for n in sorted(self._buckets):
-            k = next((k for k in self._buckets[n] if evictable(k)), None)
-            if k is not None:
-                return k
-        return None
-
-    def _unlink(self, key: Hashable, n: int) -> None:
-        bucket = self._buckets[n]
-        del bucket[key]
-        if not bucket:
-            del self._buckets[n]
-
-
-POLICIES: dict[str, type] = {"lru": LRUPolicy, "lfu": LFUPolicy}
-
-
-def make_policy(policy: str | CachePolicy) -> CachePolicy:
-    if not isinstance(policy, str):
-        return policy
-    try:
-        return POLICIES[policy]()
-    except KeyError:
-        raise ValueError(f"unknown cache policy {policy!r}; known: {sorted(POLICIES)}") from None
-
-
 class ExpertCache:
     def __init__(self, capacity_bytes: int | None, policy: str | CachePolicy = "lru"):
         if capacity_bytes is not None and capacity_bytes < 0:
             raise ValueError(f"capacity_bytes must be >= 0 or None, got {capacity_bytes}")
         self.capacity_bytes = capacity_bytes  # None: unbounded
-        self.policy = make_policy(policy)
+        if isinstance(policy, str):
+            from .policies import make_policy
+
+            policy = make_policy(policy)
+        self.policy = policy
         self._values: dict[Hashable, Any] = {}
         self._sizes: dict[Hashable, int] = {}
         self._pins: Counter[Hashable] = Counter()

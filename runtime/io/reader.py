@@ -37,6 +37,8 @@ from typing import Self
 
 import numpy as np
 
+from ...common.errors import MoestreamError
+
 ALIGN = 4096  # O_DIRECT needs 512; 4096 covers 4K-sector drives and is the page size
 # One coalesced read is capped: a single huge syscall serialises on one thread and Linux
 # caps one read at ~2 GiB anyway.
@@ -67,7 +69,7 @@ class ReadRequest:
     label: str = ""  # names the extent in errors, e.g. "layer 3 expert 17 (experts/layer_003.bin)"
 
 
-class ReadError(IOError):
+class ReadError(MoestreamError, IOError):
     """A request could not be satisfied: names the extent (label), the file, offset, wanted and
     got bytes, so a truncated or damaged bundle points at the bad row, not at a syscall."""
 
@@ -77,6 +79,10 @@ class ReadError(IOError):
             f"{label or 'extent'}: {reason}: file {path}, offset {offset}, "
             f"wanted {wanted} bytes, got {got}"
         )
+
+
+class ReaderClosedError(MoestreamError, ValueError):
+    """A read was asked of a closed reader (its model was closed)."""
 
 
 @dataclass
@@ -107,12 +113,32 @@ class _Group:
     finished: bool = False
 
 
-def _align_down(x: int) -> int:
+def plan_reads(spans: list[tuple[str, int, int]], coalesce_gap: int, max_read_bytes: int,
+               separate: bool = False) -> list[tuple[str, int, int, list[int]]]:
+    """How the reader turns byte ranges into reads: sorted by (file, offset), ranges that touch,
+    overlap or lie within `coalesce_gap` of each other merge into one read of at most
+    `max_read_bytes`. spans: (file, start, end) per request (in direct mode, already aligned).
+    Returns (file, start, end, indices of the spans it covers) per read. `separate`: spans may not
+    overlap within a read (each is read into its own target)."""
+    reads: list[tuple[str, int, int, list[int]]] = []
+    for i in sorted(range(len(spans)), key=lambda i: (spans[i][0], spans[i][1])):
+        path, start, end = spans[i]
+        if reads:
+            p, s, e, members = reads[-1]
+            if (p == path and start <= e + coalesce_gap and max(end, e) - s <= max_read_bytes
+                    and not (separate and start < e)):
+                reads[-1] = (p, s, max(e, end), members + [i])
+                continue
+        reads.append((path, start, end, [i]))
+    return reads
+
+
+def align_down(x: int) -> int:
     return x - x % ALIGN
 
 
-def _align_up(x: int) -> int:
-    return _align_down(x + ALIGN - 1)
+def align_up(x: int) -> int:
+    return align_down(x + ALIGN - 1)
 
 
 def _open_direct(path: str) -> int:
@@ -275,7 +301,7 @@ class ExtentReader:
         and returns one writable buffer per need, at least that large (ALIGN-aligned in direct
         mode); the views handed out are slices of them."""
         if self._closed:
-            raise ValueError("ExtentReader is closed")
+            raise ReaderClosedError("the expert reader is closed (the model was closed): load the model again")
         t0 = time.perf_counter()
         try:
             return self._read(requests, convert, into)
@@ -357,29 +383,20 @@ class ExtentReader:
         h = self._acquire(r)
         self._release(h, 0, 0)
         if h.direct:
-            return _align_down(r.offset), _align_up(r.offset + r.nbytes)
+            return align_down(r.offset), align_up(r.offset + r.nbytes)
         return r.offset, r.offset + r.nbytes
 
     def _plan(self, requests: list[ReadRequest], separate: bool = False) -> list[_Group]:
-        """Sort by (file, offset) and merge ranges that touch, overlap or lie within
-        coalesce_gap of each other, up to max_read_bytes per read. `separate`: ranges may
-        not overlap within a group (each request is read into its own target)."""
-        order = sorted(range(len(requests)), key=lambda i: (requests[i].path, requests[i].offset))
-        groups: list[_Group] = []
-        for i in order:
-            r = requests[i]
-            if r.nbytes == 0:
-                continue
-            start, end = self._span(r)
-            g = groups[-1] if groups else None
-            if (g is not None and g.path == r.path and start <= g.end + self.coalesce_gap
-                    and max(end, g.end) - g.start <= self.max_read_bytes and not (separate and start < g.end)):
-                g.end = max(g.end, end)
-            else:
-                g = _Group(r.path, start, end)
-                groups.append(g)
-            g.members.append((i, r))
-            g.spans.append((start, end))
+        """The reads for `requests` (see plan_reads), as groups to fill."""
+        live = [i for i, r in enumerate(requests) if r.nbytes]
+        spans = [(requests[i].path, *self._span(requests[i])) for i in live]
+        groups = []
+        for path, start, end, members in plan_reads(spans, self.coalesce_gap, self.max_read_bytes, separate):
+            g = _Group(path, start, end)
+            for m in members:
+                g.members.append((live[m], requests[live[m]]))
+                g.spans.append(spans[m][1:])
+            groups.append(g)
         return groups
 
     def _give_targets(self, groups: list[_Group], into) -> None:
@@ -425,7 +442,7 @@ class ExtentReader:
         if n < 2 or max(g.end - g.start for g in groups) * self.threads <= total:
             work = [[(g, g.start, g.end)] for g in groups]
         else:
-            share = _align_up(-(-total // n))
+            share = align_up(-(-total // n))
             work, room = [[]], share
             for g in groups:
                 a = g.start

@@ -1,8 +1,12 @@
-"""Cache policies that use the routing profile, beside LRU and LFU (runtime/cache.py).
+"""Eviction policies of the expert cache, by name: "lru", "lfu", and those that use a routing profile.
 
-Each implements cache.py's CachePolicy protocol (on_insert, on_access, on_remove, victim). Keys are
-(layer, expert), as ExpertStreamer uses them. A profile (per-layer expert frequency from
-stages/profile.py) is what they know up front; `make_policy(name, profile)` builds them by name.
+Each implements expert_cache.py's CachePolicy protocol (on_insert, on_access, on_remove, victim).
+Keys are (layer, expert), as ExpertStreamer uses them. A profile (per-layer expert frequency from
+stages/profile.py, shipped in a profiled bundle's profile/) is what the profile policies know up
+front; `make_policy(name, profile)` builds any of them by name.
+
+- "lru"   least recently used first.
+- "lfu"   least frequently used first, ties by recency.
 
 - "hot"   pinned hot set: the hottest experts by profile frequency, as many as fit in `hot_fraction`
           of the cache (and never more than the cache minus one layer's working set), are evicted
@@ -16,7 +20,7 @@ stages/profile.py) is what they know up front; `make_policy(name, profile)` buil
           observed bursts (a token reusing the previous token's experts) raise an expert above it.
 
 Policies that take the cache's size expose `configure(capacity_bytes, nbytes, reserve_bytes=0)`;
-load() should call it after sizing the cache (see the report for the exact lines).
+`configure_policy` calls it once the cache is sized.
 """
 
 from __future__ import annotations
@@ -27,10 +31,72 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import POLICIES as BASE_POLICIES
-from .cache import CachePolicy
+from ...manifests.profile import FREQUENCY_FILE, read_frequency, trace_arrays
+from .expert_cache import CachePolicy
 
 PROFILE_POLICIES = ("hot", "prior", "lrfu")
+
+
+class LRUPolicy:
+    """Least recently used first; O(1) per operation (an OrderedDict, oldest first)."""
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[Hashable, None] = OrderedDict()
+
+    def on_insert(self, key: Hashable) -> None:
+        self._order[key] = None
+        self._order.move_to_end(key)
+
+    def on_access(self, key: Hashable) -> None:
+        self._order.move_to_end(key)
+
+    def on_remove(self, key: Hashable) -> None:
+        del self._order[key]
+
+    def victim(self, evictable: Callable[[Hashable], bool]) -> Hashable | None:
+        # Pinned keys are few (one layer's experts, a hot set), so the scan stops early.
+        return next((k for k in self._order if evictable(k)), None)
+
+
+class LFUPolicy:
+    """Least frequently used first, ties broken by recency (least recent first).
+    Keys live in one OrderedDict per access count; a new key starts at count 1."""
+
+    def __init__(self) -> None:
+        self._count: dict[Hashable, int] = {}
+        self._buckets: dict[int, OrderedDict[Hashable, None]] = {}
+
+    def on_insert(self, key: Hashable) -> None:
+        if key in self._count:
+            self.on_access(key)
+            return
+        self._count[key] = 1
+        self._buckets.setdefault(1, OrderedDict())[key] = None
+
+    def on_access(self, key: Hashable) -> None:
+        n = self._count[key]
+        self._unlink(key, n)
+        self._count[key] = n + 1
+        self._buckets.setdefault(n + 1, OrderedDict())[key] = None
+
+    def on_remove(self, key: Hashable) -> None:
+        self._unlink(key, self._count.pop(key))
+
+    def victim(self, evictable: Callable[[Hashable], bool]) -> Hashable | None:
+        for n in sorted(self._buckets):
+            k = next((k for k in self._buckets[n] if evictable(k)), None)
+            if k is not None:
+                return k
+        return None
+
+    def _unlink(self, key: Hashable, n: int) -> None:
+        bucket = self._buckets[n]
+        del bucket[key]
+        if not bucket:
+            del self._buckets[n]
+
+
+BASE_POLICIES: dict[str, type] = {"lru": LRUPolicy, "lfu": LFUPolicy}
 
 
 class FrequencyTable:
@@ -70,23 +136,14 @@ class FrequencyTable:
             return cls(profile)
         if isinstance(profile, (str, Path)):
             p = Path(profile)
-            freq = p
             if p.is_dir():  # a profile folder, or a bundle with its profile/ folder
-                freq = p / "frequency.parquet" if (p / "frequency.parquet").is_file() else p / "profile" / "frequency.parquet"
-            if freq.name == "frequency.parquet" and freq.is_file():
-                import pyarrow.parquet as pq
-
-                d = pq.read_table(freq, columns=["layer", "expert", "share"]).to_pydict()
-                share: dict[int, np.ndarray] = {}
-                E = max(d["expert"]) + 1 if d["expert"] else 0
-                for layer, e, s in zip(d["layer"], d["expert"], d["share"], strict=True):
-                    share.setdefault(int(layer), np.zeros(E))[int(e)] = s
-                return cls(share)
-            if p.is_dir():
-                raise FileNotFoundError(f"{p}: no frequency.parquet or profile/frequency.parquet "
-                                        f"(not a moestream profile folder or a profiled bundle)")
-        from .trace import trace_arrays
-
+                freq = next((f for f in (p / FREQUENCY_FILE, p / "profile" / FREQUENCY_FILE) if f.is_file()), None)
+                if freq is None:
+                    raise FileNotFoundError(f"{p}: no {FREQUENCY_FILE} or profile/{FREQUENCY_FILE} "
+                                            f"(not a moestream profile folder or a profiled bundle)")
+                return cls(read_frequency(freq))
+            if p.name == FREQUENCY_FILE:
+                return cls(read_frequency(p))
         t = trace_arrays(profile)
         share = {}
         for layer in np.unique(t.layer).tolist():
@@ -290,7 +347,7 @@ def policy_names() -> list[str]:
 
 
 def make_policy(name: str | CachePolicy, profile=None, **options) -> CachePolicy:
-    """A cache policy by name: "lru", "lfu" (runtime/cache.py) or a profile policy ("hot", "prior",
+    """A cache policy by name: "lru", "lfu" or a profile policy ("hot", "prior",
     "lrfu"), which need `profile` (anything FrequencyTable.load takes). options go to the policy's
     constructor (e.g. hot_fraction=0.5, half_life=4.0). A policy object is returned as is."""
     if not isinstance(name, str):

@@ -24,25 +24,13 @@ import os
 import re
 from pathlib import Path
 
-import httpx2  # huggingface_hub 2.x talks HTTP through httpx2 (a fork of httpx)
-import huggingface_hub
 from huggingface_hub import constants
-from huggingface_hub.errors import (
-    DisabledRepoError,
-    GatedRepoError,
-    HfHubHTTPError,
-    HFValidationError,
-    IncompleteSnapshotError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from huggingface_hub.utils import validate_repo_id
-from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
-from ..manifests.bundle import BUNDLE_JSON, FORMAT_VERSION, BundleError, read_bundle_json
-from ..manifests.open import open_bundle
+from ...common.errors import MoestreamError
+from ...common.files import write_json_atomic
+from ...common.hub import as_repo_id, download_snapshot
+from ...manifests.bundle import BUNDLE_JSON, FORMAT_VERSION, BundleError, read_bundle_json
+from ...manifests.open import open_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +38,9 @@ logger = logging.getLogger(__name__)
 EXTRA_FILES = ("README.md", "quality.json", "bench.json")
 PROFILE_PATTERN = "profile/*"
 _COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
-_LOGIN_HINT = "log in with `hf auth login` or set HF_TOKEN"
 
 
-class HubError(ValueError):
+class HubError(MoestreamError, ValueError):
     """A bundle could not be fetched from the Hub (or found in the cache); the message says why."""
 
 
@@ -81,7 +68,7 @@ def resolve_bundle(
         if revision is not None:
             raise HubError(f"{source} is a local folder: a revision ({revision!r}) only applies to Hub repo ids")
         return local
-    repo_id = _as_repo_id(source, local)
+    repo_id = as_repo_id(source, local, HubError, "bundle folder")
     # snapshot_download, not hf_hub_download, for bundle.json too: with the network down it falls back
     # to the cache at once, where hf_hub_download first retries for ~20 s.
     snapshot = _download_snapshot(repo_id, revision, patterns=[BUNDLE_JSON], cache_dir=cache_dir, token=token,
@@ -109,20 +96,6 @@ def resolve_bundle(
 # --- what to fetch -----------------------------------------------------------------------------
 
 
-def _as_repo_id(source: str | Path, local: Path) -> str:
-    if local.exists():
-        raise HubError(f"{source}: is a file; expected a bundle folder or a Hub repo id (org/name)")
-    if isinstance(source, Path):  # a Path is meant as a path, never as a repo id
-        raise HubError(f"{source}: no such folder")
-    if source.count("/") != 1:
-        raise HubError(f"{source}: no such folder, and not a Hugging Face repo id (expected the form org/name)")
-    try:
-        validate_repo_id(source)
-    except HFValidationError as err:
-        raise HubError(f"{source}: no such folder, and not a Hugging Face repo id ({one_line(str(err))})") from None
-    return source
-
-
 def _literal(path: str) -> str:
     """An fnmatch pattern matching exactly `path` (bundle.json is untrusted: no wildcards from it)."""
     return re.sub(r"([*?\[])", r"[\1]", path)
@@ -141,23 +114,9 @@ def _patterns(meta: dict, where: str, include_profile: bool) -> list[str]:
 # --- download ------------------------------------------------------------------------------------
 
 
-class _NoProgressBars(hf_tqdm):
-    """huggingface_hub's tqdm, always disabled (not the process-wide disable_progress_bars())."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs["disable"] = True
-        super().__init__(*args, **kwargs)
-
-
 def _download_snapshot(repo_id, revision, *, patterns, cache_dir, token, force_download, progress) -> Path:
-    try:
-        path = huggingface_hub.snapshot_download(
-            repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns, token=token,
-            force_download=force_download, tqdm_class=None if progress else _NoProgressBars,
-        )
-    except (OSError, httpx2.HTTPError) as err:  # HfHubHTTPError and LocalEntryNotFound are OSErrors
-        raise HubError(redact(_explain(err, repo_id, revision, cache_dir), token)) from None
-    return Path(path)
+    return download_snapshot(repo_id, revision=revision, error=HubError, allow_patterns=patterns, cache_dir=cache_dir,
+                             token=token, force_download=force_download, progress=progress)
 
 
 # --- verification, once per commit ------------------------------------------------------------
@@ -211,73 +170,6 @@ def _verify_once(repo_id: str, commit: str, snapshot: Path) -> None:
               "files": _fingerprint(snapshot, bundle.meta)}
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, marker)
+        write_json_atomic(marker, record)
     except OSError as err:  # a read-only home only costs a re-verification next time
         logger.warning("could not record the verification of %s in %s: %s", where, marker, err)
-
-
-# --- errors ------------------------------------------------------------------------------------
-
-
-def _explain(err: Exception, repo_id: str, revision: str | None, cache_dir) -> str:
-    """One line saying what failed and what to do, from a huggingface_hub / network error."""
-    name = f"{repo_id}@{revision or constants.DEFAULT_REVISION}"
-    cache = Path(cache_dir or constants.HF_HUB_CACHE).expanduser()
-    url = f"{constants.ENDPOINT}/{repo_id}"
-    status = getattr(getattr(err, "response", None), "status_code", None)
-    if isinstance(err, GatedRepoError):
-        return f"{repo_id} is a gated repo: accept its conditions at {url} and {_LOGIN_HINT}"
-    if isinstance(err, RevisionNotFoundError):
-        return f"{repo_id} has no revision {revision!r} (expected a branch, tag or commit hash)"
-    if isinstance(err, RepositoryNotFoundError):
-        return f"{repo_id}: no such folder, and no such repo on the Hub ({url}); if it is private, {_LOGIN_HINT}"
-    if isinstance(err, DisabledRepoError):
-        return f"{repo_id} has been disabled on the Hub"
-    if isinstance(err, HfHubHTTPError) and status == 401:
-        return f"the Hub refused the credentials while fetching {repo_id} (HTTP 401): {_LOGIN_HINT}"
-    if isinstance(err, HfHubHTTPError) and status == 403:
-        return f"access to {repo_id} is forbidden (HTTP 403): {_LOGIN_HINT} with a token that can read it"
-    offline = constants.is_offline_mode()
-    if isinstance(err, IncompleteSnapshotError):
-        return (f"the cached copy of {name} in {cache} is incomplete and the Hub cannot be reached"
-                f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: {one_line(str(err))}")
-    if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
-        if offline:
-            return (f"HF_HUB_OFFLINE is set and {name} is not in the cache at {cache}; unset HF_HUB_OFFLINE to "
-                    "download it, or point HF_HUB_CACHE at a cache that has it")
-        return f"could not reach the Hub ({constants.ENDPOINT}) to fetch {name}, and it is not in the cache at {cache}: {root_cause(err)}"
-    if isinstance(err, HfHubHTTPError):
-        return f"the Hub returned HTTP {status} while fetching {name}: {one_line(str(err))}; try again later"
-    if isinstance(err, (httpx2.HTTPError, ConnectionError)):
-        return f"network error while fetching {name} from {constants.ENDPOINT}: {type(err).__name__}: {one_line(str(err))}"
-    return f"could not fetch {name} into {cache}: {type(err).__name__}: {one_line(str(err))}"
-
-
-def root_cause(err: BaseException) -> str:
-    """The innermost cause, in one line: huggingface_hub wraps a network error in an error whose own
-    text is a paragraph of advice; the innermost cause is the useful part ("connection refused", ...)."""
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return f"{type(err).__name__}: {one_line(str(err))}"
-
-
-def one_line(text: str, limit: int = 300) -> str:
-    """The first non-blank line of an error text, at most `limit` characters."""
-    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def redact(message: str, token: str | bool | None) -> str:
-    """Never let a token reach a log or a terminal, whatever the upstream error text holds."""
-    secrets = {token if isinstance(token, str) else None, os.environ.get("HF_TOKEN"),
-               os.environ.get("HUGGING_FACE_HUB_TOKEN")}
-    try:
-        secrets.add(huggingface_hub.get_token())
-    except Exception:  # an unreadable token file must not hide the real error
-        pass
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            message = message.replace(secret, "***")
-    return message

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from ..manifests.bundle import ExpertExtent, TensorEntry, extent_views, unpack_extent
-from ..manifests.checkpoint import SourceCheckpoint, finish_slice
-from ..manifests.open import Bundle
-from ..manifests.tensors import DTYPES
+from ...manifests.bundle import ExpertExtent, TensorEntry, extent_views, unpack_extent
+from ...manifests.checkpoint import SourceCheckpoint, finish_slice
+from ...manifests.open import Bundle
+from ...manifests.tensors import DTYPES
 from .reader import DEFAULT_POOL_BYTES, ExtentReader, ReadRequest
 from .staging import StagingPool, bytes_at, host_buffers
 
@@ -73,6 +73,9 @@ class BundleStore:
     @property
     def layers(self) -> dict[int, str]:
         return self.bundle.layers
+
+    def close(self) -> None:
+        self.staging.close()
 
     def quant(self, layer: int, expert: int) -> dict[str, ProjectionQuant]:
         key = (layer, expert)

@@ -13,8 +13,8 @@ import numpy as np
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from .budget import fmt_bytes
-from .load import stats
+from ...common.units import fmt_bytes
+from ..model.load import stats
 
 
 @dataclass

@@ -176,6 +176,13 @@ class StagingPool:
             self.advised += 1
         return slot, memoryview(slot[1])[:n]
 
+    def close(self) -> None:
+        """Drop the idle slots and keep none from now on."""
+        with self._lock:
+            self.max_idle_bytes = 0
+            self._free.clear()
+            self._idle = 0
+
     def give(self, slot) -> None:
         with self._lock:
             if self._idle + slot[1].nbytes <= self.max_idle_bytes:

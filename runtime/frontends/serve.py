@@ -21,8 +21,8 @@ from http.server import ThreadingHTTPServer
 from mlx_lm import server as mlx_server
 from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache
 
-from .budget import fmt_bytes
-from .load import load, runtime_of
+from ...common.units import fmt_bytes
+from ..model.load import runtime_of
 
 
 def server_args(model_id: str, host: str = "127.0.0.1", port: int = 8080, **overrides) -> argparse.Namespace:
@@ -117,13 +117,10 @@ def start_server(model, tokenizer, host: str = "127.0.0.1", port: int = 0, model
     return ServerHandle(f"http://{url_host}:{bound_port}", model_id, httpd, generator, thread)
 
 
-def serve(args) -> None:
-    """`moestream serve BUNDLE --host --port` plus the runtime options (see moestream/cli.py)."""
+def serve(model, tokenizer, host: str = "127.0.0.1", port: int = 8080, model_id: str | None = None) -> None:
+    """Serve until Ctrl-C (`moestream serve`): the model from `moestream.load`, on host:port."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(levelname)s - %(message)s")
-    model, tokenizer = load(args.bundle, memory_budget=args.memory_budget, experts_per_token=args.experts_per_token,
-                            dtype=args.dtype, io_mode=args.io_mode, io_threads=args.io_threads,
-                            cache_policy=args.cache_policy, verify=args.verify)
-    handle = start_server(model, tokenizer, args.host, args.port)
+    handle = start_server(model, tokenizer, host, port, model_id=model_id)
     plan = runtime_of(model).plan
     print(f"moestream serve: {handle.url}/v1 (OpenAI API; model id {handle.model_id})\n"
           f"memory budget {fmt_bytes(plan.budget_bytes)} (expert cache {fmt_bytes(plan.cache_bytes)}, "

@@ -14,20 +14,21 @@ runtime's budget planner would refuse it) and the row says `clamped`.
 from __future__ import annotations
 
 import bisect
-import os
 import time
 from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 
 import numpy as np
 
-from ..manifests.open import Bundle, open_bundle
-from .cache import ExpertCache
-from .policies import configure_policy, make_policy
-from .reader import ExtentReader, ReadRequest
-from .stores import BundleStore
-from .streaming import ExpertStreamer
-from .trace import TraceArrays, trace_arrays
+from ...manifests.open import Bundle, open_bundle
+from ...manifests.profile import TraceArrays, trace_arrays
+from ..cache.expert_cache import ExpertCache
+from ..cache.policies import configure_policy, make_policy
+from ..io.pagecache import evict_page_cache
+from ..io.reader import ExtentReader, ReadRequest
+from ..io.stores import BundleStore
+from ..model.budget import layer_bytes
+from ..model.streaming import ExpertStreamer
 
 DEFAULT_BUDGETS = (0.05, 0.10, 0.25, 0.50)
 DEFAULT_POLICIES = ("lru", "lfu", "hot", "prior", "lrfu")
@@ -79,7 +80,7 @@ class BeladyPolicy:
         return best
 
 
-def _steps(t: TraceArrays) -> list[tuple[int, list[int]]]:
+def routing_steps(t: TraceArrays) -> list[tuple[int, list[int]]]:
     """(layer, distinct routed experts sorted) per row, in trace order (token-major)."""
     ex = np.sort(t.experts, axis=1)
     out = []
@@ -94,15 +95,6 @@ def _uses(steps: list[tuple[int, list[int]]]) -> dict[Hashable, list[int]]:
         for e in experts:
             uses.setdefault((layer, e), []).append(i)
     return uses
-
-
-def _drop_page_cache(bundle: Bundle) -> None:
-    for f in sorted({x.file for x in bundle.extents.values()}):
-        fd = os.open(bundle.path(f), os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def replay(
@@ -122,7 +114,7 @@ def replay(
     """One dict per (budget, policy): hit rate, bytes read, reads, mean read size, GB/s, time.
 
     trace: a routing trace (table, Parquet path or TraceArrays), replayed token by token.
-    policies: names for runtime.policies.make_policy ("lru", "lfu", "hot", "prior", "lrfu") and
+    policies: names for cache.policies.make_policy ("lru", "lfu", "hot", "prior", "lrfu") and
     "opt" (Belady's offline optimum, a reference only). The profile policies need `profile`: the
     calibration profile (folder, frequency table or trace), not the trace being replayed.
     coalesce_gap: as ExtentReader's (load() uses 0). drop_page_cache: in buffered mode, evict the
@@ -130,7 +122,7 @@ def replay(
     b = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
     t = trace_arrays(trace)
     if max_tokens is not None:
-        keys = t.seq * (int(t.token.max()) + 2 if len(t) else 1) + t.token
+        keys = t.token_keys()
         keep = np.isin(keys, np.unique(keys)[:max_tokens])
         t = TraceArrays(t.seq[keep], t.token[keep], t.layer[keep], t.experts[keep], None, None, t.num_experts, t.layers)
     bad_layers = sorted(set(np.unique(t.layer).tolist()) - set(b.layers))
@@ -138,16 +130,13 @@ def replay(
         raise ValueError(f"the trace has MoE layers {bad_layers[:8]} that the bundle does not ({sorted(b.layers)[:8]}...)")
     if len(t) and t.experts.max() >= b.num_experts:
         raise ValueError(f"the trace routes to expert {int(t.experts.max())}; the bundle has {b.num_experts}")
-    steps = _steps(t)
-    tokens = len(np.unique(t.seq * (int(t.token.max()) + 2 if len(t) else 1) + t.token)) if len(t) else 0
+    steps = routing_steps(t)
+    tokens = t.tokens
     sizer = BundleStore(b, None)
     sizes = {key: sizer.nbytes(*key) for key in b.extents}
     total = sum(sizes.values())
     k = t.k or b.experts_per_token
-    by_layer: dict[int, list[int]] = {}
-    for (layer, _), n in sizes.items():
-        by_layer.setdefault(layer, []).append(n)
-    min_layer = max(sum(sorted(v, reverse=True)[:k]) for v in by_layer.values())
+    min_layer = layer_bytes(sizes, k)
     uses = _uses(steps) if "opt" in policies else None
     results = []
     for budget in budgets:
@@ -166,7 +155,7 @@ def replay(
 def _run(b: Bundle, steps, tokens, policy, name, budget, capacity, clamped, io_mode, io_threads, coalesce_gap,
          drop_page_cache) -> dict:
     if io_mode == "buffered" and drop_page_cache:
-        _drop_page_cache(b)
+        evict_page_cache(sorted({b.path(x.file) for x in b.extents.values()}))
     with ExtentReader(io_mode=io_mode, threads=io_threads, coalesce_gap=coalesce_gap) as reader:
         cache = ExpertCache(capacity, policy)
         streamer = ExpertStreamer(ReplayStore(b, reader), cache)

@@ -20,6 +20,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from ..common.errors import OptionsError
+
 CANDIDATE_BITS = (2, 3, 4, 8)
 MAX_TOKENS_PER_EXPERT = 256
 UNSEEN_WEIGHT = 0.05  # routed-token pseudo-count for experts the calibration never reached
@@ -48,7 +50,7 @@ def load_plan(path: Path) -> BitPlan:
     try:
         return BitPlan.from_json(json.loads(Path(path).read_text()))
     except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{path}: not a bit plan ({e}); expected {{\"bits\": {{\"LAYER:EXPERT\": BITS}}}}") from None
+        raise OptionsError(f"{path}: not a bit plan ({e}); expected {{\"bits\": {{\"LAYER:EXPERT\": BITS}}}}") from None
 
 
 def quantized_nbytes(shape: tuple[int, int], bits: int, group_size: int, itemsize: int = 2) -> int:
@@ -77,9 +79,10 @@ def _expert_out(tensors: dict[str, mx.array], x: mx.array, activation) -> mx.arr
 
 def collect_routed_inputs(checkpoint: Path, token_ids: list[int], window: int = 256) -> tuple[dict, dict, object]:
     """Per (layer, expert): up to MAX_TOKENS_PER_EXPERT routed inputs, and routed-token counts."""
-    from ..runtime.load import load
+    from ..runtime.model.load import load, runtime_of
 
-    model, _ = load(checkpoint, dtype="float32")
+    loaded = load(checkpoint, dtype="float32")
+    model = loaded.model
     inputs: dict[tuple[int, int], list[np.ndarray]] = defaultdict(list)
     counts: dict[tuple[int, int], int] = defaultdict(int)
 
@@ -92,17 +95,18 @@ def collect_routed_inputs(checkpoint: Path, token_ids: list[int], window: int = 
                 if len(inputs[(layer, e)]) < MAX_TOKENS_PER_EXPERT:
                     inputs[(layer, e)].append(xs[row])
 
-    model._moestream.streamer.observers.append(observe)
-    for start in range(0, len(token_ids), window):
-        chunk = token_ids[start : start + window]
-        if chunk:
-            mx.eval(model(mx.array([chunk])))
-    activations = {layer: m.activation for layer, m in _streaming_modules(model)}
+    with loaded:
+        runtime_of(model).streamer.observers.append(observe)
+        for start in range(0, len(token_ids), window):
+            chunk = token_ids[start : start + window]
+            if chunk:
+                mx.eval(model(mx.array([chunk])))
+        activations = {layer: m.activation for layer, m in _streaming_modules(model)}
     return dict(inputs), dict(counts), activations
 
 
 def _streaming_modules(model):
-    from ..runtime.streaming import StreamingSwitchGLU
+    from ..runtime.model.streaming import StreamingSwitchGLU
 
     return [(m.layer, m) for _, m in model.named_modules() if isinstance(m, StreamingSwitchGLU)]
 
@@ -140,7 +144,7 @@ def allocate(errors: dict, sizes: dict, size_budget: int) -> BitPlan:
     bits = {key: min(opts) for key, opts in errors.items()}
     total = sum(sizes[k][b] for k, b in bits.items())
     if total > size_budget:
-        raise ValueError(f"size budget {size_budget} bytes is below the smallest plan ({total} bytes at {min(CANDIDATE_BITS)} bits)")
+        raise OptionsError(f"size budget {size_budget} bytes is below the smallest plan ({total} bytes at {min(CANDIDATE_BITS)} bits)")
 
     def best_step(key):
         cur = bits[key]

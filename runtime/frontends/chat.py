@@ -16,8 +16,8 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-from .budget import fmt_bytes
-from .load import stats
+from ...common.units import fmt_bytes
+from ..model.load import stats
 
 HELP = "commands: /reset (new conversation), /stats (I/O and cache figures), /quit (or Ctrl-D)"
 

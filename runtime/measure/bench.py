@@ -18,6 +18,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from ...common.errors import OptionsError
+from ...manifests.open import open_bundle
+from ..io.pagecache import evict_page_cache
+from ..model.load import IOOptions, load, plan_memory, runtime_of
+from .ceiling import read_ceiling
+
 
 def _timed(fn, *a, **k):
     t = time.perf_counter()
@@ -29,17 +35,15 @@ def decode(model, prompt: list[int], gen_tokens: int) -> dict:
     """Greedy decode with mlx-lm's own generate_step; per-token wall times."""
     from mlx_lm.generate import generate_step
 
-    import moestream
-    from moestream.runtime.load import reset_stats
-
-    streaming = hasattr(model, "_moestream")
+    rt = runtime_of(model, required=False)
+    streaming = rt is not None
     if streaming:
-        reset_stats(model)
+        rt.reset_stats()
     times, start, after_prefill = [], time.perf_counter(), None
     for _ in generate_step(mx.array(prompt), model, max_tokens=gen_tokens):
         times.append(time.perf_counter())
         if streaming and after_prefill is None:
-            after_prefill = moestream.stats(model)  # prefill + first token: kept out of decode figures
+            after_prefill = rt.stats()  # prefill + first token: kept out of decode figures
     gaps = np.diff(np.array(times))
     decode_s = times[-1] - times[0]
     out = {
@@ -50,7 +54,7 @@ def decode(model, prompt: list[int], gen_tokens: int) -> dict:
         "decode_s": decode_s,
     }
     if streaming:
-        s, p = moestream.stats(model), after_prefill
+        s, p = rt.stats(), after_prefill
         out["prefill_bytes_read"] = p["bytes_read"]
         for k in ("bytes_read", "reads", "io_wait_s", "moe_calls", "route_sync_s", "attention_s", "expert_fetch_s", "expert_compute_s",
                   "cache_hits", "cache_misses"):
@@ -66,12 +70,11 @@ def decode(model, prompt: list[int], gen_tokens: int) -> dict:
 def naive_run(bundle_path: Path, prompt: list[int], gen_tokens: int, budget: int) -> dict:
     """The "LLM in a flash" baseline: every routed expert's tensors read one by one with plain
     buffered reads, no cache to speak of (one layer's experts), no coalescing, no threads."""
-    import moestream
-    from moestream.manifests.bundle import unpack_extent
-    from moestream.runtime.stores import _cast
+    from ...manifests.bundle import unpack_extent
+    from ..io.stores import _cast
 
-    model, _ = moestream.load(bundle_path, memory_budget=budget)
-    rt = model._moestream
+    loaded = load(bundle_path, memory_budget=budget)
+    model, rt = loaded.model, runtime_of(loaded.model)
     rt.cache.capacity_bytes = rt.plan.min_layer_bytes
     store, counters = rt.store, {"bytes": 0, "reads": 0}
 
@@ -90,7 +93,8 @@ def naive_run(bundle_path: Path, prompt: list[int], gen_tokens: int, budget: int
         return out
 
     store.read = naive_read
-    out = decode(model, prompt, gen_tokens)
+    with loaded:
+        out = decode(model, prompt, gen_tokens)
     out["bytes_read"], out["reads"] = counters["bytes"], counters["reads"]
     return out
 
@@ -149,19 +153,6 @@ def print_report(r: dict) -> None:
 
 
 
-def budget_for(model, fraction: float) -> int:
-    """resident + KV reserve + buffers + `fraction` of the expert bytes (at least one layer's k)."""
-    rt = model._moestream
-    expert_mem = sum(rt.store.nbytes(layer, e) for layer in rt.store.layers for e in range(_num_experts(rt)))
-    plan = rt.plan
-    cache = max(plan.min_layer_bytes, int(fraction * expert_mem))
-    return plan.resident_bytes + plan.kv_reserve_bytes + plan.buffer_bytes + cache
-
-
-def _num_experts(rt) -> int:
-    return rt.store.bundle.num_experts
-
-
 def _derive(run: dict, ceiling_gbs: float, n_moe: int, full_layers: int) -> None:
     run["bytes_read_per_token"] = run["bytes_read"] / max(run["decode_tokens"], 1)
     run["read_gb_per_s_during_io"] = run["bytes_read"] / max(run["io_wait_s"], 1e-9) / 1e9
@@ -191,40 +182,47 @@ def _derive(run: dict, ceiling_gbs: float, n_moe: int, full_layers: int) -> None
     }
 
 
-# --compare NAME -> what that run changes in moestream.load (each runs cold, then warm)
+# --compare NAME -> what that run changes in load's options, and in its IOOptions (each runs cold,
+# then warm)
 VARIANTS = {
-    "buffered": {"io_mode": "buffered"},
+    "buffered": {"io": {"mode": "buffered"}},
     "prefetch": {"prefetch": True},
-    "host": {"read_into": "host", "stage_on_device": False},  # host buffers, then mx.array copies (the old path)
-    "stage": {"stage_on_device": True},
-    "nostage": {"stage_on_device": False},
+    "host": {"io": {"read_into": "host", "stage_on_device": False}},  # host buffers, then mx.array copies
+    "stage": {"io": {"stage_on_device": True}},
+    "nostage": {"io": {"stage_on_device": False}},
 }
 
 
 def _variant(name: str) -> dict | None:
     if name.startswith("policy:"):
         return {"cache_policy": name.split(":", 1)[1]}
-    if name == "noadvice":  # staging without cudaMemAdvise (see runtime/staging.py)
-        return {"stage_on_device": True, "_no_cuda_advice": True}
+    if name == "noadvice":  # staging without cudaMemAdvise (see runtime/io/staging.py)
+        return {"io": {"stage_on_device": True}, "_no_cuda_advice": True}
     if name.startswith("threads:"):
-        return {"io_threads": int(name.split(":", 1)[1])}
+        return {"io": {"threads": int(name.split(":", 1)[1])}}
     return VARIANTS.get(name)
+
+
+def _options(base: dict, variant: dict) -> dict:
+    """load() keyword arguments: `base` with `variant` applied (its "io" fields into IOOptions)."""
+    io = {**base.get("io", {}), **variant.get("io", {})}
+    return {**base, **variant, "io": IOOptions(**io)}
 
 
 def _settings(model) -> dict:
     """What the runtime ran with: the tuned knobs, recorded in every report."""
-    rt = model._moestream
+    rt = runtime_of(model)
     r = rt.reader
     return {"io_mode": r.io_mode_in_use, "io_threads": r.threads, "split_min_bytes": r.split_min_bytes,
             "coalesce_gap": r.coalesce_gap, "read_into": getattr(rt.store, "read_into", "host"),
             "stage_on_device": getattr(rt.store, "stage_on_device", False), "cache_policy": type(rt.cache.policy).__name__,
-            "prefetch": rt.streamer._prefetch_pool is not None, "dtype": rt.dtype,
+            "prefetch": rt.streamer.prefetching, "dtype": rt.dtype,
             "staging_slots_advised": getattr(getattr(rt.store, "staging", None), "advised", 0),
             "cuda_advice": _advice_state()}
 
 
 def _advice_state() -> str:
-    from .staging import _advice
+    from ..io.staging import _advice
 
     if _advice is None:
         return "not asked"
@@ -232,68 +230,65 @@ def _advice_state() -> str:
 
 
 def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int = 16, gen_tokens: int = 24,
-                 io_mode: str = "direct", compare: tuple[str, ...] = (), reference_checkpoint=None,
-                 full_layers: int | None = None, bits: int = 4, load_kwargs: dict | None = None) -> dict:
-    import moestream
-    from moestream.manifests.open import open_bundle
-
-    from .iobench import evict_page_cache, read_ceiling
+                 io: dict | None = None, compare: tuple[str, ...] = (), reference_checkpoint=None,
+                 full_layers: int | None = None, bits: int = 4) -> dict:
+    """io: IOOptions fields for every run (e.g. {"mode": "buffered", "threads": 4})."""
+    from ...manifests.describe import describe_bundle
 
     unknown = [c for c in compare if c != "naive" and _variant(c) is None]
     if unknown:
-        raise ValueError(f"unknown --compare entries {unknown}; known: naive, {', '.join(VARIANTS)}, policy:NAME, threads:N")
+        raise OptionsError(f"unknown --compare entries {unknown}; known: naive, {', '.join(VARIANTS)}, policy:NAME, threads:N")
     bundle_path = Path(bundle_path)
     bundle = open_bundle(bundle_path)
     extents = list(bundle.extents.values())
     files = sorted({bundle.path(e.file) for e in extents})
     n_moe = len(bundle.layers)
-    base = {"io_mode": io_mode, **(load_kwargs or {})}
+    base = {"io": dict(io or {})}
+    IOOptions(**base["io"])  # bad options fail here, before anything runs
     report = {"platform": {"machine": platform.platform(), "python": sys.version.split()[0], "mlx": mx.__version__,
                            "device": str(mx.default_device())},
               "args": {"bundle": str(bundle_path), "budget_fraction": budget_fraction, "prompt_tokens": prompt_tokens,
                        "gen_tokens": gen_tokens, "sampling": "greedy", **base},
-              "bundle": moestream.inspect(bundle_path)}
+              "bundle": describe_bundle(bundle_path)}
 
-    model, _ = moestream.load(bundle_path, **base)
-    budget = budget_for(model, budget_fraction)
-    plan = model._moestream.plan
-    expert_mem = sum(model._moestream.store.nbytes(layer, e) for (layer, e) in bundle.extents)
-    del model
-    report["budget"] = {"budget_bytes": budget, "expert_cache_bytes": budget - plan.resident_bytes - plan.kv_reserve_bytes
-                        - plan.buffer_bytes, "expert_bytes_in_memory": expert_mem, "resident_bytes": plan.resident_bytes}
+    plan = plan_memory(bundle_path, expert_cache_share=budget_fraction)
+    budget = plan.budget_bytes
+    report["budget"] = {"budget_bytes": budget, "expert_cache_bytes": plan.cache_bytes,
+                        "expert_bytes_in_memory": plan.expert_bytes, "resident_bytes": plan.resident_bytes}
 
     rng = np.random.default_rng(0)
     vocab = bundle.config.get("text_config", bundle.config)["vocab_size"]
     prompt = rng.integers(0, min(vocab, 50_000), size=prompt_tokens).tolist()
 
     # warm-up on a throwaway model: kernel compilation is not what "cold" measures
-    model, _ = moestream.load(bundle_path, memory_budget=budget, **base)
-    _, report["warmup_s"] = _timed(decode, model, prompt, 4)
-    del model
+    with load(bundle_path, memory_budget=budget, **_options(base, {})) as (model, _):
+        _, report["warmup_s"] = _timed(decode, model, prompt, 4)
 
-    def cold_and_warm(name: str, phases: bool = False, **kw) -> None:
-        from . import staging
+    def cold_and_warm(name: str, phases: bool = False, **variant) -> None:
+        from ..io import staging
 
-        if kw.pop("_no_cuda_advice", False):
+        if variant.pop("_no_cuda_advice", False):
             os.environ["MOESTREAM_CUDA_ADVICE"] = "0"
         staging._advice = None  # decided anew from the environment
         try:
-            model, _ = moestream.load(bundle_path, memory_budget=budget, **{**base, **kw})
+            loaded = load(bundle_path, memory_budget=budget, **_options(base, variant))
         finally:
             os.environ.pop("MOESTREAM_CUDA_ADVICE", None)
-        evict_page_cache(files)
-        report[f"{name}cold"] = decode(model, prompt, gen_tokens)
-        report[f"{name}warm"] = decode(model, prompt, gen_tokens)
-        report[f"{name}settings"] = _settings(model)
-        if phases:
-            # one more warm pass, with attention and routing timed apart: apart from the figures
-            # above, because the extra host sync per layer that separates them is not part of
-            # the runtime's own decode
-            model._moestream.streamer.split_phases = True
-            report["phases"] = decode(model, prompt, gen_tokens)
-        if kw.get("prefetch"):
-            s = moestream.stats(model)
-            report["prefetch_stats"] = {k: s[k] for k in ("prefetch_issued", "prefetch_used", "prefetch_wasted")}
+        with loaded as (model, _):
+            evict_page_cache(files)
+            report[f"{name}cold"] = decode(model, prompt, gen_tokens)
+            report[f"{name}warm"] = decode(model, prompt, gen_tokens)
+            report[f"{name}settings"] = _settings(model)
+            rt = runtime_of(model)
+            if phases:
+                # one more warm pass, with attention and routing timed apart: apart from the figures
+                # above, because the extra host sync per layer that separates them is not part of
+                # the runtime's own decode
+                rt.streamer.split_phases = True
+                report["phases"] = decode(model, prompt, gen_tokens)
+            if variant.get("prefetch"):
+                s = rt.stats()
+                report["prefetch_stats"] = {k: s[k] for k in ("prefetch_issued", "prefetch_used", "prefetch_wasted")}
 
     cold_and_warm("", phases=True)
     # The ceiling: the disk's best at the runtime's thread count, for reads of the bundle's extent

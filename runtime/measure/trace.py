@@ -16,17 +16,12 @@ expert (the gate and shared experts run again, nothing else). Coordinates >= k m
 the two probes; if they do, the block is not linear in y the way assumed, and the weights of that
 layer are recorded as unavailable (null) rather than guessed.
 
-Trace table (pyarrow; Parquet with zstd): one row per (seq, token, layer), sorted that way:
-seq int32, token int32 (position in the sequence), layer int32 (the model's layer index),
-experts list<int32> (the router's top-k, in the router's order), weights list<float32> (aligned with
-experts; null where unavailable). Schema metadata b"moestream.trace" holds JSON: num_experts,
-experts_per_token, layers, weights ("router" | "unavailable" | "partial").
+The trace table's format (columns, Parquet, reading it back) is manifests/profile.py's.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,51 +30,20 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from .load import resolve_module
+from ...manifests.profile import TRACE_META_KEY, TRACE_SCHEMA, build_trace_table, write_trace
+from ..model.load import runtime_of
+from ..model.modules import moe_block, resolve_module, switch_modules
 
-TRACE_META_KEY = b"moestream.trace"
-TRACE_SCHEMA = pa.schema(
-    [
-        ("seq", pa.int32()),
-        ("token", pa.int32()),
-        ("layer", pa.int32()),
-        ("experts", pa.list_(pa.int32())),
-        ("weights", pa.list_(pa.float32())),
-    ]
-)
 # Coordinates >= k may differ between the two probes by at most this (relative to the block's
 # output scale); for a linear block they are bit-identical.
 LINEARITY_TOL = 1e-5
 
 
-def _switch_modules(model: nn.Module) -> dict[int, str]:
-    """layer -> module path of every expert module, found by type (for models not loaded by moestream)."""
-    from mlx_lm.models.switch_layers import SwitchGLU
-
-    from .streaming import StreamingSwitchGLU
-
-    out = {}
-    for path, module in model.named_modules():
-        if isinstance(module, (SwitchGLU, StreamingSwitchGLU)):
-            m = re.search(r"layers\.(\d+)\.", path)
-            if m is None:
-                raise TypeError(f"cannot tell the layer of the expert module at {path}")
-            out[int(m.group(1))] = path
-    if not out:
-        raise TypeError("the model has no SwitchGLU / StreamingSwitchGLU module: not an MoE model mlx-lm builds")
-    return out
-
-
 def _num_experts(model: nn.Module, layers: dict[int, str]) -> int | None:
-    rt = getattr(model, "_moestream", None)
+    rt = runtime_of(model, required=False)
     if rt is not None:
-        store = rt.store
-        if hasattr(store, "bundle"):
-            return store.bundle.num_experts
-        if hasattr(store, "ckpt"):
-            return store.ckpt.dims.num_experts
+        return rt.num_experts
     module = resolve_module(model, next(iter(layers.values())))
     w = getattr(getattr(module, "gate_proj", None), "weight", None)
     return int(w.shape[0]) if w is not None else None
@@ -147,8 +111,8 @@ class TraceRecorder:
 
     def __init__(self, model: nn.Module, *, weights: bool = True, layers: dict[int, str] | None = None):
         self.model = model
-        rt = getattr(model, "_moestream", None)
-        self.layers = dict(sorted((layers or (rt.store.layers if rt is not None else _switch_modules(model))).items()))
+        rt = runtime_of(model, required=False)
+        self.layers = dict(sorted((layers or (rt.store.layers if rt is not None else switch_modules(model))).items()))
         self.num_experts = _num_experts(model, self.layers)
         self.weights = weights
         self.enabled = True
@@ -171,7 +135,7 @@ class TraceRecorder:
         try:
             for layer, path in self.layers.items():
                 switch = resolve_module(self.model, path)
-                block = resolve_module(self.model, path.rpartition(".")[0])
+                block = moe_block(self.model, path)
                 _wrap(switch, "switch", _switch_call, self, layer)
                 done.append(switch)
                 _wrap(block, "block", _block_call, self, layer)
@@ -188,7 +152,7 @@ class TraceRecorder:
             return
         for path in self.layers.values():
             _unwrap(resolve_module(self.model, path))
-            _unwrap(resolve_module(self.model, path.rpartition(".")[0]))
+            _unwrap(moe_block(self.model, path))
         self.installed = False
 
     def __enter__(self) -> TraceRecorder:
@@ -297,118 +261,7 @@ def trace_table(chunks: list[_Chunk], meta: dict) -> pa.Table:
     weights = np.concatenate([c.weights if c.weights is not None else np.zeros((len(c.seq), k), np.float32)
                               for c in chunks])
     order = np.lexsort((layer, token, seq))
-    return _build_table(seq[order], token[order], layer[order], experts[order], weights[order], have_w[order], meta)
-
-
-def _build_table(seq, token, layer, experts, weights, have_w, meta: dict) -> pa.Table:
-    n, k = experts.shape
-    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
-    experts_col = pa.ListArray.from_arrays(offsets, pa.array(experts.reshape(-1), pa.int32()))
-    if have_w is not None and have_w.all():
-        weights_col = pa.ListArray.from_arrays(offsets, pa.array(weights.reshape(-1), pa.float32()))
-    elif have_w is None or not have_w.any():
-        weights_col = pa.nulls(n, pa.list_(pa.float32()))
-    else:
-        mask = pa.array(~have_w)
-        weights_col = pa.ListArray.from_arrays(offsets, pa.array(weights.reshape(-1), pa.float32()), mask=mask)
-    table = pa.table(
-        [pa.array(seq, pa.int32()), pa.array(token, pa.int32()), pa.array(layer, pa.int32()), experts_col, weights_col],
-        schema=TRACE_SCHEMA,
-    )
-    return table.replace_schema_metadata({TRACE_META_KEY: json.dumps(meta)})
-
-
-def write_trace(table: pa.Table, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    tmp.replace(path)
-    return path
-
-
-def read_trace(source: str | Path | pa.Table) -> pa.Table:
-    """A trace table from a Parquet path (or a table, returned as is), checked against TRACE_SCHEMA."""
-    if isinstance(source, pa.Table):
-        table = source
-    else:
-        table = pq.read_table(source)
-    missing = [n for n in ("seq", "token", "layer", "experts") if n not in table.column_names]
-    if missing:
-        raise ValueError(f"{source if not isinstance(source, pa.Table) else 'trace'}: not a routing trace "
-                         f"(missing columns {missing})")
-    return table
-
-
-def trace_meta(table: pa.Table) -> dict:
-    raw = (table.schema.metadata or {}).get(TRACE_META_KEY)
-    return json.loads(raw) if raw else {}
-
-
-@dataclass
-class TraceArrays:
-    """A trace as numpy arrays, rows sorted by (seq, token, layer)."""
-
-    seq: np.ndarray  # [n] int64
-    token: np.ndarray  # [n]
-    layer: np.ndarray  # [n]
-    experts: np.ndarray  # [n, k] int64
-    weights: np.ndarray | None  # [n, k] float32; None when no row has weights
-    weights_valid: np.ndarray | None  # [n] bool
-    num_experts: int
-    layers: list[int]
-
-    @property
-    def k(self) -> int:
-        return self.experts.shape[1]
-
-    def __len__(self) -> int:
-        return len(self.seq)
-
-
-def trace_arrays(source: str | Path | pa.Table | TraceArrays) -> TraceArrays:
-    if isinstance(source, TraceArrays):
-        return source
-    table = read_trace(source)
-    meta = trace_meta(table)
-    seq = table.column("seq").to_numpy().astype(np.int64)
-    token = table.column("token").to_numpy().astype(np.int64)
-    layer = table.column("layer").to_numpy().astype(np.int64)
-    experts_col = table.column("experts").combine_chunks()
-    n = len(seq)
-    sizes = np.diff(experts_col.offsets.to_numpy()) if n else np.zeros(0, np.int64)
-    if n and (sizes != sizes[0]).any():
-        raise ValueError("trace rows have different numbers of experts; a trace has one top-k")
-    k = int(sizes[0]) if n else int(meta.get("experts_per_token") or 0)
-    experts = experts_col.flatten().to_numpy().astype(np.int64).reshape(n, k)
-    weights = valid = None
-    if "weights" in table.column_names:
-        wcol = table.column("weights").combine_chunks()
-        valid = np.asarray(wcol.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-        if valid.any():
-            weights = np.zeros((n, k), np.float32)
-            weights[valid] = wcol.filter(pa.array(valid)).flatten().to_numpy().astype(np.float32).reshape(-1, k)
-        else:
-            valid = None
-    order = np.lexsort((layer, token, seq))
-    if (order != np.arange(n)).any():
-        seq, token, layer, experts = seq[order], token[order], layer[order], experts[order]
-        if weights is not None:
-            weights, valid = weights[order], valid[order]
-    num_experts = int(meta.get("num_experts") or (experts.max() + 1 if n else 0))
-    layers = [int(x) for x in meta.get("layers") or np.unique(layer).tolist()]
-    return TraceArrays(seq, token, layer, experts, weights, valid, num_experts, layers)
-
-
-def arrays_to_table(t: TraceArrays, meta: dict | None = None) -> pa.Table:
-    """The inverse of trace_arrays (used to split and subset traces)."""
-    meta = dict(meta or {})
-    meta.setdefault("num_experts", t.num_experts)
-    meta.setdefault("experts_per_token", t.k)
-    meta.setdefault("layers", t.layers)
-    w = t.weights if t.weights is not None else np.zeros(t.experts.shape, np.float32)
-    have = t.weights_valid if t.weights is not None else None
-    return _build_table(t.seq, t.token, t.layer, t.experts, w, have, meta)
+    return build_trace_table(seq[order], token[order], layer[order], experts[order], weights[order], have_w[order], meta)
 
 
 def record_trace(model: nn.Module, sequences, *, weights: bool = True, batch_size: int = 1) -> pa.Table:

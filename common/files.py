@@ -1,0 +1,72 @@
+"""Files and folders written atomically: to a temporary name beside the target, flushed to disk,
+then renamed into place, so that a crash or a full disk leaves the old file or none, never half
+of a new one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+TEMPORARY_PREFIX = ".tmp-"
+
+
+def is_temporary(name: str) -> bool:
+    """A file `atomic_path` was writing (left behind only by a killed process)."""
+    return name.startswith(TEMPORARY_PREFIX)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write; on success it is fsynced and renamed to `path`,
+    on error removed. The temporary name ends like `path` (writers that add a missing suffix,
+    such as mx.save_safetensors, keep it) and starts with TEMPORARY_PREFIX."""
+    path = Path(path)
+    tmp = path.with_name(f"{TEMPORARY_PREFIX}{os.getpid()}-{path.name}")
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def write_json_atomic(path: str | Path, obj, **dumps) -> None:
+    """JSON with sorted keys and a 2-space indent (as transformers writes config.json)."""
+    options = {"indent": 2, "sort_keys": True, **dumps}
+    write_atomic(path, json.dumps(obj, **options) + "\n")
+
+
+def fsync_file(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+fsync_dir = fsync_file  # a folder's entries are made durable the same way
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Rename the finished folder `new` to `out`; an existing `out` is moved aside first and
+    deleted afterwards, so `out` is always either the old folder or the new one."""
+    new, out = Path(new), Path(out)
+    if not out.exists():
+        os.replace(new, out)
+    else:
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(new, out)
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(out.parent)

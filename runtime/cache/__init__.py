@@ -1,0 +1,1 @@
+"""The expert cache (bounded in bytes, pins, byte accounting) and its eviction policies."""

@@ -1,0 +1,317 @@
+"""The preparation, decided once: options -> plan -> steps, run by any executor.
+
+`PrepareOptions` is everything a user says about the bundle they want (the CLI, `moestream.prepare`,
+the sweep, the demo, tests and benchmarks all build one). `make_plan` resolves it against the
+source checkpoint into a `PreparePlan`: the recipe, where the bytes go, which steps run (a measured
+bit plan, profiling in how many shards). `run_steps` is the one sequence of steps, each a plain
+function of the plan; an executor only decides how a step runs: `InProcess` calls it, the Prefect
+flow (flows/prepare.py) runs it as a task with retries, caching and Dask. So every executor makes
+the same bundle by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..common.errors import OptionsError, OutputExistsError
+from ..common.units import parse_bytes
+from ..manifests.bundle import BUNDLE_JSON, ExpertExtent
+from ..manifests.checkpoint import SourceCheckpoint
+from ..manifests.profile import SUMMARY_FILE
+from .fetch import fetch_source
+from .pack import LayerJob, pack_layer
+from .quantize import EXPERT_BITS, GROUP_SIZES, ExpertRecipe
+from .write import SourceInfo, finalize, staging_dir, write_bundle
+
+ENGINES = ("prefect", "plain")
+RESIDENT_BITS = (8,)
+PROFILE_DIR = "profile"
+PROFILE_SHARDS_DIR = "profile-shards"
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """What to prepare and how. Checked when made: a bad option fails before any work.
+
+    source: a Hugging Face repo id (org/name) or a checkpoint folder; out: the bundle folder.
+    expert_bits: 2, 3, 4, 8 or 16 (source precision), or "auto": a measured per-expert plan within
+    size_budget (bytes of experts, or a string like "300MB"). bits_plan: a plan file
+    ({"bits": {"LAYER:EXPERT": BITS}}) overriding expert_bits per expert. group_size: 32/64/128.
+    resident_bits: 8 quantizes the resident Linear weights too (routers never). calibration: text
+    for profiling and "auto" (a file, a folder of *.txt, or a Hub dataset; None: the shipped set).
+    profile: True profiles expert co-activation and orders each layer's experts by it; a folder
+    uses a profile made earlier. workers / dask_address: the flow's per-layer tasks (and profiling
+    shards) on a local Dask cluster of N processes, or on a running scheduler.
+    """
+
+    source: str
+    out: Path
+    expert_bits: int | str = 4
+    group_size: int = 64
+    resident_bits: int | None = None
+    revision: str | None = None
+    bits_plan: Path | None = None
+    size_budget: int | str | None = None
+    calibration: str | None = None
+    profile: bool | Path = False
+    profile_tokens: int = 16384
+    overwrite: bool = False
+    workers: int | None = None
+    dask_address: str | None = None
+
+    def __post_init__(self):
+        def put(name, value):
+            object.__setattr__(self, name, value)
+
+        put("source", str(self.source))
+        put("out", Path(self.out).absolute())
+        bits = self.expert_bits
+        if isinstance(bits, str) and bits != "auto":
+            bits = int(bits) if bits.isdigit() else bits
+        if bits != "auto" and bits not in EXPERT_BITS:
+            raise OptionsError(f"expert bits must be one of {', '.join(map(str, EXPERT_BITS))} or auto, got {self.expert_bits!r}")
+        put("expert_bits", bits)
+        if self.group_size not in GROUP_SIZES:
+            raise OptionsError(f"group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {self.group_size!r}")
+        if self.resident_bits not in (None, *RESIDENT_BITS):
+            raise OptionsError(f"resident bits must be 8 or unset (source precision), got {self.resident_bits!r}")
+        put("size_budget", parse_bytes(self.size_budget))
+        if bits == "auto" and self.size_budget is None:
+            raise OptionsError("expert bits auto needs a size budget (bytes of experts, e.g. 300MB)")
+        if bits != "auto" and self.size_budget is not None:
+            raise OptionsError("a size budget applies to expert bits auto only")
+        if self.bits_plan is not None:
+            if bits == "auto":
+                raise OptionsError("give a bit plan file or expert bits auto, not both")
+            put("bits_plan", Path(self.bits_plan))
+        if not isinstance(self.profile, bool):
+            put("profile", Path(self.profile))
+            if not self.profile.is_dir():
+                raise OptionsError(f"profile {self.profile}: no such folder (a profile made by `moestream profile`)")
+        if not isinstance(self.profile_tokens, int) or self.profile_tokens < 1:
+            raise OptionsError(f"profile tokens must be a positive integer, got {self.profile_tokens!r}")
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
+            raise OptionsError(f"workers must be a positive integer, got {self.workers!r}")
+        if self.workers and self.dask_address:
+            raise OptionsError("give workers (a local Dask cluster) or a Dask scheduler address, not both")
+
+    @property
+    def recipe(self) -> ExpertRecipe:
+        return ExpertRecipe(bits=4 if self.expert_bits == "auto" else self.expert_bits, group_size=self.group_size)
+
+    @property
+    def distributed(self) -> bool:
+        return bool(self.workers or self.dask_address)
+
+
+@dataclass(frozen=True)
+class PreparePlan:
+    """The options resolved against the source: what every step needs, decided once."""
+
+    options: PrepareOptions
+    checkpoint: Path  # the local checkpoint folder (a Hub snapshot or the given folder)
+    source: SourceInfo
+    family: str
+    layers: tuple[int, ...]
+    num_experts: int
+    staging: Path  # where the bundle is assembled; finished layers survive an interruption
+    profile_shards: int  # 0: no profiling run; 1: one process; n: n shards merged
+
+    @property
+    def recipe(self) -> ExpertRecipe:
+        return self.options.recipe
+
+    @property
+    def out(self) -> Path:
+        return self.options.out
+
+    @property
+    def measures_bits(self) -> bool:
+        return self.options.expert_bits == "auto" or self.options.bits_plan is not None
+
+    @property
+    def orders_experts(self) -> bool:
+        return self.options.profile is not False
+
+    def layer_jobs(self, bits: dict[tuple[int, int], int], orders: dict[int, list[int]]) -> list[LayerJob]:
+        """One job per MoE layer: its experts' file order and each expert's bit width."""
+        identity = tuple(range(self.num_experts))
+        default = self.recipe.bits
+        return [LayerJob(layer, self.recipe, tuple(orders.get(layer, identity)),
+                         tuple(bits.get((layer, e), default) for e in range(self.num_experts)))
+                for layer in self.layers]
+
+
+def make_plan(options: PrepareOptions) -> PreparePlan:
+    """Fetch the source (Hub downloads are resumable and cached) and decide everything else."""
+    if options.out.exists() and not options.overwrite:
+        raise OutputExistsError(f"{options.out} exists; pass --overwrite to replace it")
+    fetched = fetch_source(options.source, revision=options.revision)
+    if (fetched.path / BUNDLE_JSON).is_file():
+        raise OptionsError(f"{options.source} is a moestream bundle, not a model checkpoint: run it as it is "
+                           f"(moestream generate {options.source}), or prepare from the checkpoint it was made from")
+    ckpt = SourceCheckpoint.open(fetched.path)
+    layers = tuple(ckpt.expert_layers)
+    if not layers:
+        raise OptionsError(f"{options.source}: no routed expert tensors found; not a Mixture-of-Experts checkpoint")
+    shards = 0
+    if options.profile is True:
+        shards = (options.workers or 2) if options.distributed else 1
+    staging = staging_dir(options.out)
+    staging.mkdir(parents=True, exist_ok=True)
+    return PreparePlan(options, fetched.path, SourceInfo(fetched.repo_id, fetched.revision, fetched.commit),
+                       ckpt.family.name, layers, ckpt.dims.num_experts, staging, shards)
+
+
+# ----------------------------------------------------------------------------- the steps
+
+
+def expert_bit_plan(plan: PreparePlan) -> dict[tuple[int, int], int]:
+    """(layer, expert) -> bits: read from the plan file, or measured within the size budget."""
+    from .bits import calibration_token_ids, load_plan, plan_expert_bits
+
+    o = plan.options
+    if o.bits_plan is not None:
+        bits = load_plan(o.bits_plan).bits
+        wrong = [key for key in bits if key[0] not in plan.layers or not 0 <= key[1] < plan.num_experts]
+        if wrong:
+            raise OptionsError(f"{o.bits_plan}: {wrong[0][0]}:{wrong[0][1]} is not an expert of this model "
+                               f"(MoE layers {plan.layers[0]}..{plan.layers[-1]}, {plan.num_experts} experts)")
+        return bits
+    ids = calibration_token_ids(plan.checkpoint, o.calibration)
+    return plan_expert_bits(plan.checkpoint, ids, o.size_budget, o.group_size).bits
+
+
+def profile_shard(plan: PreparePlan, index: int) -> str:
+    """Profile calibration sequences index, index + n, ... (one of n shards)."""
+    from .profile import profile_model
+
+    out = plan.staging / PROFILE_SHARDS_DIR / str(index)
+    profile_model(plan.checkpoint, plan.options.calibration, out, plan.options.profile_tokens, plots=False,
+                  shard=(index, plan.profile_shards))
+    return str(out)
+
+
+def merge_profile_shards(plan: PreparePlan, shard_dirs: list[str]) -> dict:
+    from .profile import merge_profiles
+
+    result = merge_profiles([Path(s) for s in shard_dirs], plan.staging / PROFILE_DIR, plan.options.calibration)
+    shutil.rmtree(plan.staging / PROFILE_SHARDS_DIR, ignore_errors=True)
+    return result.summary
+
+
+def profile_whole(plan: PreparePlan) -> dict:
+    from .profile import profile_model
+
+    return profile_model(plan.checkpoint, plan.options.calibration, plan.staging / PROFILE_DIR,
+                         plan.options.profile_tokens).summary
+
+
+def copy_profile(plan: PreparePlan) -> dict | None:
+    """A profile made earlier, shipped in the bundle as it is."""
+    shutil.copytree(plan.options.profile, plan.staging / PROFILE_DIR, dirs_exist_ok=True)
+    summary = plan.staging / PROFILE_DIR / SUMMARY_FILE
+    return json.loads(summary.read_text()) if summary.is_file() else None
+
+
+def expert_orders(plan: PreparePlan) -> dict[int, list[int]]:
+    """Each layer's experts in an order that puts experts that fire together side by side."""
+    from .seriate import profile_orders
+
+    return profile_orders(plan.staging / PROFILE_DIR)
+
+
+def pack_layer_step(plan: PreparePlan, job: LayerJob) -> list[ExpertExtent]:
+    return pack_layer(SourceCheckpoint.open(plan.checkpoint), job, plan.staging)
+
+
+def write_step(plan: PreparePlan, extents: list[ExpertExtent], ordered: bool, profile_summary: dict | None) -> dict:
+    return write_bundle(SourceCheckpoint.open(plan.checkpoint), plan.staging, extents, plan.recipe, plan.source,
+                        plan.options.resident_bits, "profile" if ordered else "identity", profile_summary)
+
+
+def finalize_step(plan: PreparePlan) -> str:
+    """Verify every checksum of the staged bundle, then rename it into place."""
+    return str(finalize(plan.staging, plan.out, plan.options.overwrite).root)
+
+
+# ----------------------------------------------------------------------------- running them
+
+
+class StepRunner(Protocol):
+    """How steps run. `call` runs one step; `map` runs one step for each argument tuple (in any
+    order, possibly in parallel) and returns the results in the order given."""
+
+    def call(self, name: str, fn: Callable, *args) -> Any: ...
+
+    def map(self, name: str, fn: Callable, calls: list[tuple]) -> list: ...
+
+
+@dataclass
+class PrepareResult:
+    bundle: Path
+    meta: dict  # bundle.json
+    seconds: float
+    engine: str
+
+    def summary(self) -> dict:
+        return {"bundle": str(self.bundle), **self.meta["layout"], "resident_bytes": self.meta["resident"]["nbytes"]}
+
+
+def run_steps(plan: PreparePlan, run: StepRunner) -> tuple[Path, dict]:
+    """The preparation's steps in order; returns (bundle folder, bundle.json)."""
+    bits = run.call("plan-bits", expert_bit_plan, plan) if plan.measures_bits else {}
+    summary = None
+    if plan.profile_shards > 1:  # calibration sequences split across the runner's workers
+        shards = run.map("profile-shard", profile_shard, [(plan, i) for i in range(plan.profile_shards)])
+        summary = run.call("profile-merge", merge_profile_shards, plan, shards)
+    elif plan.profile_shards == 1:
+        summary = run.call("profile", profile_whole, plan)
+    elif plan.orders_experts:
+        summary = run.call("profile-copy", copy_profile, plan)
+    orders = run.call("order-experts", expert_orders, plan) if plan.orders_experts else {}
+    per_layer = run.map("pack-layer", pack_layer_step, [(plan, job) for job in plan.layer_jobs(bits, orders)])
+    meta = run.call("write", write_step, plan, [e for layer in per_layer for e in layer], bool(orders), summary)
+    return Path(run.call("verify", finalize_step, plan)), meta
+
+
+@dataclass
+class InProcess:
+    """Steps run one after another in this process: no server, no retries, no parallelism.
+    progress(step, done, total) after each step (and each item of a mapped one)."""
+
+    progress: Callable[[str, int, int], None] | None = None
+    steps: list[str] = field(default_factory=list)
+
+    def call(self, name, fn, *args):
+        result = fn(*args)
+        self._done(name, 1, 1)
+        return result
+
+    def map(self, name, fn, calls):
+        out = []
+        for i, args in enumerate(calls):
+            out.append(fn(*args))
+            self._done(name, i + 1, len(calls))
+        return out
+
+    def _done(self, name: str, done: int, total: int) -> None:
+        self.steps.append(name)
+        if self.progress is not None:
+            self.progress(name, done, total)
+
+
+def prepare_in_process(options: PrepareOptions, progress: Callable[[str, int, int], None] | None = None) -> PrepareResult:
+    """The whole preparation in this process (the "plain" engine)."""
+    if options.distributed:
+        raise OptionsError("workers and a Dask address need the Prefect engine (the plain engine runs in one process)")
+    start = time.perf_counter()
+    plan = make_plan(options)
+    bundle, meta = run_steps(plan, InProcess(progress))
+    return PrepareResult(bundle, meta, time.perf_counter() - start, "plain")
