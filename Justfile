@@ -12,6 +12,10 @@ demo:
 test:
     python -m pytest -q
 
+# the fast suite: everything but the tests that run Prefect, Dask or whole commands in subprocesses
+test-fast:
+    python -m pytest -q -m "not slow"
+
 # benchmarks: print figures, never assert timings
 bench:
     python bench/prepare_vs_convert.py

@@ -15,25 +15,15 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Callable, Hashable
-from typing import Any, Protocol
+from collections.abc import Hashable
+from typing import Any
 
 from ...common.errors import MoestreamError
+from .policies import CachePolicy, make_policy
 
 
 class CacheFullError(MoestreamError, RuntimeError):
     """Nothing evictable is left and the new item still does not fit."""
-
-
-class CachePolicy(Protocol):
-    """Orders the keys of the cache for eviction. The cache calls on_insert/on_access/on_remove
-    as keys come, are read and go; victim returns the key to evict next among those for which
-    evictable(key) is true (pinned keys are not), or None if there is none."""
-
-    def on_insert(self, key: Hashable) -> None: ...
-    def on_access(self, key: Hashable) -> None: ...
-    def on_remove(self, key: Hashable) -> None: ...
-    def victim(self, evictable: Callable[[Hashable], bool]) -> Hashable | None: ...
 
 
 class ExpertCache:
@@ -41,11 +31,7 @@ class ExpertCache:
         if capacity_bytes is not None and capacity_bytes < 0:
             raise ValueError(f"capacity_bytes must be >= 0 or None, got {capacity_bytes}")
         self.capacity_bytes = capacity_bytes  # None: unbounded
-        if isinstance(policy, str):
-            from .policies import make_policy
-
-            policy = make_policy(policy)
-        self.policy = policy
+        self.policy = make_policy(policy)
         self._values: dict[Hashable, Any] = {}
         self._sizes: dict[Hashable, int] = {}
         self._pins: Counter[Hashable] = Counter()

@@ -28,13 +28,25 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
+from ...common.errors import OptionsError
 from ...manifests.profile import FREQUENCY_FILE, read_frequency, trace_arrays
-from .expert_cache import CachePolicy
 
 PROFILE_POLICIES = ("hot", "prior", "lrfu")
+
+
+class CachePolicy(Protocol):
+    """Orders the keys of the cache for eviction. The cache calls on_insert/on_access/on_remove
+    as keys come, are read and go; victim returns the key to evict next among those for which
+    evictable(key) is true (pinned keys are not), or None if there is none."""
+
+    def on_insert(self, key: Hashable) -> None: ...
+    def on_access(self, key: Hashable) -> None: ...
+    def on_remove(self, key: Hashable) -> None: ...
+    def victim(self, evictable: Callable[[Hashable], bool]) -> Hashable | None: ...
 
 
 class LRUPolicy:
@@ -357,9 +369,9 @@ def make_policy(name: str | CachePolicy, profile=None, **options) -> CachePolicy
             raise TypeError(f"policy {name!r} takes no options, got {sorted(options)}")
         return BASE_POLICIES[name]()
     if name not in PROFILE_POLICIES:
-        raise ValueError(f"unknown cache policy {name!r}; known: {policy_names()}")
+        raise OptionsError(f"unknown cache policy {name!r}; known: {', '.join(policy_names())}")
     if profile is None:
-        raise ValueError(f"cache policy {name!r} needs a routing profile (a bundle prepared with profiling, "
+        raise OptionsError(f"cache policy {name!r} needs a routing profile (a bundle prepared with profiling, "
                          f"or a profile folder / trace); use 'lru' or 'lfu' without one")
     freq = FrequencyTable.load(profile)
     if name == "hot":

@@ -31,7 +31,7 @@ class ProjectionQuant:
     mode: str | None
 
 
-def _cast(arrays: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.array]:
+def cast_floats(arrays: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.array]:
     if dtype is None:
         return arrays
     return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in arrays.items()}
@@ -102,7 +102,7 @@ class BundleStore:
         return self._read_arrays(extents, requests)
 
     def _finish(self, arrays: dict[str, mx.array]) -> dict[str, mx.array]:
-        arrays = _cast(arrays, self.dtype)
+        arrays = cast_floats(arrays, self.dtype)
         # MLX streams belong to the thread that made them: materialise the views and casts in
         # the I/O thread, so that the main thread receives plain arrays with nothing left to run.
         mx.eval(list(arrays.values()))
@@ -223,7 +223,7 @@ class CheckpointStore:
         out: dict[int, dict[str, mx.array]] = {e: {} for e in experts}
         for e, name, s, info, i in plan:
             out[e][name] = finish_slice(s, info, bufs[i])
-        return {e: _cast(t, self.dtype) for e, t in out.items()}
+        return {e: cast_floats(t, self.dtype) for e, t in out.items()}
 
 
 def slice_numel(s, info) -> int:

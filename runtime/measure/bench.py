@@ -19,8 +19,12 @@ import mlx.core as mx
 import numpy as np
 
 from ...common.errors import OptionsError
+from ...manifests.bundle import unpack_extent
+from ...manifests.describe import describe_bundle
 from ...manifests.open import open_bundle
+from ..io import staging
 from ..io.pagecache import evict_page_cache
+from ..io.stores import cast_floats
 from ..model.load import IOOptions, load, plan_memory, runtime_of
 from .ceiling import read_ceiling
 
@@ -70,9 +74,6 @@ def decode(model, prompt: list[int], gen_tokens: int) -> dict:
 def naive_run(bundle_path: Path, prompt: list[int], gen_tokens: int, budget: int) -> dict:
     """The "LLM in a flash" baseline: every routed expert's tensors read one by one with plain
     buffered reads, no cache to speak of (one layer's experts), no coalescing, no threads."""
-    from ...manifests.bundle import unpack_extent
-    from ..io.stores import _cast
-
     loaded = load(bundle_path, memory_budget=budget)
     model, rt = loaded.model, runtime_of(loaded.model)
     rt.cache.capacity_bytes = rt.plan.min_layer_bytes
@@ -89,7 +90,7 @@ def naive_run(bundle_path: Path, prompt: list[int], gen_tokens: int, budget: int
                     parts[t.offset : t.offset + t.nbytes] = f.read(t.nbytes)
                     counters["bytes"] += t.nbytes
                     counters["reads"] += 1
-            out[e] = _cast(unpack_extent(bytes(parts), x.tensors), store.dtype)
+            out[e] = cast_floats(unpack_extent(bytes(parts), x.tensors), store.dtype)
         return out
 
     store.read = naive_read
@@ -222,19 +223,16 @@ def _settings(model) -> dict:
 
 
 def _advice_state() -> str:
-    from ..io.staging import _advice
-
-    if _advice is None:
+    advice = staging._advice
+    if advice is None:
         return "not asked"
-    return f"available (CUDA runtime {_advice.version})" if _advice.available else f"unavailable: {_advice.why}"
+    return f"available (CUDA runtime {advice.version})" if advice.available else f"unavailable: {advice.why}"
 
 
 def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int = 16, gen_tokens: int = 24,
                  io: dict | None = None, compare: tuple[str, ...] = (), reference_checkpoint=None,
                  full_layers: int | None = None, bits: int = 4) -> dict:
     """io: IOOptions fields for every run (e.g. {"mode": "buffered", "threads": 4})."""
-    from ...manifests.describe import describe_bundle
-
     unknown = [c for c in compare if c != "naive" and _variant(c) is None]
     if unknown:
         raise OptionsError(f"unknown --compare entries {unknown}; known: naive, {', '.join(VARIANTS)}, policy:NAME, threads:N")
@@ -265,8 +263,6 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
         _, report["warmup_s"] = _timed(decode, model, prompt, 4)
 
     def cold_and_warm(name: str, phases: bool = False, **variant) -> None:
-        from ..io import staging
-
         if variant.pop("_no_cuda_advice", False):
             os.environ["MOESTREAM_CUDA_ADVICE"] = "0"
         staging._advice = None  # decided anew from the environment
