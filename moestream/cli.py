@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the routed experts from disk at inference."))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="synth a small MoE, prepare it, generate inside a small memory budget")
+    p = sub.add_parser("demo", help="prepare the trained fixture MoE, then answer a tool call inside a small memory budget")
     p.add_argument("--workdir", default="moestream-demo", help="where the demo writes its model and bundle")
     p.add_argument("--family", default=None, help="synthesise a random model of this family instead of the trained fixture")
     p.add_argument("--preset", default="tiny")
