@@ -61,14 +61,6 @@ class Bundle:
     def expert_bytes(self) -> int:
         return sum(e.nbytes for e in self.extents.values())
 
-    def max_layer_bytes(self, k: int) -> int:
-        """The most bytes one MoE layer's k largest experts take: what a forward pass must hold."""
-        by_layer = defaultdict(list)
-        for e in self.extents.values():
-            by_layer[e.layer].append(e.raw_nbytes)
-        return max((sum(sorted(v, reverse=True)[:k]) for v in by_layer.values()), default=0)
-
-
 def _check_files(root: Path, meta: dict) -> None:
     files = meta.get("files")
     if not isinstance(files, dict):

@@ -108,7 +108,3 @@ def read_tensor(info: TensorInfo) -> mx.array:
     return from_buffer(read_bytes(info.file, info.offset, info.nbytes), info.dtype, info.shape)
 
 
-def read_rows(info: TensorInfo, start: int, stop: int) -> mx.array:
-    """Rows [start, stop) of a tensor along axis 0, reading only those bytes."""
-    offset, nbytes = info.rows_range(start, stop)
-    return from_buffer(read_bytes(info.file, offset, nbytes), info.dtype, (stop - start, *info.shape[1:]))

@@ -46,7 +46,6 @@ from ..manifests.profile import (
 DEFAULT_MAX_TOKENS = 16384
 DEFAULT_SEQ_LEN = 512
 HOT_FRACTION = 0.10
-PROFILE_FILES = ("trace", "frequency", "coactivation", "reuse", "transitions")
 
 
 class CalibrationError(MoestreamError, ValueError):

@@ -150,10 +150,6 @@ class ExpertCache:
                 del self._pins[key]
                 self._pinned_bytes -= self._sizes.get(key, 0)
 
-    def is_pinned(self, key: Hashable) -> bool:
-        with self._lock:
-            return self._pins.get(key, 0) > 0
-
     # ---- stats ------------------------------------------------------------------------------
 
     def reset_stats(self) -> None:

@@ -133,11 +133,6 @@ class FrequencyTable:
         return [keys[i] for i in order]
 
     @classmethod
-    def from_counts(cls, layers, counts: np.ndarray, tokens, experts_per_token=None) -> FrequencyTable:
-        tokens = np.broadcast_to(np.asarray(tokens, dtype=np.float64), (len(layers),))
-        return cls({int(layer): counts[i] / max(tokens[i], 1.0) for i, layer in enumerate(layers)}, experts_per_token)
-
-    @classmethod
     def load(cls, profile) -> FrequencyTable:
         """From a FrequencyTable, a profile folder (frequency.parquet) or a bundle with one in
         profile/, a frequency.parquet file, a routing trace (table, path or TraceArrays), or

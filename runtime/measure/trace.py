@@ -262,19 +262,3 @@ def trace_table(chunks: list[_Chunk], meta: dict) -> pa.Table:
                               for c in chunks])
     order = np.lexsort((layer, token, seq))
     return build_trace_table(seq[order], token[order], layer[order], experts[order], weights[order], have_w[order], meta)
-
-
-def record_trace(model: nn.Module, sequences, *, weights: bool = True, batch_size: int = 1) -> pa.Table:
-    """Run token sequences (lists of ids; one prefill each, no KV cache) and return their trace.
-    Sequences of equal length are batched `batch_size` at a time."""
-    with TraceRecorder(model, weights=weights) as rec:
-        seqs = [list(s) for s in sequences if len(s)]
-        i = 0
-        while i < len(seqs):
-            group = [seqs[i]]
-            while len(group) < batch_size and i + len(group) < len(seqs) and len(seqs[i + len(group)]) == len(group[0]):
-                group.append(seqs[i + len(group)])
-            rec.next_sequence()
-            mx.eval(model(mx.array(group)))
-            i += len(group)
-        return rec.table()

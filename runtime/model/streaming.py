@@ -271,7 +271,7 @@ class StreamingSwitchGLU(nn.Module):
         else:
             # More experts than fit at once (long prefill, small budget) or mixed bit widths:
             # sort the rows by expert so each group is one contiguous range of rows.
-            x, idx_sorted, inv_order = _gather_sort(x, indices)
+            x, _, inv_order = _gather_sort(x, indices)
             flat = np.sort(routed.reshape(-1), kind="stable")
             parts, row = [], 0
             for group in groups:
