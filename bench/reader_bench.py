@@ -1,131 +1,91 @@
-"""Extent reader throughput: direct vs buffered (cold and warm page cache) for 1/2/4/8 threads.
-
-The first row, raw-direct, is bare O_DIRECT preadv into per-thread reused buffers, as iobench.py
-does: the ceiling the reader's own overhead (planning, buffers, views) is measured against.
+"""Extent reader throughput: direct vs buffered (cold and warm page cache), at several thread counts.
 
 Writes a file of 7 MB extents at 16 KiB-aligned offsets (as the bundle writer places them), then
-reads every extent once per pass, in random order, in batches of --batch (one layer's routed
-experts per read() call). Compare with /work/shared/tools/iobench.py, the raw O_DIRECT ceiling.
+reads every extent once per pass, in random order, in batches of --batch (one layer's routed experts
+per read() call). The first row is the disk's O_DIRECT random-read ceiling at the extent size
+(runtime.measure.ceiling, as `moestream bench` measures it): what the reader's own overhead
+(planning, buffers, views) is measured against. Cells: GB/s (mean read MB, page cache growth MB).
 
-usage: python bench/reader_bench.py [--path /var/tmp/moestream_reader_bench.bin] [--size-gib 1]
+    python bench/reader_bench.py [--path /var/tmp/moestream_reader_bench.bin] [--size-gib 1] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
-import mmap
-import os
 import random
-import threading
+import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-from moestream.runtime.iobench import evict_page_cache
-from moestream.runtime.reader import ExtentReader, ReadRequest
-
-STRIDE_ALIGN = 16 * 1024
+import common
 
 
-def write_file(path: str, size: int) -> None:
-    if os.path.exists(path) and os.path.getsize(path) >= size:
-        return
-    block = os.urandom(64 << 20)  # incompressible, so no layer below can cheat
-    with open(path, "wb") as f:
-        f.writelines(block[: size - done] for done in range(0, size, len(block)))
-        f.flush()
-        os.fsync(f.fileno())
+def one_pass(mode: str, threads: int, path: str, offsets: list[int], extent: int, batch: int, seed: int) -> dict:
+    from moestream.runtime.io.pagecache import page_cache_bytes
+    from moestream.runtime.io.reader import ExtentReader, ReadRequest
 
-
-
-
-def page_cache_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("Cached:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def extents(path: str, size: int, extent: int) -> list[ReadRequest]:
-    stride = -(-extent // STRIDE_ALIGN) * STRIDE_ALIGN
-    return [ReadRequest(path, off, extent, f"extent {i}")
-            for i, off in enumerate(range(0, size - extent + 1, stride))]
-
-
-def one_pass(mode: str, threads: int, reqs: list[ReadRequest], batch: int, seed: int) -> dict:
-    order = reqs[:]
+    order = offsets[:]
     random.Random(seed).shuffle(order)
-    cache0 = page_cache_bytes()
+    reqs = [ReadRequest(path, off, extent, f"extent@{off}") for off in order]
+    cached0 = page_cache_bytes([path]) or 0
     with ExtentReader(mode, threads=threads) as reader:
         t0 = time.perf_counter()
-        for i in range(0, len(order), batch):
-            views = reader.read(order[i : i + batch])
-            del views  # the runtime copies into mx arrays here; buffers are freed
+        for i in range(0, len(reqs), batch):
+            views = reader.read(reqs[i : i + batch])
+            del views  # the buffers go back to the pool
         wall = time.perf_counter() - t0
         s = reader.stats()
-    s["gbps"] = s["requested_bytes"] / wall / 1e9
-    s["cache_growth_mb"] = (page_cache_bytes() - cache0) / 1e6
-    return s
+    return {"gb_per_s": s["requested_bytes"] / wall / 1e9, "mean_read_mb": s["mean_read_bytes"] / 1e6,
+            "cache_growth_mb": ((page_cache_bytes([path]) or 0) - cached0) / 1e6}
 
 
-def raw_pass(threads: int, reqs: list[ReadRequest], seed: int) -> dict:
-    order = reqs[:]
-    random.Random(seed).shuffle(order)
-    fd = os.open(order[0].path, os.O_RDONLY | os.O_DIRECT)
-    local = threading.local()
-
-    def read_one(r: ReadRequest) -> int:
-        start, end = r.offset // 4096 * 4096, -(-(r.offset + r.nbytes) // 4096) * 4096
-        if getattr(local, "buf", None) is None:
-            local.buf = mmap.mmap(-1, end - start)
-        return os.preadv(fd, [memoryview(local.buf)[: end - start]], start)
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(threads) as ex:
-        done = sum(ex.map(read_one, order))
-    wall = time.perf_counter() - t0
-    os.close(fd)
-    return {"gbps": sum(r.nbytes for r in order) / wall / 1e9, "mean_read_bytes": done / len(order),
-            "cache_growth_mb": 0.0}
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--path", default="/var/tmp/moestream_reader_bench.bin")
     ap.add_argument("--size-gib", type=float, default=1.0)
     ap.add_argument("--extent-mb", type=float, default=7.0)
     ap.add_argument("--batch", type=int, default=8, help="extents per read() call")
     ap.add_argument("--threads", default="1,2,4,8")
+    ap.add_argument("--ceiling-seconds", type=float, default=3.0)
     ap.add_argument("--keep", action="store_true", help="keep the file afterwards")
-    args = ap.parse_args()
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
 
-    size = int(args.size_gib * (1 << 30))
-    reqs = extents(args.path, size, int(args.extent_mb * 1e6))
-    write_file(args.path, size)
-    print(f"{len(reqs)} extents of {args.extent_mb} MB in {size / 2**30:.2f} GiB, random order, "
-          f"{args.batch} per read(); GB/s (mean read MB, page cache growth MB)")
+    from moestream.runtime.io.pagecache import evict_page_cache
+
+    size, extent = int(args.size_gib * 2**30), int(args.extent_mb * 1e6)
+    path = str(common.extent_file(args.path, size))
+    offsets = common.extent_offsets(size, extent)
     threads = [int(t) for t in args.threads.split(",")]
-    print(f"{'mode':<15}" + "".join(f"{t:>8}t{'':14}" for t in threads))
+    print(common.setup_line())
+    print(f"{len(offsets)} extents of {args.extent_mb} MB in {size / 2**30:.2f} GiB, random order, {args.batch} per "
+          f"read(); GB/s (mean read MB, page cache growth MB)", flush=True)
+    rows = []
     try:
-        for mode in ("raw-direct", "direct", "buffered-cold", "buffered-warm"):
-            cells = []
+        for mode in ("ceiling", "direct", "buffered-cold", "buffered-warm"):
+            row = {"mode": mode}
             for t in threads:
-                io = "direct" if mode == "direct" else "buffered"
-                evict_page_cache([args.path])
-                if mode == "buffered-warm":
-                    one_pass(io, t, reqs, args.batch, seed=t + 1)  # fill the page cache
-                if mode == "raw-direct":
-                    s = raw_pass(t, reqs, seed=t)
+                evict_page_cache([path])
+                if mode == "ceiling":
+                    c = common.ceiling([path], extent, t, trials=1, seconds=args.ceiling_seconds)
+                    s = {"gb_per_s": c["gb_per_s"], "mean_read_mb": c["chunk_bytes"] / 1e6, "cache_growth_mb": 0.0}
                 else:
-                    s = one_pass(io, t, reqs, args.batch, seed=t)
-                cells.append(f"{s['gbps']:9.2f} ({s['mean_read_bytes'] / 1e6:4.1f},"
-                             f"{s['cache_growth_mb']:6.0f})")
-            print(f"{mode:<15}" + "".join(cells), flush=True)
+                    io = mode.split("-")[0]
+                    if mode == "buffered-warm":
+                        one_pass(io, t, path, offsets, extent, args.batch, seed=t + 1)  # fill the page cache
+                    s = one_pass(io, t, path, offsets, extent, args.batch, seed=t)
+                row[t] = s
+            rows.append(row)
+            print(f"  {mode} done", flush=True)
     finally:
-        evict_page_cache([args.path])
+        evict_page_cache([path])
         if not args.keep:
-            os.unlink(args.path)
+            Path(path).unlink()
+    cell = lambda t: lambda r: f"{r[t]['gb_per_s']:.2f} ({r[t]['mean_read_mb']:.1f}, {r[t]['cache_growth_mb']:.0f})"  # noqa: E731
+    print(common.table(rows, [("mode", "mode", "")] + [(f"{t} threads", cell(t), "") for t in threads]))
+    common.write_json(args.json, {"args": vars(args), "setup": common.setup_line(), "rows": rows})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

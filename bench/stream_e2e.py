@@ -1,20 +1,22 @@
-"""End-to-end streaming benchmark at real read sizes, fully disclosed.
+"""End-to-end streaming benchmark at real read sizes, fully disclosed (the lent H200's figures).
 
-synth (Qwen3.5-397B-A17B layer shapes by default) -> prepare (the stages, no Prefect) -> the disk's
-O_DIRECT ceiling over the bundle's own files at its read size -> decode with a memory budget well
-under the expert bytes, cold then warm -> per-layer phase timings -> the figure scaled to the full
-model's layer count (labelled as scaled) -> mlx-lm fully in memory on the same weights, for scale.
+synth (Qwen3.5-397B-A17B layer shapes by default) -> prepare (in process, no Prefect) -> `moestream
+bench`'s run (runtime.measure.bench.bench_bundle): decode under a memory budget well under the expert
+bytes, cold then warm, the disk's O_DIRECT ceiling over the bundle's own files at its read sizes,
+per-layer phase timings, the figure scaled to the full model's layer count (labelled as scaled),
+the comparisons asked for, and mlx-lm fully in memory on the same weights, for scale.
 
-    python bench/stream_e2e.py --workdir /tmp/e2e --family qwen3_5_moe --preset a397b --layers 3 --json out.json
+    python bench/stream_e2e.py --workdir /tmp/e2e --family qwen3_5_moe --preset a397b --layers 2 \\
+        --gen-tokens 32 --compare-naive --compare host,prefetch --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
-from pathlib import Path
+
+import common
 
 
 def main(argv=None) -> int:
@@ -32,35 +34,25 @@ def main(argv=None) -> int:
     ap.add_argument("--delete-source", action="store_true", help="delete the synth checkpoint once the bundle is made")
     ap.add_argument("--no-reference", action="store_true", help="skip mlx-lm fully in memory")
     ap.add_argument("--compare-naive", action="store_true", help="also run the naive loader baseline")
-    ap.add_argument("--compare", default="", help="also (comma list): buffered, prefetch, host, stage, nostage, policy:NAME, threads:N")
+    ap.add_argument("--compare", default="", help="also (comma list): buffered, prefetch, host, stage, nostage, "
+                    "noadvice, policy:NAME, threads:N")
     ap.add_argument("--io-threads", type=int, default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    from moestream.runtime.bench import _timed, bench_bundle, print_report
-    from moestream.stages.sequential import prepare_sequential
-    from moestream.stages.synth import synth_checkpoint
+    from moestream.runtime.measure.bench import bench_bundle, print_report
 
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    src, bundle_path = work / f"{args.family}-{args.preset}", work / f"{args.family}-{args.preset}-bundle"
-    report = {"script_args": vars(args)}
-    if not bundle_path.exists():
-        if not src.exists():
-            r, report["synth_s"] = _timed(synth_checkpoint, args.family, src, preset=args.preset, layers=args.layers)
-            print(f"synth: {r.total_bytes / 1e9:.2f} GB in {report['synth_s']:.1f}s", flush=True)
-        _, report["prepare_s"] = _timed(prepare_sequential, src, bundle_path, args.bits, 64)
-        print(f"prepare: {report['prepare_s']:.1f}s", flush=True)
-    report.update(bench_bundle(bundle_path, args.budget_fraction, args.prompt_tokens, args.gen_tokens, args.io_mode,
-                               compare=tuple(c for c in args.compare.split(",") if c) + (("naive",) if args.compare_naive else ()),
-                               reference_checkpoint=None if args.no_reference or not src.exists() else src,
-                               full_layers=args.full_layers, bits=args.bits,
-                               load_kwargs={"io_threads": args.io_threads} if args.io_threads else None))
-    if args.delete_source and src.exists():
-        shutil.rmtree(src)
+    inputs = common.make_inputs(args.workdir, args.family, args.preset, args.layers, args.bits)
+    compare = tuple(c for c in args.compare.split(",") if c) + (("naive",) if args.compare_naive else ())
+    report = {"script_args": vars(args), **inputs.made_s}
+    report.update(bench_bundle(inputs.bundle, args.budget_fraction, args.prompt_tokens, args.gen_tokens,
+                               io={"mode": args.io_mode, "threads": args.io_threads}, compare=compare,
+                               reference_checkpoint=None if args.no_reference or not inputs.source.exists() else inputs.source,
+                               full_layers=args.full_layers, bits=args.bits))
+    if args.delete_source:
+        shutil.rmtree(inputs.source, ignore_errors=True)
     print_report(report)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+    common.write_json(args.json, report)
     return 0
 
 
