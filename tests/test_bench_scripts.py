@@ -1,0 +1,84 @@
+"""The bench/ scripts stay runnable: each imports (by file path, as `python bench/NAME.py` runs it)
+without side effects and parses its command line; the shared helpers work; two scripts run end to
+end at their smallest settings."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+SCRIPTS = sorted(p for p in BENCH.glob("*.py") if p.name != "common.py")
+FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "qwen3-moe-tiny-tools"
+
+
+@pytest.fixture
+def bench_path(monkeypatch):
+    """bench/ first on sys.path, as when a script runs; its modules forgotten afterwards."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        if name == "common" or name.startswith("bench_") or (BENCH / f"{name}.py").is_file():
+            del sys.modules[name]
+
+
+def load_script(path: Path):
+    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_there_are_scripts():
+    assert len(SCRIPTS) >= 10
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=[p.stem for p in SCRIPTS])
+def test_script_imports_without_side_effects_and_parses(path, bench_path, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    module = load_script(path)
+    assert capsys.readouterr().out == ""
+    assert list(tmp_path.iterdir()) == []  # importing wrote nothing
+    assert callable(module.main)
+    assert module.__doc__ and "python bench/" in module.__doc__  # says how it is run
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help"])
+    assert exit_.value.code == 0
+    assert "usage" in capsys.readouterr().out
+
+
+def test_common_table_and_offsets(bench_path):
+    import common
+
+    text = common.table([{"name": "a", "x": 1.5, "y": None}, {"name": "longer", "x": 22.25, "y": 3}],
+                        [("name", "name", ""), ("x", "x", ".2f"), ("y", lambda r: r["y"], "d")])
+    lines = text.splitlines()
+    assert lines[0].split() == ["name", "x", "y"] and set(lines[1]) == {"-"}
+    assert lines[2].split() == ["a", "1.50", "-"] and lines[3].split() == ["longer", "22.25", "3"]
+    assert common.extent_offsets(100 << 20, 7_000_000) == list(range(0, (100 << 20) - 7_000_000 + 1, 7_012_352))
+
+
+def test_reader_bench_runs(bench_path, tmp_path, capsys):
+    module = load_script(BENCH / "reader_bench.py")
+    out = tmp_path / "reader.json"
+    assert module.main(["--path", str(tmp_path / "extents.bin"), "--size-gib", "0.02", "--extent-mb", "1",
+                        "--threads", "1,2", "--ceiling-seconds", "0.2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["ceiling", "direct", "buffered-cold", "buffered-warm"]
+    assert all(r[t]["gb_per_s"] > 0 for r in rows for t in ("1", "2"))
+    assert not (tmp_path / "extents.bin").exists()  # removed unless --keep
+
+
+def test_lookahead_runs_on_the_fixture(bench_path, tmp_path, capsys):
+    module = load_script(BENCH / "lookahead.py")
+    text = tmp_path / "text.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 8)
+    out = tmp_path / "lookahead.json"
+    assert module.main([str(FIXTURE), str(text), "--tokens", "64", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["tokens"] == 64 and 0 <= result["recall"] <= 1 and result["routed"] > 0
