@@ -1,24 +1,27 @@
-"""A source checkpoint (Hub layout: config.json + safetensors) seen through its family table.
+"""A source checkpoint (Hub layout: config.json + safetensors) resolved against mlx-lm's model.
 
-Reads one expert at a time (bounded memory, whatever the model size) and the resident set,
-which it hands to mlx-lm's own `sanitize` so that resident tensors end in exactly the MLX
-naming and values mlx-lm would load.
+Which tensors are routed experts, and how each expert's tensors are cut out of them, is derived
+(architecture.py builds mlx-lm's model for the config; expert_map.py learns the mapping from the
+family's own `sanitize`): no table per family. Reads one expert at a time (bounded memory, whatever
+the model size) and the resident set, which goes through mlx-lm's own `sanitize` so that resident
+tensors end in exactly the MLX naming and values mlx-lm would load.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
-from .families import Family, family_for_config
-from .families.base import ExpertSlice, ModelDims
+from .architecture import Architecture, ModelDims, UnsupportedModel, architecture_of, build_model, mlx_config
+from .expert_map import ExpertMap, ExpertSlice, map_experts
 from .safetensors_index import CheckpointError, TensorInfo, index_folder, read_bytes, read_tensor
-from .tensors import from_buffer, from_numpy_bits, to_numpy_bits
+from .tensors import DTYPES, from_buffer, from_numpy_bits, to_numpy_bits
 
 
 def finish_slice(s: ExpertSlice, info: TensorInfo, buf) -> mx.array:
@@ -46,63 +49,42 @@ def load_config(folder: Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
-def _get_dotted(config: dict, key: str):
-    value = config
-    for part in key.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return value
-
-
-def mlx_config(family: Family, config: dict) -> dict:
-    """The config as mlx-lm reads it: keys that transformers 5 renamed get their older name too."""
-    config = copy.deepcopy(config)
-    targets = [config]
-    if isinstance(config.get("text_config"), dict):
-        targets.append(config["text_config"])
-    for target in targets:
-        rope = target.get("rope_parameters")
-        if isinstance(rope, dict):  # transformers 5 folds rope_theta and rope_scaling in here
-            if target.get("rope_theta") is None and "rope_theta" in rope:
-                target["rope_theta"] = rope["rope_theta"]
-            if target.get("rope_scaling") is None and rope.get("rope_type", rope.get("type", "default")) != "default":
-                target["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-        for key, aliases in family.config_aliases.items():
-            if target.get(key) is not None:
-                continue
-            for alias in aliases:
-                value = _get_dotted(target, alias)
-                if value is not None:
-                    target[key] = value
-                    break
-    return config
-
-
 @dataclass
 class SourceCheckpoint:
     folder: Path
-    config: dict
-    family: Family
-    dims: ModelDims
+    config: dict  # config.json as the checkpoint has it
     tensors: dict[str, TensorInfo]
+    arch: Architecture
+    experts: ExpertMap
 
     @classmethod
-    def open(cls, folder: str | Path) -> "SourceCheckpoint":
-        folder = Path(folder)
-        config = load_config(folder)
-        family = family_for_config(config)
-        tensors = index_folder(folder)
-        return cls(folder, config, family, family.dims(config), tensors)
+    def open(cls, folder: str | Path) -> SourceCheckpoint:
+        """Index and resolve a checkpoint folder (remembered while its files are unchanged: every
+        preparation step opens it)."""
+        folder = Path(folder).absolute()
+        stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                      for p in sorted(folder.glob("*")) if p.suffix in (".json", ".safetensors"))
+        return _open(folder, stamp)
+
+    @property
+    def family(self) -> str:
+        return self.arch.family
+
+    @property
+    def dims(self) -> ModelDims:
+        return self.arch.dims
+
+    def module_path(self, layer: int) -> str:
+        return self.arch.targets[layer].path
 
     @property
     def expert_layers(self) -> list[int]:
-        return self.family.expert_layers(self.tensors)
+        return list(self.arch.targets)
 
     def expert_slices(self, layer: int, expert: int) -> dict[str, ExpertSlice]:
         if not 0 <= expert < self.dims.num_experts:
             raise CheckpointError(f"expert {expert} out of range (the model has {self.dims.num_experts})")
-        return self.family.expert_slices(self.dims, self.tensors, layer, expert)
+        return self.experts.slices(layer, expert)
 
     def read_expert(self, layer: int, expert: int) -> dict[str, mx.array]:
         """One expert's MLX tensors in the source dtype, reading only that expert's bytes."""
@@ -124,29 +106,52 @@ class SourceCheckpoint:
         return (info, *info.rows_range(s.expert, s.expert + 1))
 
     def resident_names(self) -> list[str]:
-        return [n for n in self.tensors if not self.family.is_expert_tensor(n)]
-
-    def read_resident_raw(self) -> dict[str, mx.array]:
-        return {n: read_tensor(self.tensors[n]) for n in self.resident_names()}
+        experts = self.experts.source_tensors()
+        return [n for n in self.tensors if n not in experts]
 
     def mlx_config(self) -> dict:
-        return mlx_config(self.family, self.config)
+        return self.arch.config
 
     def build_mlx_model(self):
         """mlx-lm's model for this config, built lazily (no memory for its random init)."""
-        from mlx_lm.utils import _get_classes
-
-        config = self.mlx_config()
-        model_class, args_class = _get_classes(config=config)
-        return model_class(args_class.from_dict(config))
+        return build_model(self.arch.config)
 
     def resident_weights(self, model=None) -> dict[str, mx.array]:
-        """The resident tensors in MLX naming, as mlx-lm's own `sanitize` produces them."""
+        """The resident tensors in MLX naming and values, as mlx-lm's own `sanitize` makes them.
+
+        When the expert map was learned from sanitize, sanitize also sees the expert tensors (as
+        lazy zeros: never computed), because some families' sanitize needs every key it expects;
+        what it makes of them is dropped."""
         model = model if model is not None else self.build_mlx_model()
-        weights = self.read_resident_raw()
+        weights = {n: read_tensor(self.tensors[n]) for n in self.resident_names()}
+        drop = set()
+        if self.experts.method == "sanitize":
+            for name in self.experts.source_tensors():
+                info = self.tensors[name]
+                weights[name] = mx.zeros(info.shape, DTYPES[info.dtype][2])
+            drop = self.experts.derived_keys
         if hasattr(model, "sanitize"):
             weights = model.sanitize(weights)
-        leftover = [k for k in weights if ".experts." in k and "shared_expert" not in k]
-        if leftover:
-            raise CheckpointError(f"expert tensors left in the resident set: {leftover[:3]}")
+        switches = tuple(f"{t.path}." for t in self.arch.targets.values())
+        weights = {k: v for k, v in weights.items() if k not in drop and not k.startswith(switches)}
+        _check_resident(weights, model, switches)
         return weights
+
+
+@lru_cache(maxsize=4)
+def _open(folder: Path, stamp: tuple) -> SourceCheckpoint:
+    config = load_config(folder)
+    arch = architecture_of(mlx_config(config))
+    tensors = index_folder(folder)
+    return SourceCheckpoint(folder, config, tensors, arch, map_experts(arch, build_model(arch.config), tensors))
+
+
+def _check_resident(weights: dict, model, switches: tuple[str, ...]) -> None:
+    """Every resident parameter of mlx-lm's model is there, and nothing else."""
+    want = {k for k, _ in tree_flatten(model.parameters()) if not k.startswith(switches)}
+    extra, missing = sorted(set(weights) - want), sorted(want - set(weights))
+    if extra or missing:
+        raise UnsupportedModel(
+            "the checkpoint's non-expert tensors do not make mlx-lm's model"
+            + (f"; not in the model: {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}" if extra else "")
+            + (f"; missing: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}" if missing else ""))

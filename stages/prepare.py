@@ -166,7 +166,7 @@ def make_plan(options: PrepareOptions) -> PreparePlan:
     staging = staging_dir(options.out)
     staging.mkdir(parents=True, exist_ok=True)
     return PreparePlan(options, fetched.path, SourceInfo(fetched.repo_id, fetched.revision, fetched.commit),
-                       ckpt.family.name, layers, ckpt.dims.num_experts, staging, shards)
+                       ckpt.family, layers, ckpt.dims.num_experts, staging, shards)
 
 
 # ----------------------------------------------------------------------------- the steps

@@ -128,7 +128,7 @@ def write_bundle(
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "source": asdict(source),
-        "family": ckpt.family.name,
+        "family": ckpt.family,
         "model_type": ckpt.config.get("model_type"),
         "experts": {
             "num_experts": dims.num_experts,
@@ -140,7 +140,7 @@ def write_bundle(
             "mode": recipe.mode,
             "plan": "uniform" if len(bits_used) == 1 else "per-expert",
         },
-        "layers": [{"layer": layer, "module": ckpt.family.module_path(layer)} for layer in layers],
+        "layers": [{"layer": layer, "module": ckpt.module_path(layer)} for layer in layers],
         "resident": {"bits": resident_bits, "nbytes": resident_bytes},
         "layout": {
             "extent_alignment": EXTENT_ALIGNMENT,

@@ -1,5 +1,7 @@
 """The reference nobody here wrote: mlx-lm loading a source checkpoint fully in memory, its
-SwitchLinear experts quantized with `nn.quantize` in the checkpoint's dtype, then cast to float32."""
+SwitchLinear experts quantized with `nn.quantize` in the checkpoint's dtype, then cast to float32.
+moestream's documented corrections of mlx-lm (manifests/corrections.py, each checked against
+transformers itself in test_transformers_fixtures.py) are applied to it too."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import mlx.nn as nn
 from mlx_lm.generate import generate_step
 from mlx_lm.models.switch_layers import SwitchLinear
 from mlx_lm.utils import _get_classes, load_model
+
+from moestream.manifests.corrections import correct_model
 
 
 def _gpt_oss_transformers_to_mlx_lm(weights: dict) -> dict:
@@ -39,6 +43,7 @@ def reference_model(checkpoint: Path, bits: int | None, group_size: int = 64):
         model.load_weights(list(weights.items()), strict=True)
     else:
         model, _ = load_model(checkpoint)
+    correct_model(model, config)
     if bits is not None and bits != 16:
         nn.quantize(model, group_size=group_size, bits=bits, class_predicate=lambda p, m: isinstance(m, SwitchLinear))
     model.set_dtype(mx.float32)

@@ -88,8 +88,8 @@ def test_runtime_of_a_model_moestream_did_not_load(synth_dir):
 
 
 def test_every_error_moestream_raises_on_purpose_is_a_moestream_error():
+    from moestream.manifests.architecture import UnsupportedModel
     from moestream.manifests.bundle import BundleError
-    from moestream.manifests.families import UnsupportedFamily
     from moestream.manifests.safetensors_index import CheckpointError
     from moestream.runtime.cache.expert_cache import CacheFullError
     from moestream.runtime.io.hub import HubError
@@ -100,7 +100,7 @@ def test_every_error_moestream_raises_on_purpose_is_a_moestream_error():
     from moestream.stages.profile import CalibrationError
     from moestream.stages.publish import PublishError
 
-    for cls in (BundleError, UnsupportedFamily, CheckpointError, CacheFullError, HubError, ReadError, BudgetError,
+    for cls in (BundleError, UnsupportedModel, CheckpointError, CacheFullError, HubError, ReadError, BudgetError,
                 CardError, FetchError, CalibrationError, PublishError, OptionsError):
         assert issubclass(cls, MoestreamError), cls
     assert moestream.MoestreamError is MoestreamError

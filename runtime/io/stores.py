@@ -176,7 +176,7 @@ class BundleStore:
 class CheckpointStore:
     def __init__(self, ckpt: SourceCheckpoint, reader: ExtentReader, dtype: mx.Dtype | None = None):
         self.ckpt, self.reader, self.dtype = ckpt, reader, dtype
-        self._layers = {layer: ckpt.family.module_path(layer) for layer in ckpt.expert_layers}
+        self._layers = {layer: ckpt.module_path(layer) for layer in ckpt.expert_layers}
         self._slices: dict = {}  # per-call lookups, computed once per expert (as in BundleStore)
         self._nbytes: dict = {}
 

@@ -16,10 +16,11 @@ from typing import Any, NamedTuple
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.utils import _get_classes, load_tokenizer
+from mlx_lm.utils import load_tokenizer
 
 from ...common.errors import MoestreamError, OptionsError
 from ...common.units import parse_bytes
+from ...manifests.architecture import build_model
 from ...manifests.bundle import BUNDLE_JSON, EXTENT_ALIGNMENT, RESIDENT_FILE
 from ...manifests.checkpoint import SourceCheckpoint
 from ...manifests.open import open_bundle
@@ -299,8 +300,7 @@ def _load(path, reader, memory_budget, experts_per_token, cache_policy, prefetch
     budget = parse_bytes(memory_budget)
     store, config, kind, num_experts, default_k = _open_source(path, verify, reader, compute_dtype, io)
     _check_k(experts_per_token, num_experts)
-    model_class, args_class = _get_classes(config=config)
-    model = model_class(args_class.from_dict(config))
+    model = build_model(config)
     weights = mx.load(str(store.bundle.path(RESIDENT_FILE))) if kind == "bundle" else store.ckpt.resident_weights(model)
     _quantize_resident(model, config, weights)
     if profile is None and kind == "bundle" and (path / "profile" / "frequency.parquet").is_file():

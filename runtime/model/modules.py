@@ -5,18 +5,13 @@ from __future__ import annotations
 import re
 
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import SwitchGLU
+from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 
 from ...common.errors import OptionsError
+from ...manifests.architecture import resolve_module, top_k_holder
 from .streaming import ExpertStreamer, StreamingSwitchGLU
 
-
-def resolve_module(model: nn.Module, path: str):
-    """The module at a dotted MLX path ("model.layers.3.mlp"); list items by index."""
-    obj = model
-    for part in path.split(".") if path else ():
-        obj = obj[int(part)] if isinstance(obj, list) else getattr(obj, part)
-    return obj
+__all__ = ["install_streaming", "module_at", "moe_block", "resolve_module", "set_experts_per_token", "switch_modules"]
 
 
 def module_at(model: nn.Module, path: str):
@@ -35,7 +30,7 @@ def switch_modules(model: nn.Module) -> dict[int, str]:
     """layer -> module path of every expert module (mlx-lm's SwitchGLU or ours), found by type."""
     out = {}
     for path, module in model.named_modules():
-        if isinstance(module, (SwitchGLU, StreamingSwitchGLU)):
+        if isinstance(module, (SwitchGLU, SwitchMLP, StreamingSwitchGLU)):
             m = re.search(r"layers\.(\d+)\.", path)
             if m is None:
                 raise TypeError(f"cannot tell the layer of the expert module at {path}")
@@ -46,26 +41,22 @@ def switch_modules(model: nn.Module) -> dict[int, str]:
 
 
 def install_streaming(model: nn.Module, layers: dict[int, str], streamer: ExpertStreamer) -> None:
-    """Replace each layer's SwitchGLU by a StreamingSwitchGLU reading through `streamer`."""
+    """Replace each layer's SwitchGLU / SwitchMLP by a StreamingSwitchGLU reading through `streamer`."""
     for layer, path in layers.items():
         parent, name, old = module_at(model, path)
-        if not isinstance(old, SwitchGLU):
-            raise TypeError(f"{path} is a {type(old).__name__}, expected mlx-lm's SwitchGLU")
-        setattr(parent, name, StreamingSwitchGLU(streamer, layer, old.activation))
+        if not isinstance(old, (SwitchGLU, SwitchMLP)):
+            raise TypeError(f"{path} is a {type(old).__name__}, expected mlx-lm's SwitchGLU or SwitchMLP")
+        setattr(parent, name, StreamingSwitchGLU(streamer, layer, old.activation, glu=isinstance(old, SwitchGLU)))
 
 
 def set_experts_per_token(model: nn.Module, layers: dict[int, str], k: int, num_experts: int) -> None:
-    """Lower (or raise) top-k in every MoE block; the block's own code renormalises the scores
-    exactly as the family does (norm_topk_prob, softmax over the top-k ...)."""
+    """Lower (or raise) top-k in every MoE layer, where the family keeps it (the block, its gate or
+    router, or the args they share); the family's own code then renormalises the scores exactly as
+    it does (norm_topk_prob, softmax over the top-k ...)."""
     if not 1 <= k <= num_experts:
         raise OptionsError(f"experts_per_token must be between 1 and {num_experts}, got {k}")
     for path in layers.values():
-        block = moe_block(model, path)
-        touched = False
-        for obj in (block, getattr(block, "gate", None)):
-            for attr in ("top_k", "num_experts_per_tok"):
-                if obj is not None and isinstance(getattr(obj, attr, None), int):
-                    setattr(obj, attr, k)
-                    touched = True
-        if not touched:
-            raise TypeError(f"cannot set experts per token on {type(block).__name__} at {path}")
+        holder = top_k_holder(model, path)
+        if holder is None:
+            raise OptionsError(f"cannot set experts per token on {type(moe_block(model, path)).__name__} at {path}")
+        setattr(*holder, k)

@@ -188,12 +188,26 @@ def _projection(x, w: dict[str, mx.array], name: str, q: ProjectionQuant, idx, s
     return y
 
 
+def _experts_out(x, w, q, idx, sorted_indices: bool, activation, glu: bool):
+    """The routed experts' outputs, as mlx-lm's SwitchGLU (down(act(up, gate))) or SwitchMLP
+    (fc2(act(fc1))) compute them."""
+    if glu:
+        x_up = _projection(x, w, "up_proj", q["up_proj"], idx, sorted_indices)
+        x_gate = _projection(x, w, "gate_proj", q["gate_proj"], idx, sorted_indices)
+        return _projection(activation(x_up, x_gate), w, "down_proj", q["down_proj"], idx, sorted_indices)
+    h = activation(_projection(x, w, "fc1", q["fc1"], idx, sorted_indices))
+    return _projection(h, w, "fc2", q["fc2"], idx, sorted_indices)
+
+
 class StreamingSwitchGLU(nn.Module):
-    def __init__(self, streamer: ExpertStreamer, layer: int, activation: nn.Module):
+    """Streams the experts of a SwitchGLU (glu=True) or a SwitchMLP (glu=False)."""
+
+    def __init__(self, streamer: ExpertStreamer, layer: int, activation: nn.Module, glu: bool = True):
         super().__init__()
         self.streamer = streamer
         self.layer = layer
         self.activation = activation
+        self.glu = glu
         # plain attributes, not module state (nn.Module would treat arrays and tuples as parameters)
         object.__setattr__(self, "lookahead", None)  # (next MoE layer, its router x -> top-k), to prefetch
         object.__setattr__(self, "_x_in", None)
@@ -210,9 +224,7 @@ class StreamingSwitchGLU(nn.Module):
             names = fetched[experts[0]].keys()
             w = {n: mx.stack([fetched[e][n] for e in experts]) for n in names}
             q = self.streamer.store.quant(self.layer, experts[0])
-            x_up = _projection(x, w, "up_proj", q["up_proj"], idx, sorted_indices)
-            x_gate = _projection(x, w, "gate_proj", q["gate_proj"], idx, sorted_indices)
-            y = _projection(self.activation(x_up, x_gate), w, "down_proj", q["down_proj"], idx, sorted_indices)
+            y = _experts_out(x, w, q, idx, sorted_indices, self.activation, self.glu)
             # Evaluate before unpinning: until then the graph holds the expert arrays, and the
             # memory budget must count them.
             mx.eval(y)
@@ -222,15 +234,13 @@ class StreamingSwitchGLU(nn.Module):
             self.streamer.release(self.layer, experts)
 
     def _whole_layer(self, x, indices, w, q):
-        """Exactly mlx-lm's SwitchGLU path, on the layer's stacked tensors."""
+        """Exactly mlx-lm's SwitchGLU / SwitchMLP path, on the layer's stacked tensors."""
         t0 = time.perf_counter()
         do_sort = indices.size >= 64
         idx, inv_order = indices, None
         if do_sort:
             x, idx, inv_order = _gather_sort(x, indices)
-        x_up = _projection(x, w, "up_proj", q["up_proj"], idx, do_sort)
-        x_gate = _projection(x, w, "gate_proj", q["gate_proj"], idx, do_sort)
-        y = _projection(self.activation(x_up, x_gate), w, "down_proj", q["down_proj"], idx, do_sort)
+        y = _experts_out(x, w, q, idx, do_sort, self.activation, self.glu)
         if do_sort:
             y = _scatter_unsort(y, inv_order, indices.shape)
         self.streamer.compute_s += time.perf_counter() - t0  # graph building only: nothing to wait for
