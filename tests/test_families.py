@@ -126,3 +126,55 @@ def test_resident_bits_8_quantizes_resident_linears_but_not_routers(tmp_path, sy
     # 8-bit resident weights: close to, not equal to, the source-precision model
     assert float(mx.abs(a - b).max()) < 0.1 * float(mx.abs(a).max())
     assert moestream.inspect(bundle)["resident_bits"] == 8
+
+
+def _dense_checkpoint(folder, model_type="llama"):
+    """A tiny dense model as mlx-lm saves one (config.json + model.safetensors)."""
+    import json
+
+    from mlx_lm.utils import _get_classes
+
+    config = {"model_type": model_type, "hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 48,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 64,
+              "rope_theta": 10000.0, "tie_word_embeddings": True}
+    model_class, args_class = _get_classes(config=config)
+    model = model_class(args_class.from_dict(config))
+    folder.mkdir()
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_dense_model_or_an_unknown_type_is_refused_in_one_line(tmp_path, capsys):
+    import json
+
+    from moestream.cli import main
+
+    dense = _dense_checkpoint(tmp_path / "dense")
+    assert main(["prepare", str(dense), "--out", str(tmp_path / "b"), "--engine", "plain"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no routed experts" in err and "dense model" in err
+    (dense / "config.json").write_text(json.dumps({**json.loads((dense / "config.json").read_text()),
+                                                   "model_type": "not_a_model"}))
+    assert main(["prepare", str(dense), "--out", str(tmp_path / "b"), "--engine", "plain"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "'not_a_model'" in err and "mlx-lm" in err and "no model for it" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_expert_map_is_learned_from_each_familys_own_sanitize(synth_dir):
+    """Stand-ins through mlx-lm's sanitize give the same slices whatever the layout: per-expert
+    tensors (qwen3_moe, mixtral w1/w3/w2), fused halves under a prefix (qwen3_5_moe); gpt-oss's
+    transformers layout, which its sanitize does not take, is recognised by name and shape."""
+    methods = {}
+    for family in FAMILIES:
+        ckpt = SourceCheckpoint.open(synth_dir(family))
+        methods[family] = ckpt.experts.method
+        layer = ckpt.expert_layers[0]
+        assert set(ckpt.expert_slices(layer, 0)) == set(ckpt.arch.targets[layer].tensor_names())
+    assert methods == {**{f: "sanitize" for f in FAMILIES}, "gpt_oss": "names"}
+    q35 = SourceCheckpoint.open(synth_dir("qwen3_5_moe")).expert_slices(0, 5)
+    assert q35["up_proj.weight"].tensor.endswith("experts.gate_up_proj") and q35["up_proj.weight"].expert == 5
+    assert q35["up_proj.weight"].start == q35["gate_proj.weight"].stop
+    mixtral = SourceCheckpoint.open(synth_dir("mixtral")).expert_slices(1, 7)
+    assert mixtral["up_proj.weight"].tensor == "model.layers.1.block_sparse_moe.experts.7.w3.weight"
