@@ -190,6 +190,23 @@ def build_model(config: dict) -> nn.Module:
     return model
 
 
+def quantize_like_mlx_lm(model: nn.Module, quantization: dict, weights: dict) -> None:
+    """Quantize the modules whose codes `weights` holds, as mlx-lm's load_model does: a module's
+    own recipe from config.json's `quantization` first, else bits and group size inferred from the
+    stored shapes (mlx-lm's `infer_quant_config`)."""
+    from mlx_lm.utils import infer_quant_config
+
+    def predicate(path, module):
+        if path in quantization:
+            return quantization[path]
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        return infer_quant_config(path, module, weights)
+
+    nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
+                mode=quantization.get("mode", "affine"), class_predicate=predicate)
+
+
 def switch_targets(model: nn.Module) -> dict[int, SwitchTarget]:
     """layer -> its routed-expert module, found by type."""
     from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP

@@ -32,7 +32,7 @@ RESIDENT_FILE = "resident.safetensors"
 LAYOUT_FILE = "layout.parquet"
 EXPERTS_DIR = "experts"
 CODECS = ("none", "zstd")
-QUANT_MODES = ("affine",)
+QUANT_MODES = ("affine", "mxfp4")  # mxfp4: 4-bit codes, one uint8 e8m0 scale per 32, no biases
 
 
 class BundleError(MoestreamError, ValueError):
@@ -165,10 +165,12 @@ def check_tensor_entry(entry: TensorEntry, raw_nbytes: int) -> str | None:
             f"needs {nbytes_of(entry.dtype, entry.shape)}"
         )
     if entry.bits is not None:
-        if entry.bits not in (2, 3, 4, 5, 6, 8) or entry.group_size not in (32, 64, 128):
-            return f"tensor {entry.name!r} has unsupported bits={entry.bits} group_size={entry.group_size}"
         if entry.mode not in QUANT_MODES:
             return f"tensor {entry.name!r} has unsupported quantization mode {entry.mode!r}"
+        allowed = ((4,), (32,)) if entry.mode == "mxfp4" else ((2, 3, 4, 5, 6, 8), (32, 64, 128))
+        if entry.bits not in allowed[0] or entry.group_size not in allowed[1]:
+            return (f"tensor {entry.name!r} has unsupported bits={entry.bits} group_size={entry.group_size} "
+                    f"for mode {entry.mode}")
     return None
 
 
@@ -185,7 +187,10 @@ def check_quantized_shapes(extent: ExpertExtent) -> str | None:
         if t.shape[1] * 32 % t.bits or in_dims % t.group_size:
             return f"quantized {t.name!r}: {t.shape[1]} words of {t.bits} bits do not make whole groups of {t.group_size}"
         want = (t.shape[0], in_dims // t.group_size)
-        for part in ("scales", "biases"):
+        parts = ("scales", "biases") if t.mode == "affine" else ("scales",)
+        if t.mode != "affine" and f"{proj}.biases" in by_name:
+            return f"{proj}.biases: mode {t.mode} has no biases"
+        for part in parts:
             other = by_name.get(f"{proj}.{part}")
             if other is None:
                 return f"quantized {t.name!r} has no {proj}.{part}"

@@ -18,25 +18,40 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .architecture import Architecture, ModelDims, UnsupportedModel, architecture_of, build_model, mlx_config
+from .architecture import (
+    Architecture,
+    ModelDims,
+    UnsupportedModel,
+    architecture_of,
+    build_model,
+    mlx_config,
+    quantize_like_mlx_lm,
+)
 from .expert_map import ExpertMap, ExpertSlice, map_experts
 from .safetensors_index import CheckpointError, TensorInfo, index_folder, read_bytes, read_tensor
-from .tensors import DTYPES, from_buffer, from_numpy_bits, to_numpy_bits
+from .source_formats import QuantizedTensor, dequantize, logical_tensors, mxfp4_parts
+from .tensors import DTYPES, dtype_name, from_buffer, from_numpy_bits, to_numpy_bits
 
 
 def finish_slice(s: ExpertSlice, info: TensorInfo, buf) -> mx.array:
     """The MLX tensor of a slice from the bytes `slice_range` named."""
     shape = info.shape if s.expert is None else info.shape[1:]
-    arr = from_buffer(buf, info.dtype, shape)
-    if s.start == 0 and s.stop is None and s.step == 1 and not s.transpose:
+    return cut(s, from_buffer(buf, info.dtype, shape))
+
+
+def cut(s: ExpertSlice, arr: mx.array, axis_only: bool = False) -> mx.array:
+    """The slice's strided range (and transpose) of one expert's tensor `arr`, bit for bit.
+    axis_only: the range only (for the parts of a quantized tensor, cut along its rows)."""
+    if s.start == 0 and s.stop is None and s.step == 1 and (axis_only or not s.transpose):
         return arr
+    dtype = dtype_name(arr.dtype)
     bits = to_numpy_bits(arr)  # exact bit patterns: slicing and transposing never round
     index = [slice(None)] * bits.ndim
     index[s.axis] = slice(s.start, s.stop, s.step)
     bits = bits[tuple(index)]
-    if s.transpose:
+    if s.transpose and not axis_only:
         bits = np.swapaxes(bits, -1, -2)
-    return from_numpy_bits(bits, info.dtype)
+    return from_numpy_bits(bits, dtype)
 
 
 def load_config(folder: Path) -> dict:
@@ -53,7 +68,8 @@ def load_config(folder: Path) -> dict:
 class SourceCheckpoint:
     folder: Path
     config: dict  # config.json as the checkpoint has it
-    tensors: dict[str, TensorInfo]
+    tensors: dict[str, TensorInfo]  # quantized groups as one logical float tensor each
+    quantized: dict[str, QuantizedTensor]  # logical name -> how it is stored
     arch: Architecture
     experts: ExpertMap
 
@@ -86,12 +102,49 @@ class SourceCheckpoint:
             raise CheckpointError(f"expert {expert} out of range (the model has {self.dims.num_experts})")
         return self.experts.slices(layer, expert)
 
-    def read_expert(self, layer: int, expert: int) -> dict[str, mx.array]:
-        """One expert's MLX tensors in the source dtype, reading only that expert's bytes."""
+    def read_expert(self, layer: int, expert: int, keep_quantized: bool = False) -> dict[str, mx.array]:
+        """One expert's MLX tensors, reading only that expert's bytes: in the source dtype, with
+        quantized source tensors dequantized (bfloat16) unless `keep_quantized` and MLX computes
+        their format as stored, in which case the projection comes as its parts
+        (`<proj>.weight` codes, `.scales`[, `.biases`]); `quantization(layer, expert)` says how."""
         out = {}
         for name, s in self.expert_slices(layer, expert).items():
-            info, offset, nbytes = self.slice_range(s)
-            out[name] = finish_slice(s, info, read_bytes(info.file, offset, nbytes))
+            q = self.quantized.get(s.tensor)
+            if q is None:
+                info, offset, nbytes = self.slice_range(s)
+                out[name] = finish_slice(s, info, read_bytes(info.file, offset, nbytes))
+            elif keep_quantized and self._keeps(q, s):
+                proj = name.rsplit(".", 1)[0]
+                parts = {k: cut(s, v, axis_only=True) for k, v in self._read_parts(q, s.expert).items()}
+                if q.kind == "mxfp4":
+                    parts["weight"], parts["scales"] = mxfp4_parts(parts.pop("blocks"), parts["scales"])
+                out.update({f"{proj}.{k}": v for k, v in parts.items()})
+            else:
+                out[name] = cut(s, dequantize(q, self._read_parts(q, s.expert)))
+        return out
+
+    def quantization(self, layer: int, expert: int) -> dict[str, QuantizedTensor]:
+        """projection -> how it is stored, for the projections read_expert keeps quantized."""
+        out = {}
+        for name, s in self.expert_slices(layer, expert).items():
+            q = self.quantized.get(s.tensor)
+            if q is not None and self._keeps(q, s):
+                out[name.rsplit(".", 1)[0]] = q
+        return out
+
+    @staticmethod
+    def _keeps(q: QuantizedTensor, s: ExpertSlice) -> bool:
+        """MLX computes q as stored, and the expert is whole rows of it (no transpose)."""
+        return q.native and s.axis == 0 and not s.transpose
+
+    def _read_parts(self, q: QuantizedTensor, expert: int | None) -> dict[str, mx.array]:
+        out = {}
+        for part, info in q.parts.items():
+            if expert is None:
+                out[part] = read_tensor(info)
+            else:
+                offset, nbytes = info.rows_range(expert, expert + 1)
+                out[part] = from_buffer(read_bytes(info.file, offset, nbytes), info.dtype, info.shape[1:])
         return out
 
     def slice_range(self, s: ExpertSlice) -> tuple[TensorInfo, int, int]:
@@ -116,6 +169,23 @@ class SourceCheckpoint:
         """mlx-lm's model for this config, built lazily (no memory for its random init)."""
         return build_model(self.arch.config)
 
+    def read_resident(self, name: str) -> dict[str, mx.array]:
+        """One resident tensor: fp8 and MXFP4 dequantized, MLX codes kept as their parts."""
+        q = self.quantized.get(name)
+        if q is None:
+            return {name: read_tensor(self.tensors[name])}
+        parts = self._read_parts(q, None)
+        if q.kind == "mlx":
+            module = name[: -len(".weight")]
+            return {f"{module}.{k}": v for k, v in parts.items()}
+        return {name: dequantize(q, parts)}
+
+    def resident_quantization(self) -> dict | None:
+        """config.json's `quantization` where resident tensors stay quantized (MLX codes), else None."""
+        if any(q.kind == "mlx" for n, q in self.quantized.items() if n in set(self.resident_names())):
+            return self.config.get("quantization") or self.config.get("text_config", {}).get("quantization")
+        return None
+
     def resident_weights(self, model=None) -> dict[str, mx.array]:
         """The resident tensors in MLX naming and values, as mlx-lm's own `sanitize` makes them.
 
@@ -123,7 +193,9 @@ class SourceCheckpoint:
         lazy zeros: never computed), because some families' sanitize needs every key it expects;
         what it makes of them is dropped."""
         model = model if model is not None else self.build_mlx_model()
-        weights = {n: read_tensor(self.tensors[n]) for n in self.resident_names()}
+        weights = {}
+        for name in self.resident_names():
+            weights.update(self.read_resident(name))
         drop = set()
         if self.experts.method == "sanitize":
             for name in self.experts.source_tensors():
@@ -134,6 +206,9 @@ class SourceCheckpoint:
             weights = model.sanitize(weights)
         switches = tuple(f"{t.path}." for t in self.arch.targets.values())
         weights = {k: v for k, v in weights.items() if k not in drop and not k.startswith(switches)}
+        quantization = self.resident_quantization()
+        if quantization:
+            quantize_like_mlx_lm(model, quantization, weights)
         _check_resident(weights, model, switches)
         return weights
 
@@ -142,8 +217,9 @@ class SourceCheckpoint:
 def _open(folder: Path, stamp: tuple) -> SourceCheckpoint:
     config = load_config(folder)
     arch = architecture_of(mlx_config(config))
-    tensors = index_folder(folder)
-    return SourceCheckpoint(folder, config, tensors, arch, map_experts(arch, build_model(arch.config), tensors))
+    tensors, quantized = logical_tensors(index_folder(folder), config)
+    experts = map_experts(arch, build_model(arch.config), tensors)
+    return SourceCheckpoint(folder, config, tensors, quantized, arch, experts)
 
 
 def _check_resident(weights: dict, model, switches: tuple[str, ...]) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import numpy as np
@@ -35,7 +35,7 @@ from .tensors import DTYPES
 # Families whose fused gate_up tensor alternates gate and up rows/columns (gate = ::2, up = 1::2).
 INTERLEAVED = {"gpt_oss"}
 MAX_TAGS = 1 << 26  # int32 tags; a probe larger than this falls back to recognising names
-_EXPERT_PART = re.compile(r"(^|\.)(\w*experts?|\w*moe)(\.|$)")
+_EXPERT_PART = re.compile(r"(^|\.)(\w*experts?|\w*moe|switch_mlp|switch_glu)(\.|$)")
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 
 
@@ -270,6 +270,7 @@ def _consistent(rule: TensorRule, tensors: dict[str, TensorInfo], target: Switch
 # ----------------------------------------------------------------------------- recognised by name
 
 _PER_EXPERT = re.compile(r"^(?P<prefix>.*)\.(?P<e>\d+)\.(?P<proj>\w+)\.(?P<kind>weight|bias)$")
+_STACKED = re.compile(r"^(?P<prefix>.*)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2|fc1|fc2)\.(?P<kind>weight|bias)$")
 _FUSED = re.compile(r"^(?P<prefix>.*)\.(?P<proj>gate_up_proj|down_proj|fc1|fc2|w13|w2)(?P<suffix>_bias|\.weight|\.bias)?$")
 # checkpoint projection names -> mlx-lm's
 _NAMES = {"gate_proj": "gate_proj", "w1": "gate_proj", "up_proj": "up_proj", "w3": "up_proj",
@@ -293,11 +294,16 @@ def _recognise(arch: Architecture, tensors: dict[str, TensorInfo]) -> ExpertMap:
 
 def _recognise_layer(arch: Architecture, target: SwitchTarget, found: dict[str, TensorInfo]) -> dict[str, TensorRule]:
     per_expert: dict[tuple[str, str], dict[int, str]] = {}
+    stacked: dict[str, TensorInfo] = {}
     fused: dict[str, TensorInfo] = {}
     for name, info in found.items():
         m = _PER_EXPERT.match(name)
         if m and m.group("proj") in _NAMES:
             per_expert.setdefault((_NAMES[m.group("proj")], m.group("kind")), {})[int(m.group("e"))] = name
+            continue
+        m = _STACKED.match(name)
+        if m and info.shape and info.shape[0] == target.num_experts:
+            stacked[f"{_NAMES[m.group('proj')]}.{m.group('kind')}"] = info
             continue
         m = _FUSED.match(name)
         if m:
@@ -309,6 +315,10 @@ def _recognise_layer(arch: Architecture, target: SwitchTarget, found: dict[str, 
         names = per_expert.get((proj, kind))
         if names and len(names) == target.num_experts:
             rules[name] = _per_expert_rule(tuple(names[e] for e in range(target.num_experts)), found, target, name)
+        elif name in stacked:  # one [E, out, in] tensor per projection (mlx-lm's own layout, step3p5 ...)
+            info = stacked[name]
+            rule = _per_expert_rule((info.name,), {info.name: replace(info, shape=info.shape[1:])}, target, name)
+            rules[name] = TensorRule((info.name,), transpose=rule.transpose)
         else:
             rules[name] = _fused_rule(arch, target, name, fused)
     return rules

@@ -20,6 +20,8 @@ DTYPES: dict[str, tuple[int, np.dtype, mx.Dtype]] = {
     "uint8": (1, np.dtype(np.uint8), mx.uint8),
     "int8": (1, np.dtype(np.int8), mx.int8),
     "int32": (4, np.dtype(np.int32), mx.int32),
+    # fp8 e4m3 (source checkpoints only): carried as its bytes; mx.from_fp8 gives the values
+    "float8_e4m3": (1, np.dtype(np.uint8), mx.uint8),
 }
 
 # safetensors' dtype names -> ours
@@ -31,6 +33,7 @@ SAFETENSORS_DTYPES = {
     "U8": "uint8",
     "I8": "int8",
     "I32": "int32",
+    "F8_E4M3": "float8_e4m3",
 }
 
 

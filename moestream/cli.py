@@ -246,8 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="turn a Hub repo id or checkpoint folder into a verified bundle (Prefect flow)")
     p.add_argument("source", help="Hugging Face repo id (org/name) or local checkpoint folder")
     p.add_argument("--out", required=True, help="bundle folder to create")
-    p.add_argument("--expert-bits", default="4", choices=("2", "3", "4", "8", "16", "auto"),
-                   help="16 keeps source precision; auto: a measured per-expert plan under --size-budget")
+    p.add_argument("--expert-bits", default=None, choices=("2", "3", "4", "8", "16", "source", "auto"),
+                   help="16: source precision; source: as a quantized checkpoint stores them (MLX codes, MXFP4; fp8 is "
+                        "dequantized); auto: a measured per-expert plan under --size-budget (default: source for a "
+                        "quantized checkpoint, else 4)")
     p.add_argument("--size-budget", default=None, help="with --expert-bits auto: bytes of experts, e.g. 300MB")
     p.add_argument("--bits-plan", default=None, help="a plan file {\"bits\": {\"LAYER:EXPERT\": BITS}}")
     p.add_argument("--calibration", default=None,

@@ -27,7 +27,7 @@ class LayerJob:
     layer: int
     recipe: ExpertRecipe
     order: tuple[int, ...]  # experts in file order (identity unless a profile says otherwise)
-    bits: tuple[int, ...]  # per expert (index = expert id): the bit plan
+    bits: tuple[int | str, ...]  # per expert (index = expert id): the bit plan ("source": as stored)
 
     def key(self) -> str:
         """What the layer's bytes depend on; a staged layer with another key is redone."""
@@ -66,8 +66,10 @@ def pack_layer(ckpt: SourceCheckpoint, job: LayerJob, staging: Path) -> list[Exp
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         for expert in job.order:
             where = f"layer {job.layer} expert {expert}"
-            tensors = ckpt.read_expert(job.layer, expert)
-            data, entries = pack_extent(quantize_expert(tensors, job.bits[expert], job.recipe, where))
+            keep = job.bits[expert] == "source"
+            tensors = ckpt.read_expert(job.layer, expert, keep_quantized=keep)
+            stored = ckpt.quantization(job.layer, expert) if keep else None
+            data, entries = pack_extent(quantize_expert(tensors, job.bits[expert], job.recipe, where, stored))
             extents.append(ExpertExtent(job.layer, expert, rel, offset, len(data), sha256_hex(data), "none", len(data), entries))
             f.write(data)
             end = next_extent_offset(offset, len(data))

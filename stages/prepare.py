@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,9 @@ class PrepareOptions:
     """What to prepare and how. Checked when made: a bad option fails before any work.
 
     source: a Hugging Face repo id (org/name) or a checkpoint folder; out: the bundle folder.
-    expert_bits: 2, 3, 4, 8 or 16 (source precision), or "auto": a measured per-expert plan within
+    expert_bits: 2, 3, 4, 8 or 16 (source precision); "source": as the checkpoint stores them where
+    MLX computes that format (MLX codes, MXFP4), else source precision (fp8 is dequantized);
+    None: "source" for a quantized checkpoint, else 4; or "auto": a measured per-expert plan within
     size_budget (bytes of experts, or a string like "300MB"). bits_plan: a plan file
     ({"bits": {"LAYER:EXPERT": BITS}}) overriding expert_bits per expert. group_size: 32/64/128.
     resident_bits: 8 quantizes the resident Linear weights too (routers never). calibration: text
@@ -52,7 +55,7 @@ class PrepareOptions:
 
     source: str
     out: Path
-    expert_bits: int | str = 4
+    expert_bits: int | str | None = None
     group_size: int = 64
     resident_bits: int | None = None
     revision: str | None = None
@@ -72,9 +75,9 @@ class PrepareOptions:
         put("source", str(self.source))
         put("out", Path(self.out).absolute())
         bits = self.expert_bits
-        if isinstance(bits, str) and bits != "auto":
-            bits = int(bits) if bits.isdigit() else bits
-        if bits != "auto" and bits not in EXPERT_BITS:
+        if isinstance(bits, str) and bits.isdigit():
+            bits = int(bits)
+        if bits not in (None, "auto", *EXPERT_BITS):
             raise OptionsError(f"expert bits must be one of {', '.join(map(str, EXPERT_BITS))} or auto, got {self.expert_bits!r}")
         put("expert_bits", bits)
         if self.group_size not in GROUP_SIZES:
@@ -102,10 +105,6 @@ class PrepareOptions:
             raise OptionsError("give workers (a local Dask cluster) or a Dask scheduler address, not both")
 
     @property
-    def recipe(self) -> ExpertRecipe:
-        return ExpertRecipe(bits=4 if self.expert_bits == "auto" else self.expert_bits, group_size=self.group_size)
-
-    @property
     def distributed(self) -> bool:
         return bool(self.workers or self.dask_address)
 
@@ -122,10 +121,7 @@ class PreparePlan:
     num_experts: int
     staging: Path  # where the bundle is assembled; finished layers survive an interruption
     profile_shards: int  # 0: no profiling run; 1: one process; n: n shards merged
-
-    @property
-    def recipe(self) -> ExpertRecipe:
-        return self.options.recipe
+    recipe: ExpertRecipe  # its bits: the default width (a measured plan overrides it per expert)
 
     @property
     def out(self) -> Path:
@@ -160,13 +156,39 @@ def make_plan(options: PrepareOptions) -> PreparePlan:
     layers = tuple(ckpt.expert_layers)
     if not layers:
         raise OptionsError(f"{options.source}: no routed expert tensors found; not a Mixture-of-Experts checkpoint")
+    recipe = ExpertRecipe(bits=_default_bits(options, ckpt), group_size=options.group_size)
+    if options.resident_bits and ckpt.resident_quantization():
+        raise OptionsError(f"{options.source}: its resident weights are already quantized (MLX codes); "
+                           "--resident-bits applies to source-precision checkpoints")
     shards = 0
     if options.profile is True:
         shards = (options.workers or 2) if options.distributed else 1
     staging = staging_dir(options.out)
     staging.mkdir(parents=True, exist_ok=True)
     return PreparePlan(options, fetched.path, SourceInfo(fetched.repo_id, fetched.revision, fetched.commit),
-                       ckpt.family, layers, ckpt.dims.num_experts, staging, shards)
+                       ckpt.family, layers, ckpt.dims.num_experts, staging, shards, recipe)
+
+
+def _default_bits(options: PrepareOptions, ckpt: SourceCheckpoint) -> int | str:
+    """The bits every expert gets unless a plan says otherwise: as asked, else "source" for a
+    quantized checkpoint (4 for a source-precision one). Requantizing quantized experts is allowed
+    when asked for explicitly, with one warning."""
+    stored = {q.kind for name, q in ckpt.quantized.items() if name in ckpt.experts.source_tensors()}
+    bits = options.expert_bits
+    if bits in (None, "auto"):
+        return "source" if stored and bits is None else 4
+    if stored and bits not in (16, "source"):
+        kinds = ", ".join(sorted(stored))
+        keep = ("--expert-bits source keeps them as stored" if stored & {"mlx", "mxfp4"}
+                else "--expert-bits source (or 16) keeps their values in bfloat16")
+        warnings.warn(f"{options.source}: its experts are stored quantized ({kinds}); --expert-bits {bits} requantizes "
+                      f"them (dequantized, then quantized again: some precision is lost); {keep}",
+                      RequantizeWarning, stacklevel=3)
+    return bits
+
+
+class RequantizeWarning(UserWarning):
+    """Quantized experts are being quantized again."""
 
 
 # ----------------------------------------------------------------------------- the steps

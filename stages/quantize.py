@@ -3,6 +3,8 @@
 An expert's projections are quantized one expert at a time with `mx.quantize` in the source
 dtype. Quantization groups run along each row, so quantizing expert e alone gives exactly the
 rows mlx-lm's `nn.quantize` produces for `switch_mlp.<proj>.weight[e]` of the stacked tensor.
+"source" keeps an expert as the checkpoint stores it where MLX computes that format (MLX codes,
+MXFP4: packed as they are, bit for bit), and at source precision otherwise.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from ..common.errors import OptionsError
 from ..manifests.bundle import PackedTensor
 from ..manifests.tensors import dtype_name, to_numpy_bits
 
-EXPERT_BITS = (2, 3, 4, 8, 16)  # 16: keep the source precision
+EXPERT_BITS = (2, 3, 4, 8, 16, "source")  # 16: the source precision; source: as stored
 GROUP_SIZES = (32, 64, 128)
-PROJECTION_ORDER = ("gate_proj", "up_proj", "down_proj")
+PROJECTION_ORDER = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2")
 
 
 @dataclass(frozen=True)
@@ -29,11 +32,11 @@ class ExpertRecipe:
 
     def __post_init__(self):
         if self.bits not in EXPERT_BITS:
-            raise ValueError(f"expert bits must be one of {EXPERT_BITS}, got {self.bits}")
+            raise OptionsError(f"expert bits must be one of {', '.join(map(str, EXPERT_BITS))}, got {self.bits}")
         if self.group_size not in GROUP_SIZES:
-            raise ValueError(f"group size must be one of {GROUP_SIZES}, got {self.group_size}")
+            raise OptionsError(f"group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {self.group_size}")
         if self.mode != "affine":
-            raise ValueError(f"only the 'affine' quantization mode is supported, got {self.mode!r}")
+            raise OptionsError(f"only the 'affine' quantization mode is made here, got {self.mode!r}")
 
 
 def _packed(name: str, arr: mx.array, bits=None, group_size=None, mode=None) -> PackedTensor:
@@ -41,12 +44,20 @@ def _packed(name: str, arr: mx.array, bits=None, group_size=None, mode=None) -> 
     return PackedTensor(name, bits_arr.tobytes(), dtype_name(arr.dtype), tuple(arr.shape), bits, group_size, mode)
 
 
-def quantize_expert(tensors: dict[str, mx.array], bits: int, recipe: ExpertRecipe, where: str) -> list[PackedTensor]:
-    """One expert's tensors, weights quantized to `bits` (16 = as they are), ready to pack."""
-    out = []
+def quantize_expert(tensors: dict[str, mx.array], bits: int | str, recipe: ExpertRecipe, where: str,
+                    stored: dict | None = None) -> list[PackedTensor]:
+    """One expert's tensors, weights quantized to `bits` (16 = as they are), ready to pack.
+    bits "source": the projections in `stored` (projection -> QuantizedTensor: how the source
+    stores it) are already MLX codes and scales and are packed as they are; the rest as they are."""
+    out, stored = [], stored or {}
     for name in sorted(tensors, key=_tensor_order):
         arr = tensors[name]
-        if bits == 16 or not name.endswith(".weight"):
+        proj = name.rsplit(".", 1)[0]
+        if proj in stored and name.endswith((".weight", ".scales", ".biases")):
+            q = stored[proj]
+            out.append(_packed(name, arr, q.bits, q.group_size, q.mode))
+            continue
+        if bits in (16, "source") or not name.endswith(".weight"):
             out.append(_packed(name, arr))
             continue
         if arr.ndim != 2 or arr.shape[-1] % recipe.group_size:

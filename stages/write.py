@@ -3,6 +3,7 @@ layout, bundle.json), verify it, and only then rename it into place."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -81,10 +82,15 @@ def quantize_resident(weights: dict, model, bits: int, group_size: int) -> dict:
 def write_resident(ckpt: SourceCheckpoint, staging: Path, resident_bits: int | None, group_size: int) -> tuple[dict, int]:
     model = ckpt.build_mlx_model()
     weights = ckpt.resident_weights(model)
-    config = ckpt.mlx_config()
-    # sanitize has turned any source quantization (fp8 blocks ...) into plain resident weights
-    config.pop("quantization_config", None)
-    config.pop("quantization", None)
+    config = copy.deepcopy(ckpt.mlx_config())
+    # fp8 and MXFP4 resident tensors were dequantized; MLX codes stay as they are, with the source's
+    # own recipe (mlx-lm applies it the same way when it loads the bundle's resident weights)
+    for cfg in (config, config.get("text_config") or {}):
+        cfg.pop("quantization_config", None)
+        cfg.pop("quantization", None)
+    kept = ckpt.resident_quantization()
+    if kept:
+        config["quantization"] = kept
     if resident_bits:
         weights = quantize_resident(weights, model, resident_bits, group_size)
         config["quantization"] = {"group_size": group_size, "bits": resident_bits, "mode": "affine"}
@@ -112,7 +118,10 @@ def write_bundle(
     write_layout(staging / LAYOUT_FILE, extents)
     dims = ckpt.dims
     layers = ckpt.expert_layers
-    bits_used = sorted({t.bits or 16 for e in extents for t in e.tensors if t.name.endswith(".weight")})
+    weights = [t for e in extents for t in e.tensors if t.name.endswith(".weight")]
+    bits_used = sorted({t.bits or 16 for t in weights})
+    modes = sorted({t.mode for t in weights if t.mode})
+    groups = sorted({t.group_size for t in weights if t.group_size})
     files = {}
     for path in sorted(staging.rglob("*")):
         rel = path.relative_to(staging).as_posix()
@@ -136,12 +145,12 @@ def write_bundle(
             "num_moe_layers": len(layers),
             "bits": bits_used[0] if len(bits_used) == 1 else "mixed",
             "bits_used": bits_used,
-            "group_size": recipe.group_size,
-            "mode": recipe.mode,
+            "group_size": (groups[0] if len(groups) == 1 else "mixed") if groups else recipe.group_size,
+            "mode": modes[0] if len(modes) == 1 else ("mixed" if modes else None),
             "plan": "uniform" if len(bits_used) == 1 else "per-expert",
         },
         "layers": [{"layer": layer, "module": ckpt.module_path(layer)} for layer in layers],
-        "resident": {"bits": resident_bits, "nbytes": resident_bytes},
+        "resident": {"bits": (config.get("quantization") or {}).get("bits"), "nbytes": resident_bytes},
         "layout": {
             "extent_alignment": EXTENT_ALIGNMENT,
             "order": order,

@@ -211,16 +211,20 @@ class CheckpointStore:
         plan = []  # (expert, name, slice, tensor info, index of its byte range)
         ranges: dict[tuple, int] = {}  # each byte range read once, e.g. the gate_up row both halves come from
         requests = []
+        out: dict[int, dict[str, mx.array]] = {e: {} for e in experts}
         for e in experts:
-            for name, s in self._expert_slices(layer, e).items():
+            slices = self._expert_slices(layer, e)
+            if any(s.tensor in self.ckpt.quantized for s in slices.values()):
+                out[e] = self.ckpt.read_expert(layer, e)  # quantized source: dequantized (bfloat16)
+                continue
+            for name, s in slices.items():
                 info, offset, nbytes = self.ckpt.slice_range(s)
                 key = (str(info.file), offset, nbytes)
                 if key not in ranges:
                     ranges[key] = len(requests)
                     requests.append(ReadRequest(*key, f"layer {layer} expert {e} {s.tensor}"))
                 plan.append((e, name, s, info, ranges[key]))
-        bufs = self.reader.read(requests)
-        out: dict[int, dict[str, mx.array]] = {e: {} for e in experts}
+        bufs = self.reader.read(requests) if requests else []
         for e, name, s, info, i in plan:
             out[e][name] = finish_slice(s, info, bufs[i])
         return {e: cast_floats(t, self.dtype) for e, t in out.items()}

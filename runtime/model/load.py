@@ -20,7 +20,7 @@ from mlx_lm.utils import load_tokenizer
 
 from ...common.errors import MoestreamError, OptionsError
 from ...common.units import parse_bytes
-from ...manifests.architecture import build_model
+from ...manifests.architecture import build_model, quantize_like_mlx_lm
 from ...manifests.bundle import BUNDLE_JSON, EXTENT_ALIGNMENT, RESIDENT_FILE
 from ...manifests.checkpoint import SourceCheckpoint
 from ...manifests.open import open_bundle
@@ -171,16 +171,6 @@ def _resolve_dtype(dtype) -> mx.Dtype | None:
     return dtype
 
 
-def _quantize_resident(model: nn.Module, config: dict, weights: dict) -> None:
-    q = config.get("quantization")
-    if not q:
-        return
-    nn.quantize(
-        model, group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"),
-        class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights,
-    )
-
-
 def _local(path: str | Path, revision: str | None) -> Path:
     if Path(path).exists():
         if revision is not None:
@@ -302,7 +292,8 @@ def _load(path, reader, memory_budget, experts_per_token, cache_policy, prefetch
     _check_k(experts_per_token, num_experts)
     model = build_model(config)
     weights = mx.load(str(store.bundle.path(RESIDENT_FILE))) if kind == "bundle" else store.ckpt.resident_weights(model)
-    _quantize_resident(model, config, weights)
+    if config.get("quantization"):
+        quantize_like_mlx_lm(model, config["quantization"], weights)
     if profile is None and kind == "bundle" and (path / "profile" / "frequency.parquet").is_file():
         profile = path / "profile"
     cache = ExpertCache(None, make_policy(cache_policy, profile))
