@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import importlib
 import re
+import types
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -100,17 +101,26 @@ def model_module(config: dict):
     return importlib.import_module(model_class.__module__)
 
 
-def _args_classes(module) -> list[type]:
-    """The ModelArgs dataclasses a model module uses: its own and any text/sub-model ones."""
+def _args_classes(module, depth: int = 2) -> list[type]:
+    """The ModelArgs dataclasses a model module uses: its own, and those of the model modules it
+    builds on (a vision-language wrapper's text model)."""
     from mlx_lm.models.base import BaseModelArgs
 
-    seen, out = set(), []
+    out = []
     for value in vars(module).values():
         if isinstance(value, type) and issubclass(value, BaseModelArgs) and value is not BaseModelArgs:
-            if value not in seen:
-                seen.add(value)
-                out.append(value)
-    return out
+            out.append(value)
+        elif depth and isinstance(value, types.ModuleType) and value.__name__.startswith("mlx_lm.models."):
+            out += _args_classes(value, depth - 1)
+        elif depth and isinstance(value, type) and value.__module__.startswith("mlx_lm.models.") \
+                and value.__module__ != module.__name__:
+            out += _args_classes(importlib.import_module(value.__module__), depth - 1)
+    return list(dict.fromkeys(out))
+
+
+def _required(classes: list[type]) -> set[str]:
+    return {f.name for cls in classes for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
 
 
 def _transformers_config(config: dict):
@@ -124,10 +134,12 @@ def _transformers_config(config: dict):
         return None
 
 
-def _fold_rope(cfg: dict) -> None:
-    """transformers 5 folds rope_theta / rope_scaling / partial_rotary_factor into rope_parameters."""
+def _fold_rope(cfg: dict, fields: set[str]) -> None:
+    """transformers 5 folds rope_theta / rope_scaling / partial_rotary_factor into rope_parameters;
+    mlx-lm models that read rope_parameters themselves get it as it is. rope_scaling keeps its
+    rope_theta, as transformers requires of it when it reads config.json back."""
     rope = cfg.get("rope_parameters")
-    if not isinstance(rope, dict):
+    if not isinstance(rope, dict) or "rope_parameters" in fields:
         return
     if rope and all(isinstance(v, dict) for v in rope.values()):  # per layer type: the full-attention one
         rope = rope.get("full_attention") or next(iter(rope.values()))
@@ -137,7 +149,7 @@ def _fold_rope(cfg: dict) -> None:
         cfg["partial_rotary_factor"] = rope["partial_rotary_factor"]
     kind = rope.get("rope_type", rope.get("type", "default"))
     if cfg.get("rope_scaling") is None and kind != "default":
-        cfg["rope_scaling"] = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+        cfg["rope_scaling"] = {k: v for k, v in rope.items() if k != "partial_rotary_factor"}
 
 
 def _jsonable(value):
@@ -151,30 +163,115 @@ def _jsonable(value):
     return to_dict() if to_dict else None
 
 
-def _fill(cfg: dict, source, fields: set[str]) -> None:
+def _fill(cfg: dict, source, fields: set[str], required: set[str]) -> None:
+    """Fields mlx-lm reads that the config file lacks, from transformers' config object (a None
+    there still fills a field mlx-lm requires). Not its computed properties: config.json must stay
+    loadable by transformers (the tokenizer reads it)."""
+    if source is None:
+        return
     for name in sorted(fields):
-        if cfg.get(name) is None and source is not None:
+        if cfg.get(name) is None and not isinstance(getattr(type(source), name, None), property):
             value = _jsonable(getattr(source, name, None))
-            if value is not None:
+            if value is not None or (name in required and name not in cfg and hasattr(source, name)):
                 cfg[name] = value
+
+
+def _attention_interval(cfg: dict) -> int | None:
+    """transformers 5 lists layer_types; mlx-lm's hybrid models take full_attention_interval."""
+    kinds = cfg.get("layer_types")
+    if not isinstance(kinds, list) or "full_attention" not in kinds:
+        return None
+    k = kinds.index("full_attention") + 1
+    regular = all((t == "full_attention") == ((i + 1) % k == 0) for i, t in enumerate(kinds))
+    return k if regular else None
+
+
+# What mlx-lm's ModelArgs needs that neither config.json nor transformers' config object carries:
+# values transformers' own modeling code implies (each checked against it on the family's
+# fixture). Keys are dotted ("text_config.x"); a value is a constant, another key, or a function
+# of the config being filled.
+IMPLIED: dict[str, dict[str, object]] = {
+    "*": {"head_dim": lambda c: c["hidden_size"] // c["num_attention_heads"],
+          "full_attention_interval": _attention_interval,
+          "rope_scaling": lambda c: None},  # transformers 5 folds it into rope_parameters; None: no scaling
+    "qwen3_vl_moe": {"norm_topk_prob": True, "num_experts": "num_local_experts"},  # its router always normalises
+    "gemma4": {"vocab_size": "text_config.vocab_size",  # mlx-lm's wrapper would copy its own default down
+               "global_head_dim": lambda c: ((c.get("per_layer_config") or {}).get("full_attention") or {}).get(
+                   "head_dim") or c["head_dim"]},
+    # transformers' LongcatFlash always scales q and kv by sqrt(hidden / lora rank); its zero experts are identities
+    "longcat_flash": {"attention_method": "MLA", "zero_expert_type": "identity", "mla_scale_q_lora": True,
+                      "mla_scale_kv_lora": True},
+    "minimax_m2": {"rotary_dim": lambda c: int(c["head_dim"] * c.get("partial_rotary_factor", 1.0)),
+                   "shared_intermediate_size": 0},  # no shared experts
+}
+
+
+# Where config.json says one thing in two places and transformers reads the other one than mlx-lm:
+# (dotted key mlx-lm reads) -> (the key transformers reads).
+PRECEDENCE: dict[str, dict[str, str]] = {
+    "qwen3_vl_moe": {"text_config.tie_word_embeddings": "tie_word_embeddings"},
+    "kimi_k25": {"text_config.tie_word_embeddings": "tie_word_embeddings"},
+}
+
+
+def _imply(cfg: dict, model_type: str, fields: set[str], required: set[str], root: dict) -> None:
+    for name, value in (*IMPLIED["*"].items(), *IMPLIED.get(model_type, {}).items()):
+        if name not in fields or cfg.get(name) is not None:
+            continue
+        try:
+            if callable(value):
+                value = value(cfg)
+            elif isinstance(value, str) and (value in cfg or "." in value):
+                value = _get_dotted(cfg, value) if value in cfg else _get_dotted(root, value)
+        except (KeyError, TypeError, ZeroDivisionError):
+            continue
+        if value is not None or (name in required and name not in cfg):
+            cfg[name] = value
+
+
+def _get_dotted(config: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return None
+        config = config[part]
+    return config
 
 
 def mlx_config(config: dict) -> dict:
     """The config as mlx-lm should read it (see the module docstring); the input is not changed."""
     config = copy.deepcopy(config)
     module = model_module(config)
-    fields = {f.name for cls in _args_classes(module) for f in dataclasses.fields(cls)}
+    classes = _args_classes(module)
+    fields, required = {f.name for cls in classes for f in dataclasses.fields(cls)}, _required(classes)
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else None
     for cfg in filter(None, (config, text)):
-        _fold_rope(cfg)
+        _fold_rope(cfg, fields)
     tf = _transformers_config(config)
-    _fill(config, tf, fields)
+    _fill(config, tf, fields, required)
     if text is not None:
-        _fill(text, getattr(tf, "text_config", None), fields)
+        _fill(text, getattr(tf, "text_config", None), fields, required)
+    for cfg in filter(None, (config, text)):
+        _imply(cfg, config["model_type"], fields, required, config)
+    for target, source in PRECEDENCE.get(config["model_type"], {}).items():
+        value, (*parents, last) = _get_dotted(config, source), target.split(".")
+        holder = _get_dotted(config, ".".join(parents)) if parents else config
+        if value is not None and isinstance(holder, dict):
+            holder[last] = value
     return config
 
 
 # ----------------------------------------------------------------------------- the model
+
+
+def _floats(value):
+    """transformers writes non-finite floats as {"__float__": "Infinity"} (JSON has none)."""
+    if isinstance(value, dict):
+        if set(value) == {"__float__"}:
+            return float(value["__float__"])
+        return {k: _floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_floats(v) for v in value]
+    return value
 
 
 def build_model(config: dict) -> nn.Module:
@@ -183,7 +280,7 @@ def build_model(config: dict) -> nn.Module:
 
     module = model_module(config)
     try:
-        model = module.Model(module.ModelArgs.from_dict(config))
+        model = module.Model(module.ModelArgs.from_dict(_floats(config)))
     except TypeError as e:  # missing required ModelArgs fields
         raise UnsupportedModel(f"mlx-lm cannot build model_type {config.get('model_type')!r} from this config: {e}") from None
     correct_model(model, config)

@@ -10,7 +10,8 @@ tensors end in exactly the MLX naming and values mlx-lm would load.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from .architecture import (
     mlx_config,
     quantize_like_mlx_lm,
 )
-from .expert_map import ExpertMap, ExpertSlice, map_experts
+from .corrections import kept
+from .expert_map import ExpertMap, ExpertSlice, beyond_the_model, map_experts
 from .safetensors_index import CheckpointError, TensorInfo, index_folder, read_bytes, read_tensor
 from .source_formats import QuantizedTensor, dequantize, logical_tensors, mxfp4_parts
 from .tensors import DTYPES, dtype_name, from_buffer, from_numpy_bits, to_numpy_bits
@@ -159,7 +161,7 @@ class SourceCheckpoint:
         return (info, *info.rows_range(s.expert, s.expert + 1))
 
     def resident_names(self) -> list[str]:
-        experts = self.experts.source_tensors()
+        experts = self.experts.source_tensors() | beyond_the_model(self.arch, self.tensors)
         return [n for n in self.tensors if n not in experts]
 
     def mlx_config(self) -> dict:
@@ -191,35 +193,98 @@ class SourceCheckpoint:
 
         When the expert map was learned from sanitize, sanitize also sees the expert tensors (as
         lazy zeros: never computed), because some families' sanitize needs every key it expects;
-        what it makes of them is dropped."""
+        what it makes of them is dropped.
+
+        sanitize runs in float32: some families' sanitize computes (gemma-style norms get +1), and
+        in bfloat16 that rounding alone moves the logits by ~1e-2; a result that the source dtype
+        holds exactly is stored in it, any other stays float32 (a norm vector, a few KB)."""
         model = model if model is not None else self.build_mlx_model()
         weights = {}
         for name in self.resident_names():
             weights.update(self.read_resident(name))
+        source_dtype = _main_float_dtype(weights)
+        weights = {k: v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
         drop = set()
         if self.experts.method == "sanitize":
             for name in self.experts.source_tensors():
                 info = self.tensors[name]
                 weights[name] = mx.zeros(info.shape, DTYPES[info.dtype][2])
             drop = self.experts.derived_keys
+        rescued = kept(weights, self.arch.config)
         if hasattr(model, "sanitize"):
             weights = model.sanitize(weights)
+        weights.update(rescued)
         switches = tuple(f"{t.path}." for t in self.arch.targets.values())
-        weights = {k: v for k, v in weights.items() if k not in drop and not k.startswith(switches)}
+        weights = {k: _narrow(v, source_dtype) for k, v in weights.items() if k not in drop and not k.startswith(switches)}
         quantization = self.resident_quantization()
         if quantization:
             quantize_like_mlx_lm(model, quantization, weights)
+        _tie_head(weights, model, self.config)
         _check_resident(weights, model, switches)
         return weights
+
+
+def _main_float_dtype(weights: dict[str, mx.array]):
+    """The float dtype holding most of the resident bytes (bfloat16 for most checkpoints)."""
+    sizes: dict = {}
+    for v in weights.values():
+        if mx.issubdtype(v.dtype, mx.floating):
+            sizes[v.dtype] = sizes.get(v.dtype, 0) + v.nbytes
+    return max(sizes, key=sizes.get) if sizes else None
+
+
+def _narrow(v: mx.array, dtype) -> mx.array:
+    """v (float32) back in `dtype` when that holds it exactly."""
+    if dtype is None or v.dtype != mx.float32 or dtype == mx.float32:
+        return v
+    narrow = v.astype(dtype)
+    return narrow if bool(mx.array_equal(narrow.astype(mx.float32), v)) else v
+
+
+# Tensor names some checkpoint writers get wrong, per model_type: (pattern, replacement or None to
+# drop). transformers 5's save_pretrained of Kimi-K2.5 reverses its vision tower's `layers` ->
+# `blocks` rename on the text model too, and writes a projector mlx-lm's model does not have.
+RENAMES: dict[str, list[tuple[str, str | None]]] = {
+    "kimi_k25": [(r"^language_model\.model\.blocks\.", "language_model.model.layers."), (r"^model\.mm_projector\.", None)],
+}
+
+
+def _renamed(tensors: dict[str, TensorInfo], model_type: str) -> dict[str, TensorInfo]:
+    rules = RENAMES.get(model_type)
+    if not rules:
+        return tensors
+    out = {}
+    for name, info in tensors.items():
+        for pattern, replacement in rules:
+            if re.match(pattern, name):
+                name = None if replacement is None else re.sub(pattern, replacement, name)
+                break
+        if name is not None:
+            out[name] = replace(info, name=name)
+    return out
 
 
 @lru_cache(maxsize=4)
 def _open(folder: Path, stamp: tuple) -> SourceCheckpoint:
     config = load_config(folder)
     arch = architecture_of(mlx_config(config))
-    tensors, quantized = logical_tensors(index_folder(folder), config)
+    tensors, quantized = logical_tensors(_renamed(index_folder(folder), config.get("model_type")), config)
     experts = map_experts(arch, build_model(arch.config), tensors)
     return SourceCheckpoint(folder, config, tensors, quantized, arch, experts)
+
+
+def _tie_head(weights: dict, model, config: dict) -> None:
+    """A checkpoint that ties its output head to the embeddings (and so stores no head), for an
+    mlx-lm model that keeps a separate head: the head is the embeddings (as transformers ties them)."""
+    if not (config.get("tie_word_embeddings") or (config.get("text_config") or {}).get("tie_word_embeddings")):
+        return
+    for key, _ in tree_flatten(model.parameters()):
+        if key.endswith("lm_head.weight") and key not in weights:
+            prefix = key[: -len("lm_head.weight")]
+            embed = next((k for k in (f"{prefix}model.embed_tokens.weight", f"{prefix}embed_tokens.weight") if k in weights),
+                         None)
+            if embed is not None:
+                weights[key] = weights[embed]
 
 
 def _check_resident(weights: dict, model, switches: tuple[str, ...]) -> None:

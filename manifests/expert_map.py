@@ -93,6 +93,18 @@ class ExpertMap:
         return {t for layer in self.rules.values() for rule in layer.values() for t in rule.tensors}
 
 
+def beyond_the_model(arch: Architecture, tensors: dict[str, TensorInfo]) -> set[str]:
+    """Per-expert tensors of experts the model does not have (index >= its E in an MoE layer):
+    transformers writes weights for LongCat's identity "zero experts", which compute nothing."""
+    out = set()
+    for name in tensors:
+        m, layer = _PER_EXPERT.match(name), _LAYER.search(name)
+        if m and layer and _EXPERT_PART.search(name) and int(layer.group(1)) in arch.targets:
+            if int(m.group("e")) >= arch.targets[int(layer.group(1))].num_experts:
+                out.add(name)
+    return out
+
+
 def map_experts(arch: Architecture, model, tensors: dict[str, TensorInfo]) -> ExpertMap:
     """The expert map of a checkpoint: learned from the family's sanitize, else by names."""
     probed = _probe_sanitize(arch, model, tensors)

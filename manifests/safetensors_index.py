@@ -79,9 +79,25 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return out
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The checkpoint's weight files: the shards its `model.safetensors.index.json` names, else
+    `model*.safetensors` (as transformers and mlx-lm look for them), else every `*.safetensors`."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        return [folder / s for s in shards]
+    return sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))
+
+
 def index_folder(folder: Path) -> dict[str, TensorInfo]:
-    """Every tensor of every `*.safetensors` file in `folder` (shards included)."""
-    files = sorted(folder.glob("*.safetensors"))
+    """Every tensor of the checkpoint's weight files (shards included)."""
+    files = weight_files(folder)
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{folder}: model.safetensors.index.json names shards that are missing: {missing[:3]}")
     if not files:
         raise CheckpointError(f"{folder}: no *.safetensors files (moestream reads safetensors only)")
     tensors: dict[str, TensorInfo] = {}
