@@ -13,22 +13,30 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import httpx2  # huggingface_hub 2.x talks HTTP through httpx2 (a fork of httpx), not httpx
 import huggingface_hub
 from huggingface_hub import constants
-from huggingface_hub.errors import (
-    DisabledRepoError,
-    GatedRepoError,
-    HfHubHTTPError,
-    HFValidationError,
-    IncompleteSnapshotError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+from huggingface_hub import errors as _errors
 from huggingface_hub.utils import validate_repo_id
 from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
+
+try:  # huggingface_hub 2.x talks HTTP through httpx2 (a fork of httpx); 1.x through httpx
+    import httpx2 as _http
+except ImportError:  # pragma: no cover - huggingface_hub 1.x (as on some machines the runtime runs on)
+    import httpx as _http
+
+
+class _NeverRaised(Exception):
+    """Stands for an error class this huggingface_hub version does not have."""
+
+
+def _error(name: str) -> type[BaseException]:
+    return getattr(_errors, name, _NeverRaised)
+
+
+DisabledRepoError, GatedRepoError, HfHubHTTPError = _error("DisabledRepoError"), _error("GatedRepoError"), _error("HfHubHTTPError")
+HFValidationError, IncompleteSnapshotError = _error("HFValidationError"), _error("IncompleteSnapshotError")
+LocalEntryNotFoundError, OfflineModeIsEnabled = _error("LocalEntryNotFoundError"), _error("OfflineModeIsEnabled")
+RepositoryNotFoundError, RevisionNotFoundError = _error("RepositoryNotFoundError"), _error("RevisionNotFoundError")
 
 LOGIN_HINT = "log in with `hf auth login` or set HF_TOKEN"
 
@@ -71,7 +79,7 @@ def download_snapshot(repo_id: str, *, revision: str | None, error: type[Excepti
             ignore_patterns=list(ignore_patterns) if ignore_patterns is not None else None,
             token=token, force_download=force_download, tqdm_class=None if progress else NoProgressBars,
         )
-    except (OSError, httpx2.HTTPError) as err:  # HfHubHTTPError and LocalEntryNotFound are OSErrors
+    except (OSError, _http.HTTPError) as err:  # HfHubHTTPError and LocalEntryNotFound are OSErrors
         failure = error(redact(explain(err, repo_id, revision, cache_dir), token))
         failure.transient = is_transient(err)
         raise failure from None
@@ -86,7 +94,7 @@ def is_transient(err: BaseException) -> bool:
         return (http_status(err) or 0) >= 500 or http_status(err) == 429
     if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
         return not constants.is_offline_mode()  # the Hub was unreachable; offline is a choice
-    return isinstance(err, (httpx2.HTTPError, ConnectionError))
+    return isinstance(err, (_http.HTTPError, ConnectionError))
 
 
 def explain(err: Exception, repo_id: str, revision: str | None, cache_dir=None) -> str:
@@ -119,7 +127,7 @@ def explain(err: Exception, repo_id: str, revision: str | None, cache_dir=None) 
         return f"could not reach the Hub ({constants.ENDPOINT}) to fetch {name}, and it is not in the cache at {cache}: {root_cause(err)}"
     if isinstance(err, HfHubHTTPError):
         return f"the Hub returned HTTP {status} while fetching {name}: {one_line(str(err))}; try again later"
-    if isinstance(err, (httpx2.HTTPError, ConnectionError)):
+    if isinstance(err, (_http.HTTPError, ConnectionError)):
         return f"network error while fetching {name} from {constants.ENDPOINT}: {type(err).__name__}: {one_line(str(err))}"
     return f"could not fetch {name} into {cache}: {type(err).__name__}: {one_line(str(err))}"
 
