@@ -34,8 +34,10 @@ SCHEMA = pa.schema(
         ("codec", pa.string()),
         ("raw_nbytes", pa.int64()),
         ("tensors", pa.list_(TENSOR_TYPE)),
+        ("fast_checksum", pa.string()),  # format 2
     ]
 )
+OPTIONAL = ("fast_checksum",)  # absent in format 1
 
 
 def write_layout(path: Path, extents: list[ExpertExtent]) -> None:
@@ -65,6 +67,9 @@ def read_layout(path: Path) -> list[ExpertExtent]:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as e:
         raise BundleError(f"{path}: cannot read as Parquet ({e})") from None
+    for name in OPTIONAL:
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, SCHEMA.field(name).type))
     missing = [n for n in SCHEMA.names if n not in table.column_names]
     if missing:
         raise BundleError(f"{path}: missing columns {missing}")
@@ -74,7 +79,7 @@ def read_layout(path: Path) -> list[ExpertExtent]:
         raise BundleError(f"{path}: columns have the wrong types ({e})") from None
     extents = []
     for i, row in enumerate(table.to_pylist()):
-        if any(row[n] is None for n in SCHEMA.names):
+        if any(row[n] is None for n in SCHEMA.names if n not in OPTIONAL):
             raise BundleError(f"{path} row {i}: null in a required column")
         try:
             tensors = tuple(
@@ -90,7 +95,7 @@ def read_layout(path: Path) -> list[ExpertExtent]:
             ExpertExtent(
                 layer=row["layer"], expert=row["expert"], file=row["file"], offset=row["offset"],
                 nbytes=row["nbytes"], checksum=row["checksum"], codec=row["codec"],
-                raw_nbytes=row["raw_nbytes"], tensors=tensors,
+                raw_nbytes=row["raw_nbytes"], tensors=tensors, fast_checksum=row["fast_checksum"],
             )
         )
     return extents

@@ -15,6 +15,7 @@ from .bundle import (
     BundleError,
     ExpertExtent,
     check_extent,
+    fast_checksum,
     file_sha256,
     read_bundle_json,
     safe_path,
@@ -155,7 +156,8 @@ def verify_bundle(bundle: Bundle, progress=None) -> None:
             for e in sorted(extents, key=lambda x: x.offset):
                 f.seek(e.offset)
                 data = f.read(e.nbytes)
-                if len(data) != e.nbytes or sha256_hex(data) != e.checksum:
+                if len(data) != e.nbytes or sha256_hex(data) != e.checksum or (
+                        e.fast_checksum is not None and fast_checksum(data) != e.fast_checksum):
                     raise BundleError(f"{LAYOUT_FILE}: checksum mismatch for {e.label}")
         if progress:
             progress(file)

@@ -11,9 +11,11 @@ from pathlib import Path
 from ..common.files import atomic_path, write_atomic
 from ..manifests.bundle import (
     EXPERTS_DIR,
+    FORMAT_VERSION,
     ExpertExtent,
     extent_from_dict,
     extent_to_dict,
+    fast_checksum,
     next_extent_offset,
     pack_extent,
     sha256_hex,
@@ -31,7 +33,8 @@ class LayerJob:
 
     def key(self) -> str:
         """What the layer's bytes depend on; a staged layer with another key is redone."""
-        return json.dumps({"recipe": asdict(self.recipe), "order": self.order, "bits": self.bits}, sort_keys=True)
+        return json.dumps({"recipe": asdict(self.recipe), "order": self.order, "bits": self.bits,
+                           "format": FORMAT_VERSION}, sort_keys=True)
 
 
 def layer_file(layer: int) -> str:
@@ -70,7 +73,8 @@ def pack_layer(ckpt: SourceCheckpoint, job: LayerJob, staging: Path) -> list[Exp
             tensors = ckpt.read_expert(job.layer, expert, keep_quantized=keep)
             stored = ckpt.quantization(job.layer, expert) if keep else None
             data, entries = pack_extent(quantize_expert(tensors, job.bits[expert], job.recipe, where, stored))
-            extents.append(ExpertExtent(job.layer, expert, rel, offset, len(data), sha256_hex(data), "none", len(data), entries))
+            extents.append(ExpertExtent(job.layer, expert, rel, offset, len(data), sha256_hex(data), "none", len(data),
+                                        entries, fast_checksum(data)))
             f.write(data)
             end = next_extent_offset(offset, len(data))
             f.write(b"\0" * (end - offset - len(data)))

@@ -153,18 +153,49 @@ def test_damaged_bundle_fails_at_load(case, bundle):
         moestream.load(bundle)
 
 
-def test_checksum_mismatch_found_by_verify_only(bundle):
-    extent = open_bundle(bundle).extent(0, 3)
+def _flip_byte(bundle: Path, layer: int, expert: int, at: int = 10) -> None:
+    extent = open_bundle(bundle).extent(layer, expert)
     with open(bundle / extent.file, "r+b") as f:
-        f.seek(extent.offset + 10)
+        f.seek(extent.offset + at)
         byte = f.read(1)
-        f.seek(extent.offset + 10)
+        f.seek(extent.offset + at)
         f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_checksum_mismatch_found_by_verify(bundle):
+    _flip_byte(bundle, 0, 3)
     open_bundle(bundle)  # structure is fine
     with pytest.raises(BundleError, match="checksum mismatch for layer 0 expert 3"):
         open_bundle(bundle, verify=True)
     with pytest.raises(BundleError, match="checksum mismatch"):
         moestream.load(bundle, verify=True)
+
+
+@pytest.mark.parametrize("io", [{}, {"read_into": "host"}, {"stage_on_device": True}])
+def test_a_flipped_expert_byte_is_an_error_on_every_read_path_never_a_wrong_token(bundle, io):
+    """Format 2: every read from disk checks the extent's fast checksum."""
+    import mlx.core as mx
+
+    for expert in range(16):
+        _flip_byte(bundle, 1, expert, at=100 + expert)
+    with moestream.load(bundle, io=moestream.IOOptions(**io)) as (model, _):
+        with pytest.raises(BundleError, match=r"layer 1 expert \d+ .*do not match the extent's checksum"):
+            mx.eval(model(mx.array([[3, 17, 42, 7, 99, 5, 23, 64]])))
+    with moestream.load(bundle, io=moestream.IOOptions(check_reads=False, **io)) as (model, _):
+        mx.eval(model(mx.array([[3, 17, 42, 7]])))  # unchecked (measuring only): the damage goes unseen
+
+
+def test_format_1_bundles_still_load_without_per_read_checks(bundle):
+    """A bundle written before format 2: no fast checksums; read as it always was, with a note."""
+    import mlx.core as mx
+
+    _rewrite_layout(bundle, lambda extents: [dataclasses.replace(e, fast_checksum=None) for e in extents])
+    _edit_json(bundle / "bundle.json", lambda m: m.update(format_version=1))
+    open_bundle(bundle, verify=True)
+    with pytest.warns(UserWarning, match="format 1"):
+        loaded = moestream.load(bundle)
+    with loaded as (model, _):
+        mx.eval(model(mx.array([[3, 17, 42, 7]])))
 
 
 def test_verify_cli_exit_code(bundle, capsys):
@@ -180,7 +211,7 @@ def test_intact_bundle_round_trips(bundle):
     b = open_bundle(bundle, verify=True)
     assert len(b.extents) == len(b.layers) * b.num_experts
     info = moestream.inspect(bundle)
-    assert info["format_version"] == 1 and info["expert_bits"] == 4
+    assert info["format_version"] == 2 and info["expert_bits"] == 4
     assert info["expert_bytes_per_token"] > 0
 
 

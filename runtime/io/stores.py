@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from ...manifests.bundle import ExpertExtent, TensorEntry, extent_views, unpack_extent
+from ...manifests.bundle import BundleError, ExpertExtent, TensorEntry, extent_views, fast_checksum, unpack_extent
 from ...manifests.checkpoint import SourceCheckpoint, finish_slice
 from ...manifests.open import Bundle
 from ...manifests.tensors import DTYPES
@@ -61,11 +61,14 @@ class BundleStore:
     """
 
     def __init__(self, bundle: Bundle, reader: ExtentReader, dtype: mx.Dtype | None = None,
-                 read_into: str = "arrays", stage_on_device: bool = False):
+                 read_into: str = "arrays", stage_on_device: bool = False, check_reads: bool = True):
         if read_into not in READ_INTO:
             raise ValueError(f"read_into must be one of {READ_INTO}, got {read_into!r}")
         self.bundle, self.reader, self.dtype = bundle, reader, dtype
         self.read_into, self.stage_on_device = read_into, stage_on_device
+        # every extent's fast checksum (format 2) on every read from disk: a damaged expert is an
+        # error naming it, never a wrong token
+        self.check_reads = check_reads
         self.staging = StagingPool(DEFAULT_POOL_BYTES)
         self._quant: dict = {}  # per-call lookups, computed once per expert
         self._nbytes: dict = {}
@@ -101,6 +104,11 @@ class BundleStore:
             return self._read_staged(extents, requests)
         return self._read_arrays(extents, requests)
 
+    def _check(self, x: ExpertExtent, data) -> None:
+        if self.check_reads and x.fast_checksum is not None and fast_checksum(data) != x.fast_checksum:
+            raise BundleError(f"{x.label}: the bytes read do not match the extent's checksum ({x.fast_checksum}): "
+                              "the bundle's expert file is damaged; `moestream verify` checks every extent")
+
     def _finish(self, arrays: dict[str, mx.array]) -> dict[str, mx.array]:
         arrays = cast_floats(arrays, self.dtype)
         # MLX streams belong to the thread that made them: materialise the views and casts in
@@ -119,6 +127,7 @@ class BundleStore:
 
         def convert(i: int, buf) -> dict[str, mx.array]:  # runs in the I/O thread that finished it
             x = extents[i]
+            self._check(x, buf)
             with mx.stream(mx.cpu):  # views only: no data moves
                 arrays = extent_views(bytes_at(targets.pop(i), buf, x.nbytes), 0, x.tensors)
             return self._finish(arrays)
@@ -141,6 +150,7 @@ class BundleStore:
         def convert(i: int, buf) -> dict[str, mx.array]:
             x, slot = extents[i], slots.pop(i)
             try:
+                self._check(x, buf)
                 staged = bytes_at(slot, buf, x.nbytes) + mx.array(0, mx.uint8)  # the copy
                 mx.eval(staged)
             finally:
@@ -160,6 +170,7 @@ class BundleStore:
 
         def convert(i: int, buf) -> dict[str, mx.array]:
             x = extents[i]
+            self._check(x, buf)
             if x.codec == "zstd":
                 import zstandard
 

@@ -9,6 +9,7 @@ budget, and `close()`, which releases the reader's threads, files and buffers.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -50,12 +51,15 @@ class IOOptions:
     read_into: "arrays" reads each expert straight into MLX memory (no copy); "host" into host
     buffers, then copies. stage_on_device: copy each read expert into GPU-made memory in the I/O
     thread (None: on MLX's CUDA backend, where host-made arrays are managed memory).
+    check_reads: check each expert's fast checksum on every read from disk (format 2 bundles), so
+    damaged bytes are an error naming the expert, never a wrong token; off only to measure its cost.
     """
 
     mode: str = "direct"
     threads: int | None = None
     read_into: str = "arrays"
     stage_on_device: bool | None = None
+    check_reads: bool = True
 
     def __post_init__(self):
         if self.mode not in IO_MODES:
@@ -185,7 +189,11 @@ def _open_source(path: Path, verify: bool, reader: ExtentReader | None, dtype, i
     """(store, config, kind, num_experts, default top-k) of a bundle or a source checkpoint folder."""
     if (path / BUNDLE_JSON).is_file():
         bundle = open_bundle(path, verify=verify)
-        store = BundleStore(bundle, reader, dtype, io.read_into, io.staging())
+        if bundle.meta.get("format_version") == 1 and reader is not None:
+            warnings.warn(f"{path} is a format 1 bundle: its experts carry no fast checksums, so reads are not "
+                          "checked (`moestream verify` still checks everything); prepare it again for that",
+                          UserWarning, stacklevel=4)
+        store = BundleStore(bundle, reader, dtype, io.read_into, io.staging(), io.check_reads)
         return store, bundle.config, "bundle", bundle.num_experts, bundle.experts_per_token
     ckpt = SourceCheckpoint.open(path)
     return CheckpointStore(ckpt, reader, dtype), ckpt.mlx_config(), "checkpoint", ckpt.dims.num_experts, \
