@@ -186,16 +186,20 @@ def _attention_interval(cfg: dict) -> int | None:
     return k if regular else None
 
 
+class Key(str):
+    """In IMPLIED: the value of another config key (dotted from the top, or in the same config)."""
+
+
 # What mlx-lm's ModelArgs needs that neither config.json nor transformers' config object carries:
 # values transformers' own modeling code implies (each checked against it on the family's
-# fixture). Keys are dotted ("text_config.x"); a value is a constant, another key, or a function
-# of the config being filled.
+# fixture). A value is a constant, a Key (another key's value), or a function of the config being
+# filled.
 IMPLIED: dict[str, dict[str, object]] = {
     "*": {"head_dim": lambda c: c["hidden_size"] // c["num_attention_heads"],
           "full_attention_interval": _attention_interval,
           "rope_scaling": lambda c: None},  # transformers 5 folds it into rope_parameters; None: no scaling
-    "qwen3_vl_moe": {"norm_topk_prob": True, "num_experts": "num_local_experts"},  # its router always normalises
-    "gemma4": {"vocab_size": "text_config.vocab_size",  # mlx-lm's wrapper would copy its own default down
+    "qwen3_vl_moe": {"norm_topk_prob": True, "num_experts": Key("num_local_experts")},  # its router always normalises
+    "gemma4": {"vocab_size": Key("text_config.vocab_size"),  # mlx-lm's wrapper would copy its own default down
                "global_head_dim": lambda c: ((c.get("per_layer_config") or {}).get("full_attention") or {}).get(
                    "head_dim") or c["head_dim"]},
     # transformers' LongcatFlash always scales q and kv by sqrt(hidden / lora rank); its zero experts are identities
@@ -221,8 +225,8 @@ def _imply(cfg: dict, model_type: str, fields: set[str], required: set[str], roo
         try:
             if callable(value):
                 value = value(cfg)
-            elif isinstance(value, str) and (value in cfg or "." in value):
-                value = _get_dotted(cfg, value) if value in cfg else _get_dotted(root, value)
+            elif isinstance(value, Key):
+                value = cfg.get(value) if value in cfg else _get_dotted(root, value)
         except (KeyError, TypeError, ZeroDivisionError):
             continue
         if value is not None or (name in required and name not in cfg):

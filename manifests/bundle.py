@@ -263,14 +263,48 @@ def safe_path(root: Path, rel: str, what: str) -> Path:
 # ---------------------------------------------------------------- bundle.json
 
 
+MAX_JSON_BYTES = 64 << 20
+MAX_JSON_DEPTH = 64
+
+
+def _depth(value, limit: int, depth: int = 0) -> int:
+    if depth > limit:
+        return depth
+    if isinstance(value, dict):
+        return max((_depth(v, limit, depth + 1) for v in value.values()), default=depth + 1)
+    if isinstance(value, list):
+        return max((_depth(v, limit, depth + 1) for v in value), default=depth + 1)
+    return depth
+
+
+def read_json(path: Path, what: str, top: type = dict):
+    """A JSON file of the bundle: size- and depth-limited, `top` at the top."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise BundleError(f"{what}: {size} bytes; more than the {MAX_JSON_BYTES} a bundle's JSON may have")
+        value = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{what}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise BundleError(f"{what}: nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except OSError as e:
+        raise BundleError(f"{what}: cannot be read ({e.strerror or e})") from None
+    if _depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise BundleError(f"{what}: nested deeper than {MAX_JSON_DEPTH} levels")
+    if not isinstance(value, top):
+        raise BundleError(f"{what}: expected a JSON {top.__name__}, got {type(value).__name__}")
+    return value
+
+
 def read_bundle_json(root: Path) -> dict:
     path = root / BUNDLE_JSON
+    if path.is_symlink() and hf_cache_blobs(root) is None:
+        raise BundleError(f"{path}: a link; {BUNDLE_JSON} must be a file of the bundle itself")
     if not path.is_file():
         raise BundleError(f"{root}: no {BUNDLE_JSON}; not a moestream bundle")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path}: not valid JSON ({e})") from None
+    safe_path(root, BUNDLE_JSON, BUNDLE_JSON)
+    meta = read_json(path, str(path), object)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise BundleError(f"{path}: format is {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT_NAME!r}")
     if meta.get("format_version") not in READABLE_VERSIONS:

@@ -61,9 +61,12 @@ def write_layout(path: Path, extents: list[ExpertExtent]) -> None:
     write_table(pa.table(columns, schema=SCHEMA), path)
 
 
-def read_layout(path: Path) -> list[ExpertExtent]:
-    """Read layout.parquet, checking its columns and types; rows are not validated here."""
+def read_layout(path: Path, expected_rows: int | None = None) -> list[ExpertExtent]:
+    """Read layout.parquet, checking its columns, types and (before reading it whole) its row
+    count; rows are not validated here."""
     try:
+        if expected_rows is not None and (n := pq.ParquetFile(path).metadata.num_rows) != expected_rows:
+            raise BundleError(f"{path}: {n} rows, but bundle.json's layers and experts make {expected_rows}")
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as e:
         raise BundleError(f"{path}: cannot read as Parquet ({e})") from None
@@ -91,6 +94,9 @@ def read_layout(path: Path) -> list[ExpertExtent]:
             )
         except (TypeError, KeyError) as e:
             raise BundleError(f"{path} row {i}: malformed tensor list ({e})") from None
+        for t in tensors:
+            if None in (t.name, t.offset, t.nbytes, t.dtype) or None in t.shape:
+                raise BundleError(f"{path} row {i}: tensor {t.name!r} has a null name, offset, size, dtype or dimension")
         extents.append(
             ExpertExtent(
                 layer=row["layer"], expert=row["expert"], file=row["file"], offset=row["offset"],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +17,20 @@ from .bundle import (
     fast_checksum,
     file_sha256,
     read_bundle_json,
+    read_json,
     safe_path,
     sha256_hex,
 )
 from .layout import read_layout
+from .validate import (
+    check_against_model,
+    check_config_sizes,
+    check_meta,
+    check_profile,
+    check_resident_header,
+    check_tokenizer_files,
+    check_tree,
+)
 
 
 @dataclass
@@ -63,9 +72,7 @@ class Bundle:
         return sum(e.nbytes for e in self.extents.values())
 
 def _check_files(root: Path, meta: dict) -> None:
-    files = meta.get("files")
-    if not isinstance(files, dict):
-        raise BundleError(f"{root / BUNDLE_JSON}: 'files' must map paths to sizes and checksums")
+    files = meta["files"]
     for required in (CONFIG_JSON, RESIDENT_FILE, LAYOUT_FILE):
         if required not in files:
             raise BundleError(f"{root / BUNDLE_JSON}: 'files' does not list {required}")
@@ -120,20 +127,23 @@ def _check_extents(root: Path, meta: dict, extents: list[ExpertExtent]) -> dict:
 
 
 def open_bundle(path: str | Path, verify: bool = False) -> Bundle:
-    """Open and structurally validate a bundle; with `verify`, also check every checksum."""
+    """Open a bundle through the validation gate (validate.py): every structural check before any
+    file is used further; with `verify`, also every checksum."""
     root = Path(path)
     if not root.is_dir():
         raise BundleError(f"{root}: not a folder")
+    check_tree(root)
     meta = read_bundle_json(root)
-    for key in ("family", "experts", "layers", "files"):
-        if key not in meta:
-            raise BundleError(f"{root / BUNDLE_JSON}: missing {key!r}")
+    check_meta(meta, str(root / BUNDLE_JSON))
     _check_files(root, meta)
-    try:
-        config = json.loads((root / CONFIG_JSON).read_text())
-    except json.JSONDecodeError as e:
-        raise BundleError(f"{CONFIG_JSON}: not valid JSON ({e})") from None
-    extents = _check_extents(root, meta, read_layout(safe_path(root, LAYOUT_FILE, BUNDLE_JSON)))
+    config = read_json(safe_path(root, CONFIG_JSON, BUNDLE_JSON), CONFIG_JSON)
+    check_config_sizes(config, CONFIG_JSON)
+    rows = len(meta["layers"]) * int(meta["experts"]["num_experts"])
+    extents = _check_extents(root, meta, read_layout(safe_path(root, LAYOUT_FILE, BUNDLE_JSON), rows))
+    check_against_model(meta, config, extents)
+    check_resident_header(safe_path(root, RESIDENT_FILE, BUNDLE_JSON), RESIDENT_FILE)
+    check_tokenizer_files(root)
+    check_profile(root / "profile", set(int(x["layer"]) for x in meta["layers"]), int(meta["experts"]["num_experts"]))
     bundle = Bundle(root, meta, config, extents)
     if verify:
         verify_bundle(bundle)
