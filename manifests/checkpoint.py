@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -76,10 +77,15 @@ class SourceCheckpoint:
     experts: ExpertMap
 
     @classmethod
-    def open(cls, folder: str | Path) -> SourceCheckpoint:
+    def open(cls, folder: str | Path, headers: Mapping[str, tuple[bytes, int]] | None = None) -> SourceCheckpoint:
         """Index and resolve a checkpoint folder (remembered while its files are unchanged: every
-        preparation step opens it)."""
+        preparation step opens it). headers: {weight file name: (its safetensors header, its size)}
+        to index weight files not in the folder yet (a Hub checkpoint fetched shard by shard): their
+        tensors point where the shard will be once downloaded."""
         folder = Path(folder).absolute()
+        if headers is not None:  # shards come and go while it is used: only the JSON files count
+            stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.glob("*.json")))
+            return _open(folder, stamp, tuple(sorted(headers.items())))
         stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns)
                       for p in sorted(folder.glob("*")) if p.suffix in (".json", ".safetensors"))
         return _open(folder, stamp)
@@ -265,10 +271,11 @@ def _renamed(tensors: dict[str, TensorInfo], model_type: str) -> dict[str, Tenso
 
 
 @lru_cache(maxsize=4)
-def _open(folder: Path, stamp: tuple) -> SourceCheckpoint:
+def _open(folder: Path, stamp: tuple, headers: tuple = ()) -> SourceCheckpoint:
     config = load_config(folder)
     arch = architecture_of(mlx_config(config))
-    tensors, quantized = logical_tensors(_renamed(index_folder(folder), config.get("model_type")), config)
+    indexed = index_folder(folder, dict(headers) if headers else None)
+    tensors, quantized = logical_tensors(_renamed(indexed, config.get("model_type")), config)
     experts = map_experts(arch, build_model(arch.config), tensors)
     return SourceCheckpoint(folder, config, tensors, quantized, arch, experts)
 

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,23 +44,35 @@ class TensorInfo:
         return self.offset + start * row, (stop - start) * row
 
 
+def header_length(prefix: bytes, size: int, where) -> int:
+    """The header length a safetensors file's first 8 bytes give, checked against the file's size."""
+    if len(prefix) < 8:
+        raise CheckpointError(f"{where}: not a safetensors file (shorter than 8 bytes)")
+    (hlen,) = struct.unpack("<Q", prefix[:8])
+    if hlen > min(MAX_HEADER_BYTES, size - 8):
+        raise CheckpointError(f"{where}: safetensors header length {hlen} is not plausible")
+    return hlen
+
+
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Parse one safetensors file's header, checking every entry lies inside the file."""
     size = path.stat().st_size
     with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        (hlen,) = struct.unpack("<Q", raw)
-        if hlen > min(MAX_HEADER_BYTES, size - 8):
-            raise CheckpointError(f"{path}: safetensors header length {hlen} is not plausible")
-        try:
-            header = json.loads(f.read(hlen))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
-    base = 8 + hlen
+        hlen = header_length(f.read(8), size, path)
+        return parse_header(path, f.read(hlen), size)
+
+
+def parse_header(path: Path, header: bytes, size: int) -> dict[str, TensorInfo]:
+    """The tensors of a safetensors file of `size` bytes whose header (the JSON after the 8-byte
+    length) is `header`, checking every entry lies inside the file. `path` is where the file is,
+    or will be: a shard not downloaded yet is indexed from its header alone."""
+    try:
+        entries = json.loads(header)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    base = 8 + len(header)
     out = {}
-    for name, entry in header.items():
+    for name, entry in entries.items():
         if name == "__metadata__":
             continue
         dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
@@ -92,17 +105,26 @@ def weight_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))
 
 
-def index_folder(folder: Path) -> dict[str, TensorInfo]:
-    """Every tensor of the checkpoint's weight files (shards included)."""
+def index_folder(folder: Path, headers: Mapping[str, tuple[bytes, int]] | None = None) -> dict[str, TensorInfo]:
+    """Every tensor of the checkpoint's weight files (shards included).
+
+    headers: {weight file name: (its header, its size in bytes)} for weight files that are not in
+    `folder` yet (a Hub checkpoint fetched shard by shard): those are indexed from their headers,
+    each tensor's `file` being where the shard will be. Without an index file, the weight files
+    are then the ones named there."""
+    headers = headers or {}
     files = weight_files(folder)
-    missing = [f.name for f in files if not f.is_file()]
+    if headers and not (folder / "model.safetensors.index.json").is_file():
+        files = [folder / name for name in sorted(headers)]
+    missing = [f.name for f in files if f.name not in headers and not f.is_file()]
     if missing:
         raise CheckpointError(f"{folder}: model.safetensors.index.json names shards that are missing: {missing[:3]}")
     if not files:
         raise CheckpointError(f"{folder}: no *.safetensors files (moestream reads safetensors only)")
     tensors: dict[str, TensorInfo] = {}
     for path in files:
-        for name, info in read_header(path).items():
+        found = parse_header(path, *headers[path.name]) if path.name in headers else read_header(path)
+        for name, info in found.items():
             if name in tensors:
                 raise CheckpointError(f"{folder}: tensor {name!r} appears in {tensors[name].file.name} and {path.name}")
             tensors[name] = info
