@@ -66,6 +66,9 @@ class FetchedSource:
     repo_id: str | None
     revision: str | None
     commit: str | None
+    # weights=False: the weight files of the repo at this commit, not downloaded yet (the index's
+    # shards, else the root *.safetensors); () when they are in `path`
+    weight_files: tuple[str, ...] = ()
 
 
 def fetch_source(
@@ -78,11 +81,14 @@ def fetch_source(
     required: Sequence[str] = ("config.json",),
     token: str | bool | None = None,
     progress: bool = True,
+    weights: bool = True,
 ) -> FetchedSource:
     """Resolve `source` to a local checkpoint folder, downloading it from the Hub if needed.
 
     An existing directory is used as it is. A string of the form "org/name" is a Hub repo id,
     downloaded (or found in the HF cache) at `revision` (branch, tag or commit; default main).
+    weights=False downloads everything of a repo but its *.safetensors weights, which are then
+    fetched shard by shard as they are needed (stages/shards.py); the result names them.
     Raises FetchError for anything else and for every download or validation failure.
     """
     if not str(source).strip():  # Path("") is ".", which would quietly mean the current folder
@@ -92,15 +98,20 @@ def fetch_source(
         return _use_local_folder(local, revision=revision, required=required,
                                  allow_patterns=allow_patterns)
     repo_id = as_repo_id(source, local, FetchError, "checkpoint folder")
+    later = not weights and _wants_safetensors(allow_patterns)
+    if later:  # the weights' names come from the index or the repo's file listing instead
+        ignore_patterns = [*(ignore_patterns or ()), "*.safetensors"]
     snapshot = download_snapshot(repo_id, revision=revision, error=FetchError, cache_dir=cache_dir,
                                  allow_patterns=allow_patterns, ignore_patterns=ignore_patterns,
                                  token=token, progress=progress)
     where = f"{repo_id} (snapshot {snapshot})"
-    _check_checkpoint(snapshot, where=where, required=required, allow_patterns=allow_patterns,
-                      other_files=lambda: _repo_files(repo_id, snapshot, cache_dir))
+    files = lambda: _repo_files(repo_id, snapshot, cache_dir)  # noqa: E731
+    _check_checkpoint(snapshot, where=where, required=required, other_files=files,
+                      allow_patterns=() if later else allow_patterns)  # (): no weights in the folder to check
     commit = snapshot.name if _COMMIT_HASH.fullmatch(snapshot.name) else None
+    shards = _weights_to_fetch(snapshot, where=where, repo_files=files()) if later else ()
     return FetchedSource(path=snapshot, repo_id=repo_id,
-                         revision=revision or constants.DEFAULT_REVISION, commit=commit)
+                         revision=revision or constants.DEFAULT_REVISION, commit=commit, weight_files=shards)
 
 
 # --- sources -------------------------------------------------------------------------------
@@ -158,6 +169,32 @@ def _check_index(folder: Path, *, where: str) -> None:
     if missing:
         raise FetchError(f"{where} is incomplete: model.safetensors.index.json names "
                          f"{len(missing)} missing shard(s): {', '.join(missing[:3])}")
+
+
+def _weights_to_fetch(snapshot: Path, *, where: str, repo_files: list[str]) -> tuple[str, ...]:
+    """The weight files of a snapshot whose weights are not downloaded: the shards its
+    model.safetensors.index.json names (each checked to be in the repo), else the root
+    model*.safetensors (else every root *.safetensors), as transformers and mlx-lm look for them."""
+    index = snapshot / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise FetchError(f"{where}: malformed model.safetensors.index.json ({err})") from err
+        missing = [s for s in shards if s not in repo_files]
+        if missing and any(f.endswith(".safetensors") for f in repo_files):  # else: no listing to check against
+            raise FetchError(f"{where} is incomplete: model.safetensors.index.json names {len(missing)} shard(s) "
+                             f"the repo does not have: {', '.join(missing[:3])}")
+        return tuple(shards)
+    root = sorted(f for f in repo_files if "/" not in f and f.endswith(".safetensors"))
+    found = tuple(f for f in root if f.startswith("model")) or tuple(root)
+    if not found:
+        others = sorted(f for f in repo_files if f.endswith(_OTHER_WEIGHT_SUFFIXES))
+        more = ", ..." if len(others) > 3 else ""
+        has = f" (it has {', '.join(others[:3])}{more})" if others else ""
+        raise FetchError(f"{where} has no *.safetensors weights{has}: moestream reads "
+                         "safetensors checkpoints only; use a safetensors copy of the model")
+    return found
 
 
 def _repo_files(repo_id: str, snapshot: Path, cache_dir) -> list[str]:

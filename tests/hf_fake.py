@@ -14,6 +14,8 @@ Two pieces, both faithful to huggingface_hub 2.x rather than mocks of our own co
   asks the LFS batch endpoint, PUTs the bytes to a storage URL, verifies, and the commit only
   names the object (`lfsFile`). Xet uploads go through hf_xet's own (Rust) HTTP client, which
   no transport can reach: tests of LFS uploads use `disable_xet(monkeypatch)`.
+  A repo's files are bytes, or `DiskFile`s served from disk in chunks (benchmarks whose
+  checkpoints should not sit in the serving process's memory).
 
 Use `hub_env(monkeypatch, tmp_path, offline=...)` first: huggingface_hub reads its environment
 into module constants at import time, so setting env vars alone does nothing.
@@ -45,13 +47,48 @@ LFS_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".gguf", ".model", ".tikt
 # --- hashing, as git and the Hub do it -----------------------------------------------------
 
 
-def git_blob_sha1(data: bytes) -> str:
+class DiskFile:
+    """A repo file served from disk: its size and hashes computed once, by streaming; its bytes
+    read when asked for, a chunk at a time."""
+
+    CHUNK = 8 << 20
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.size = self.path.stat().st_size
+        sha1, sha = hashlib.sha1(b"blob %d\0" % self.size), hashlib.sha256()
+        for chunk in self.chunks(0, self.size):
+            sha1.update(chunk)
+            sha.update(chunk)
+        self.sha1, self.sha256 = sha1.hexdigest(), sha.hexdigest()
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, part: slice) -> bytes:
+        start, stop, _ = part.indices(self.size)
+        return b"".join(self.chunks(start, stop))
+
+    def chunks(self, start: int, stop: int) -> Iterator[bytes]:
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            while start < stop:
+                chunk = f.read(min(self.CHUNK, stop - start))
+                if not chunk:
+                    return
+                start += len(chunk)
+                yield chunk
+
+
+def git_blob_sha1(data: bytes | DiskFile) -> str:
     """The git object id of a file: what the Hub reports as `oid` and as a regular file's ETag."""
+    if isinstance(data, DiskFile):
+        return data.sha1
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def sha256(data: bytes | DiskFile) -> str:
+    return data.sha256 if isinstance(data, DiskFile) else hashlib.sha256(data).hexdigest()
 
 
 def is_lfs(path: str) -> bool:
@@ -542,16 +579,34 @@ def _preupload(request: httpx2.Request) -> httpx2.Response:
 
 
 def _content(request: httpx2.Request, data: bytes, headers: dict[str, str]) -> httpx2.Response:
-    """File bytes for GET (honouring `Range: bytes=N-`, which resumed downloads send)."""
+    """File bytes for GET, honouring `Range: bytes=N-` (what resumed downloads send) and
+    `bytes=N-M` (what header reads send: huggingface_hub's get_safetensors_metadata, ours)."""
     headers = {**headers, "Content-Length": str(len(data)), "Accept-Ranges": "bytes"}
     if request.method == "HEAD":
         return httpx2.Response(200, headers=headers)
-    start = _range_start(request.headers.get("range"))
-    if start:
-        headers.update({"Content-Length": str(len(data) - start),
-                        "Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"})
-        return httpx2.Response(206, headers=headers, content=data[start:])
-    return httpx2.Response(200, headers=headers, content=data)
+    wanted = _range(request.headers.get("range"), len(data))
+    if wanted is None and isinstance(data, DiskFile):
+        return httpx2.Response(200, headers=headers, stream=_DiskStream(data, 0, len(data)))
+    if wanted is None:
+        return httpx2.Response(200, headers=headers, content=data)
+    start, end = wanted
+    if start >= len(data):
+        return httpx2.Response(416, headers={"Content-Range": f"bytes */{len(data)}"})
+    headers.update({"Content-Length": str(end + 1 - start),
+                    "Content-Range": f"bytes {start}-{end}/{len(data)}"})
+    if isinstance(data, DiskFile):
+        return httpx2.Response(206, headers=headers, stream=_DiskStream(data, start, end + 1))
+    return httpx2.Response(206, headers=headers, content=data[start:end + 1])
+
+
+class _DiskStream(httpx2.SyncByteStream):
+    """Bytes [start, stop) of a DiskFile, a chunk at a time."""
+
+    def __init__(self, data: DiskFile, start: int, stop: int):
+        self.data, self.start, self.stop = data, start, stop
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self.data.chunks(self.start, self.stop)
 
 
 class _CutStream(httpx2.SyncByteStream):
@@ -572,10 +627,15 @@ def _cut(response: httpx2.Response, n: int) -> httpx2.Response:
                            stream=_CutStream(response.content, n))
 
 
-def _range_start(header: str | None) -> int:
+def _range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(first, last) byte of a `bytes=N-` or `bytes=N-M` range (M past the end: the end), or None
+    for no range (a whole-file answer)."""
     if not header or not header.startswith("bytes="):
-        return 0
-    return int(header[len("bytes="):].split("-")[0] or 0)
+        return None
+    first, _, last = header[len("bytes="):].partition("-")
+    start = int(first or 0)
+    end = min(int(last), size - 1) if last else size - 1
+    return None if (start, end) == (0, size - 1) and not last else (start, end)
 
 
 def _error(status: int, *, code: str | None = None, message: str,

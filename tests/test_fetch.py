@@ -10,11 +10,12 @@ import hashlib
 import importlib
 import json
 import os
+import struct
 from pathlib import Path
 
 import huggingface_hub
 import pytest
-from hf_fake import FakeHub, build_fake_cache, hub_env, repo_folder
+from hf_fake import DiskFile, FakeHub, build_fake_cache, hub_env, repo_folder
 
 from moestream.stages.fetch import CHECKPOINT_PATTERNS, FetchedSource, FetchError, fetch_source
 
@@ -366,3 +367,68 @@ def test_fake_hub_records_a_commit_that_fetch_then_downloads(hub):
                                                               FILES)
     got = fetch("me/published", token=TOKEN)
     assert got.commit == commit.commit and files_in(got.path) == set(FILES)
+
+
+# --- weights later: a Hub checkpoint fetched shard by shard (stages/shards.py) ---------------
+
+
+def safetensors_file(values: list[float]) -> bytes:
+    header = json.dumps({"w": {"dtype": "F32", "shape": [len(values)], "data_offsets": [0, 4 * len(values)]}}).encode()
+    return len(header).to_bytes(8, "little") + header + b"".join(struct.pack("<f", v) for v in values)
+
+
+def test_fake_hub_answers_range_requests_for_safetensors_headers(hub):
+    # huggingface_hub's own header reader: a `bytes=0-100000` range request per file, and the
+    # second request a longer header needs.
+    hub.add_repo(REPO, {**FILES, "model.safetensors": safetensors_file([1.0, 2.0, 3.0])})
+
+    meta = huggingface_hub.HfApi().get_safetensors_metadata(REPO)
+
+    info = meta.files_metadata["model.safetensors"].tensors["w"]
+    assert (info.dtype, info.shape, info.data_offsets) == ("F32", [3], (0, 12))
+    assert [r.range for r in hub.requests if "fake-hub.test" in r.url] == ["bytes=0-100000"]
+
+
+def test_weights_later_downloads_everything_but_the_weights(hub, cache):
+    shards = {"model-00001-of-00002.safetensors": safetensors_file([1.0]),
+              "model-00002-of-00002.safetensors": safetensors_file([2.0])}
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    files = {**{k: v for k, v in FILES.items() if k != "model.safetensors"}, **shards,
+             "model.safetensors.index.json": json.dumps(index).encode()}
+    commit = hub.add_repo(REPO, {**files, **STRAYS})
+
+    got = fetch(REPO, weights=False)
+
+    assert got.weight_files == tuple(shards) and got.commit == commit
+    assert files_in(got.path) == set(files) - set(shards)
+    assert not [r for r in hub.requests if "fake-hub.test" in r.url]  # no weight bytes asked for
+
+    index["weight_map"]["c"] = "model-00003-of-00002.safetensors"
+    hub.push(REPO, {**files, "model.safetensors.index.json": json.dumps(index).encode()})
+    with pytest.raises(FetchError, match="names 1 shard.* the repo does not have: model-00003-of-00002"):
+        fetch(REPO, weights=False)
+
+
+def test_weights_later_single_file_and_offline(offline_cache):
+    # The cached commit has its config and tokenizer but not its weights: enough without them.
+    build_fake_cache(offline_cache, REPO, {k: v for k, v in FILES.items() if k != "model.safetensors"},
+                     tree={**FILES, **STRAYS})
+
+    got = fetch(REPO, weights=False)
+
+    assert got.weight_files == ("model.safetensors",)
+    with pytest.raises(FetchError, match="no \\*\\.safetensors weights .*pytorch_model\\.bin"):
+        build_fake_cache(offline_cache, "org/bin-only", {"config.json": CONFIG},
+                         tree={"config.json": CONFIG, "pytorch_model.bin": b"pk"})
+        fetch("org/bin-only", weights=False)
+
+
+def test_fake_hub_serves_files_from_disk(hub, tmp_path):
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes(safetensors_file([float(i) for i in range(1000)]))
+    hub.add_repo(REPO, {**FILES, "model.safetensors": DiskFile(weights)})
+
+    got = fetch(REPO)
+
+    assert (got.path / "model.safetensors").read_bytes() == weights.read_bytes()
+    assert huggingface_hub.HfApi().get_safetensors_metadata(REPO).files_metadata["model.safetensors"].tensors["w"].shape == [1000]
