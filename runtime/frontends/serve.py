@@ -3,26 +3,67 @@ request queue, batching, prompt cache, streaming and tool-call parsing) serving 
 `moestream.load` built, so that experts stream from disk.
 
 The seam is mlx-lm's `ModelProvider`: ours hands out the already-loaded model and tokenizer for
-any requested model name (the served id is the bundle path; "default_model" works as in mlx-lm).
-The HTTP server is built here rather than by `mlx_lm.server.run`, which blocks and has no handle
-to stop it; `start_server` runs it in a background thread and returns a handle.
+any requested model name (the served id is the bundle path; "default_model" works as in mlx-lm;
+other names are served by the same model, not refused). The HTTP server is built here rather
+than by `mlx_lm.server.run`, which blocks and has no handle to stop it; `start_server` runs it in
+a background thread and returns a handle.
+
+What this adds to mlx-lm's server, so that one client cannot starve the others or the memory
+budget (mlx-lm's handler, generator and batching are otherwise used as they are):
+
+- Context limit. A request's prompt (the chat template applied exactly as mlx-lm applies it,
+  counted in the handler's thread before the request is queued) plus its `max_tokens` must fit in
+  the smaller of the model's context (`max_position_embeddings`, or its `text_config`'s) and the
+  KV cache the memory budget reserves (`plan.kv_tokens`, `--max-kv-size`). A prompt that leaves
+  no room for one token is refused with a 400 (`code: context_length_exceeded`, the limit and the
+  count in the message) and never reaches the generation thread. A `max_tokens` beyond what the
+  prompt leaves is capped to it, as llama.cpp does (OpenAI refuses instead): the reply ends with
+  `finish_reason: "length"` there, and the response carries `X-Moestream-Max-Tokens: N`, the
+  number it was capped to. A prompt whose rendered text has more bytes than the limit's tokens
+  can possibly cover (the vocabulary's longest token, twice over) is refused without being
+  tokenized; a body over `max(16 MiB, 64 bytes per token of context)` is refused with a 413
+  without being read.
+- Malformed requests: bad JSON, wrong JSON types (`content` as a number, `messages` not a list,
+  `max_tokens` negative or a string, `temperature` outside OpenAI's [0, 2] ...), image parts (the
+  model reads text only), chat templates that cannot render the messages, unknown paths and
+  methods: each gets a 4xx whose body is OpenAI's error object, `{"error": {"message", "type",
+  "param", "code"}}`. An unexpected failure answers a 500 in the same shape; the handler thread
+  never dies with a request, and the generation thread never sees a refused one.
+- Client disconnects: while it waits for tokens, a request's handler thread checks its socket
+  (a peek that finds the connection closed; a failed write does the same for streams) and
+  cancels the request: mlx-lm's own `GenerationContext.stop()` if it has started, which removes
+  it from the batch at the next step, else it is dropped when the generation thread takes it from
+  the queue. Other requests go on being served.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
+import math
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
+from queue import Empty as QueueEmpty
+from queue import Queue
+from types import SimpleNamespace
 
 from mlx_lm import server as mlx_server
 from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache
 
 from ...common.units import fmt_bytes
 from ..model.load import runtime_of
+
+# How often a waiting handler looks whether its client is still connected (seconds).
+POLL_S = 0.2
+# A body is refused unread (413) above max(MIN_BODY_CAP, BODY_BYTES_PER_TOKEN * context tokens).
+MIN_BODY_CAP = 16 << 20
+BODY_BYTES_PER_TOKEN = 64
+MAX_TOKENS_HEADER = "X-Moestream-Max-Tokens"
 
 
 def server_args(model_id: str, host: str = "127.0.0.1", port: int = 8080, **overrides) -> argparse.Namespace:
@@ -59,18 +100,584 @@ class StreamingModelProvider(mlx_server.ModelProvider):
         return self.model, self.tokenizer
 
 
+# --- the context limit ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ContextLimit:
+    """The most tokens (prompt + completion) one request may hold."""
+
+    tokens: int
+    model_tokens: int | None  # the model's context (max_position_embeddings), None if unknown
+    budget_tokens: int | None  # the KV cache the memory budget reserves, None for a model not moestream's
+
+    def describe(self) -> str:
+        parts = []
+        if self.model_tokens is not None:
+            parts.append(f"the model's context is {self.model_tokens} tokens")
+        if self.budget_tokens is not None:
+            parts.append(f"the memory budget reserves KV cache for {self.budget_tokens} tokens (--max-kv-size)")
+        return "; ".join(parts)
+
+
+def _model_config(model) -> dict:
+    store = getattr(runtime_of(model, required=False), "store", None)
+    if hasattr(store, "bundle"):
+        return store.bundle.config
+    if hasattr(store, "ckpt"):
+        return store.ckpt.mlx_config()
+    return {}
+
+
+def _config_value(model, key: str):
+    config = _model_config(model)
+    for cfg in (config, config.get("text_config") if isinstance(config.get("text_config"), dict) else None):
+        if cfg and isinstance(cfg.get(key), int) and not isinstance(cfg.get(key), bool):
+            return cfg[key]
+    value = getattr(getattr(model, "args", None), key, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def context_limit(model) -> ContextLimit:
+    """The smaller of the model's context and the tokens of KV cache the memory budget reserves."""
+    rt = runtime_of(model, required=False)
+    model_tokens = _config_value(model, "max_position_embeddings")
+    budget_tokens = rt.plan.kv_tokens if rt is not None else None
+    known = [n for n in (model_tokens, budget_tokens) if n]
+    if not known:
+        raise ValueError("the model's context length is unknown: no max_position_embeddings and no memory plan")
+    return ContextLimit(min(known), model_tokens, budget_tokens)
+
+
+def max_token_bytes(tokenizer) -> int | None:
+    """An upper bound on the bytes of text one token covers: the longest vocabulary entry in UTF-8
+    (byte-level BPE maps each byte to one character of one or two bytes, SentencePiece writes a
+    space as the three-byte "▁", byte-fallback tokens are "<0x41>"). None if the vocabulary is not
+    available."""
+    try:
+        vocab = tokenizer.get_vocab()
+        return max(len(str(t).encode("utf-8", "surrogatepass")) for t in vocab) if vocab else None
+    except Exception:  # a tokenizer without a plain vocabulary: no fast path, every prompt is tokenized
+        return None
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+class RequestError(Exception):
+    """A request answered with an OpenAI-shaped error: {"error": {message, type, param, code}}."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class _Respond(BaseException):
+    """Carries a RequestError through mlx-lm's handler, which would answer any Exception raised
+    by the generator with a 404 and its bare text."""
+
+    def __init__(self, error: RequestError):
+        super().__init__(str(error))
+        self.error = error
+
+
+class ClientGone(BaseException):
+    """The client closed its connection while its request was in flight. A BaseException, so that
+    mlx-lm's handler (which answers any Exception from the generator with an error response) lets
+    it through to ours, which only logs it: nobody is left to answer."""
+
+
+class RequestCancelled(Exception):
+    """Raised in the generation thread for a request whose client left while it was queued: mlx-lm
+    puts it on the request's (abandoned) response queue and goes on with the next request."""
+
+
+_CONNECTION_ERRORS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+
+
+def _unavailable() -> RequestError:
+    return RequestError("The generation thread has stopped: this server cannot generate.", 503, code="unavailable",
+                        kind="server_error")
+
+
+# --- request validation -----------------------------------------------------------------------
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    for kind, name in ((int, "integer"), (float, "number"), (str, "string"), (list, "array"), (dict, "object")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+_ARTICLES = {"integer": "an integer", "array": "an array", "object": "an object", "null": "null"}
+
+
+def _check_type(value, param: str, *expected: str):
+    """`value` if its JSON type is one of `expected` ("number" takes integers too)."""
+    got = _json_type(value)
+    if got in expected or (got == "integer" and "number" in expected):
+        return value
+    names = " or ".join(_ARTICLES.get(e, f"a {e}") for e in expected)
+    raise RequestError(f"Invalid type for '{param}': expected {names}, but got {_ARTICLES.get(got, f'a {got}')} "
+                       f"instead.", param=param, code="invalid_type")
+
+
+def _check_range(value, param: str, lo=None, hi=None):
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = " and ".join(s for s in (lo is not None and f">= {lo}", hi is not None and f"<= {hi}") if s)
+        raise RequestError(f"Invalid '{param}': expected a value {bounds}, but got {value} instead.",
+                           param=param, code="invalid_value")
+    return value
+
+
+# Top-level parameters mlx-lm reads: JSON type, least and most value. null means the default.
+_PARAMETERS = {
+    "model": ("string",), "stream": ("boolean",), "stream_options": ("object",),
+    "max_tokens": ("integer", 1), "max_completion_tokens": ("integer", 1),
+    "temperature": ("number", 0, 2), "top_p": ("number", 0, 1), "top_k": ("integer", 0),
+    "min_p": ("number", 0, 1), "n": ("integer", 1, 1), "seed": ("integer",),
+    "repetition_penalty": ("number", 0), "repetition_context_size": ("integer", 0),
+    "presence_penalty": ("number", -2, 2), "presence_context_size": ("integer", 0),
+    "frequency_penalty": ("number", -2, 2), "frequency_context_size": ("integer", 0),
+    "xtc_probability": ("number", 0, 1), "xtc_threshold": ("number", 0, 1),
+    "logprobs": ("boolean",), "top_logprobs": ("integer", -1, 11),  # mlx-lm's range; -1: none
+    "logit_bias": ("object",), "num_draft_tokens": ("integer", 0),
+    "chat_template_kwargs": ("object",), "role_mapping": ("object",),
+}
+_FLOATS = ("xtc_probability", "xtc_threshold")  # mlx-lm insists on a float there
+
+
+def validate_body(body, chat: bool, vocab_size: int | None = None) -> dict:
+    """The request body as mlx-lm's handler may take it, or a RequestError saying what is wrong.
+    Null parameters are dropped (mlx-lm then uses its defaults, as OpenAI does)."""
+    if not isinstance(body, dict):
+        got = _json_type(body)
+        raise RequestError(f"The request body must be a JSON object, not {_ARTICLES.get(got, 'a ' + got)}.",
+                           code="invalid_type")
+    body = {k: v for k, v in body.items() if v is not None}
+    for name, (kind, *bounds) in _PARAMETERS.items():
+        if name in body:
+            _check_range(_check_type(body[name], name, kind), name, *bounds)
+    for name in _FLOATS:
+        if name in body:
+            body[name] = float(body[name])
+    if "include_usage" in body.get("stream_options", {}):
+        _check_type(body["stream_options"]["include_usage"], "stream_options.include_usage", "boolean")
+    if "stream_options" in body:  # mlx-lm reads stream_options["include_usage"] unguarded
+        body["stream_options"] = {"include_usage": False, **body["stream_options"]}
+    for token, bias in body.get("logit_bias", {}).items():
+        param = f"logit_bias.{token}"
+        try:
+            token_id = int(token)
+        except ValueError:
+            raise RequestError(f"Invalid '{param}': logit_bias keys must be token ids.", param=param,
+                               code="invalid_value") from None
+        _check_range(token_id, param, 0, None if vocab_size is None else vocab_size - 1)
+        _check_range(_check_type(bias, param, "number"), param, -100, 100)
+    if "adapters" in body:
+        raise RequestError("moestream serve serves one model: adapters are not supported.", param="adapters",
+                           code="unsupported_parameter")
+    if body.get("draft_model", "default_model") != "default_model":
+        raise RequestError("moestream serve serves one model: draft models are not supported.",
+                           param="draft_model", code="unsupported_parameter")
+    stop = body.get("stop", [])
+    for i, word in enumerate(stop if isinstance(_check_type(stop, "stop", "string", "array"), list) else []):
+        _check_type(word, f"stop[{i}]", "string")
+    if chat:
+        _validate_messages(body)
+        for i, tool in enumerate(_check_type(body.get("tools", []), "tools", "array")):
+            _check_type(tool, f"tools[{i}]", "object")
+            function = _check_type(tool.get("function"), f"tools[{i}].function", "object")
+            _check_type(function.get("name"), f"tools[{i}].function.name", "string")
+    else:
+        if "prompt" not in body:
+            raise RequestError("Missing required parameter: 'prompt'.", param="prompt",
+                               code="missing_required_parameter")
+        _check_type(body["prompt"], "prompt", "string")
+    return body
+
+
+def _validate_messages(body: dict) -> None:
+    if "messages" not in body:
+        raise RequestError("Missing required parameter: 'messages'.", param="messages",
+                           code="missing_required_parameter")
+    messages = _check_type(body["messages"], "messages", "array")
+    if not messages:
+        raise RequestError("Invalid 'messages': empty array. Expected an array with at least one message.",
+                           param="messages", code="empty_array")
+    for i, message in enumerate(messages):
+        at = f"messages[{i}]"
+        _check_type(message, at, "object")
+        if "role" not in message:
+            raise RequestError(f"Missing required parameter: '{at}.role'.", param=f"{at}.role",
+                               code="missing_required_parameter")
+        _check_type(message["role"], f"{at}.role", "string")
+        for key in ("name", "tool_call_id"):
+            if message.get(key) is not None:
+                _check_type(message[key], f"{at}.{key}", "string")
+        content = _check_type(message.get("content"), f"{at}.content", "string", "array", "null")
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            _check_type(part, f"{at}.content[{j}]", "object")
+            kind = _check_type(part.get("type"), f"{at}.content[{j}].type", "string")
+            if kind != "text":
+                raise RequestError(f"Invalid '{at}.content[{j}].type': this model reads text only, content parts "
+                                   f"of type {kind!r} are not supported.", param=f"{at}.content[{j}].type",
+                                   code="invalid_value")
+            _check_type(part.get("text"), f"{at}.content[{j}].text", "string")
+        for j, call in enumerate(_check_type(message.get("tool_calls") or [], f"{at}.tool_calls", "array")):
+            where = f"{at}.tool_calls[{j}]"
+            _check_type(call, where, "object")
+            function = _check_type(call.get("function"), f"{where}.function", "object")
+            _check_type(function.get("name"), f"{where}.function.name", "string")
+            arguments = _check_type(function.get("arguments", {}), f"{where}.function.arguments", "string", "object")
+            if isinstance(arguments, str) and arguments:
+                try:
+                    parsed = json.loads(arguments)
+                except json.JSONDecodeError:
+                    parsed = None
+                if not isinstance(parsed, dict):
+                    raise RequestError(f"Invalid '{where}.function.arguments': expected a JSON object in a string.",
+                                       param=f"{where}.function.arguments", code="invalid_value")
+
+
+# --- cancelling a request whose client left ---------------------------------------------------
+
+
+def peer_closed(sock) -> bool:
+    """Whether the other end of a connected socket has closed it (or reset it). Reads nothing: a
+    peek, which finds end-of-file once the client has gone (a client that pipelines more bytes
+    counts as connected)."""
+    try:
+        if hasattr(socket, "MSG_DONTWAIT"):
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        import select
+
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (BlockingIOError, InterruptedError, socket.timeout):
+        return False
+    except (OSError, ValueError):  # reset, or already closed
+        return True
+
+
+class Ticket:
+    """One request's way back to its client: the connection to watch, the prompt already counted
+    (so that the generation thread does not tokenize it again), and cancellation."""
+
+    def __init__(self, connection=None):
+        self.connection = connection
+        self.tokenized = None  # what ResponseGenerator._tokenize returned, computed by the handler
+        self.cancelled = False
+        self._ctx = None
+        self._lock = threading.Lock()
+        self._checked = 0.0
+
+    def attach(self, ctx) -> None:
+        """The generation thread started the request (mlx-lm's GenerationContext)."""
+        with self._lock:
+            self._ctx = ctx
+            if self.cancelled:
+                ctx.stop()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            if self._ctx is not None:
+                self._ctx.stop()  # mlx-lm drops it from the batch (or the single loop) at its next step
+
+    def check(self, force: bool = False) -> None:
+        """Cancel and raise ClientGone if the client has closed its connection (looked at most
+        every POLL_S unless `force`)."""
+        now = time.monotonic()
+        if self.connection is None or (not force and now - self._checked < POLL_S):
+            return
+        self._checked = now
+        if peer_closed(self.connection):
+            self.cancel()
+            raise ClientGone()
+
+
+class _ResponseQueue(Queue):
+    """A request's response queue, which hands its GenerationContext to the ticket as it passes."""
+
+    def __init__(self, ticket: Ticket):
+        super().__init__()
+        self.ticket = ticket
+
+    def put(self, item, block=True, timeout=None):
+        if isinstance(item, mlx_server.GenerationContext):
+            self.ticket.attach(item)
+        super().put(item, block, timeout)
+
+
+class StreamingResponseGenerator(mlx_server.ResponseGenerator):
+    """mlx-lm's generator (its thread, queue, batching) with admission and cancellation: `admit`
+    counts a request's prompt in the caller's thread and checks it against the context limit;
+    a request whose client left is dropped or stopped."""
+
+    def __init__(self, model, tokenizer, cli_args: argparse.Namespace, limit: ContextLimit):
+        self.tokenizer, self.limit = tokenizer, limit
+        self.vocab_size = _config_value(model, "vocab_size")
+        token_bytes = max_token_bytes(tokenizer)
+        # two bytes of text per byte of the longest token: room for normalizers that compose characters
+        self.bytes_per_token = None if token_bytes is None else 2 * token_bytes
+        self.max_body_bytes = max(MIN_BODY_CAP, BODY_BYTES_PER_TOKEN * limit.tokens)
+        super().__init__(StreamingModelProvider(model, tokenizer, cli_args), LRUPromptCache(cli_args.prompt_cache_size))
+
+    # -- the handler's side
+
+    def admit(self, request, chat_template_kwargs, body_bytes: int, max_tokens: int) -> tuple[int, int]:
+        """(prompt tokens, max_tokens capped to what the context leaves), or a RequestError. The
+        prompt is tokenized as the generation thread would (mlx-lm's `_tokenize`), and kept on the
+        request's ticket for it."""
+        limit, what = self.limit, "messages" if request.request_type == "chat" else "prompt"
+        args = SimpleNamespace(chat_template_kwargs=chat_template_kwargs)
+
+        def too_long(count: str):
+            return RequestError(
+                f"This model's maximum context length is {limit.tokens} tokens ({limit.describe()}). However, "
+                f"your {what} resulted in {count}. Please reduce the length of the {what}.",
+                param=what, code="context_length_exceeded")
+
+        try:
+            if self.bytes_per_token and body_bytes > limit.tokens * self.bytes_per_token:
+                n_bytes = len(self._render(request, args).encode("utf-8", "surrogatepass"))
+                least = math.ceil(n_bytes / self.bytes_per_token)
+                if least > limit.tokens:  # refused without tokenizing it
+                    raise too_long(f"at least {least} tokens ({n_bytes} bytes of text)")
+            tokenized = super()._tokenize(self.tokenizer, request, args)
+        except RequestError:
+            raise
+        except Exception as e:  # the template or the tokenizer refused these messages
+            raise RequestError(f"The {what} could not be turned into a prompt: {type(e).__name__}: {e}",
+                               param=what, code="invalid_prompt") from e
+        n = len(tokenized[0])
+        if n >= limit.tokens:
+            raise too_long(f"{n} tokens, which leaves no room for the completion")
+        request.moestream_ticket.tokenized = tokenized
+        return n, min(max_tokens, limit.tokens - n)
+
+    def _render(self, request, args) -> str:
+        """The prompt's text, before tokenization (the same template call as `_tokenize`)."""
+        if request.request_type != "chat":
+            return request.prompt
+        if not self.tokenizer.has_chat_template:
+            return mlx_server.convert_chat(request.messages, request.role_mapping)
+        mlx_server.process_message_content(request.messages)
+        template_args = {**self.cli_args.chat_template_args, **(args.chat_template_kwargs or {})}
+        return self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tools=request.tools,
+                                                  **{**template_args, "tokenize": False})
+
+    def generate(self, request, generation_args, progress_callback=None):
+        """mlx-lm's `generate`, with a response queue that records the request's GenerationContext
+        and waits that look at the client's connection."""
+        ticket = getattr(request, "moestream_ticket", None) or Ticket()
+        response_queue = _ResponseQueue(ticket)
+        if not self.generation_available():
+            raise _Respond(_unavailable())
+        self.requests.put((response_queue, request, generation_args))
+
+        def _inner():
+            while True:
+                response = self._await(response_queue, ticket)
+                if response is None:
+                    break
+                if isinstance(response, Exception):
+                    raise response
+                if isinstance(response, tuple):
+                    if progress_callback is not None:
+                        progress_callback(*response)
+                    continue
+                yield response
+
+        ctx = self._await(response_queue, ticket)
+        if isinstance(ctx, Exception):  # the generation thread could not start this request
+            raise _Respond(RequestError(f"Generation failed: {type(ctx).__name__}: {ctx}", 500,
+                                        kind="server_error")) from ctx
+        return ctx, _inner()
+
+    def _await(self, response_queue: Queue, ticket: Ticket):
+        while True:
+            try:
+                item = response_queue.get(timeout=POLL_S)
+            except QueueEmpty:
+                ticket.check(force=True)
+                if not self.generation_available():
+                    raise _Respond(_unavailable()) from None
+                continue
+            ticket.check()
+            return item
+
+    # -- the generation thread's side
+
+    def _tokenize(self, tokenizer, request, args):
+        ticket = getattr(request, "moestream_ticket", None)
+        if ticket is not None and ticket.cancelled:
+            raise RequestCancelled("the client left before its request started")
+        if ticket is not None and ticket.tokenized is not None and tokenizer is self.tokenizer:
+            prompt, segments, segment_types, initial_state, vision = ticket.tokenized
+            ticket.tokenized = None  # taken once; copies, as mlx-lm's batching edits these lists
+            return list(prompt), [list(s) for s in segments], list(segment_types), initial_state, vision
+        return super()._tokenize(tokenizer, request, args)
+
+
+# --- the HTTP handler -------------------------------------------------------------------------
+
+
+_POST_PATHS = {"/v1/completions": False, "/v1/chat/completions": True, "/chat/completions": True}
+
+
 class StreamingAPIHandler(mlx_server.APIHandler):
-    def handle_models_request(self):
-        """The served model only (mlx-lm's lists its Hugging Face cache, which we never load)."""
-        body = {"object": "list", "data": [
-            {"id": self.response_generator.cli_args.model, "object": "model", "created": self.created,
-             "owned_by": "moestream"}]}
+    """mlx-lm's handler, with every request checked before mlx-lm sees it (see the module
+    docstring) and every error answered in OpenAI's JSON shape."""
+
+    response_generator: StreamingResponseGenerator
+
+    # -- plumbing
+
+    def send_response(self, code, message=None):
+        self._status_sent = True
+        super().send_response(code, message)
+
+    def end_headers(self):
+        for name, value in getattr(self, "_extra_headers", ()):
+            self.send_header(name, value)
+        self._extra_headers = []
+        super().end_headers()
+
+    def _send_json(self, status: int, body: dict) -> None:
         data = json.dumps(body).encode()
-        self._set_completion_headers(200)
+        self._set_completion_headers(status)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
         self.wfile.flush()
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (a bad request line, an unsupported method ...) in JSON too."""
+        if code == 501:  # http.server's answer to a method no do_METHOD serves
+            code = 405
+        self.log_error("code %d, message %s", code, message)
+        self.close_connection = True
+        short = self.responses.get(code, ("Error",))[0]
+        kind = "server_error" if code >= 500 else "invalid_request_error"
+        data = json.dumps(RequestError(message or short, code, kind=kind).body()).encode()
+        self.send_response(code, short)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Connection", "close")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if getattr(self, "command", None) != "HEAD":
+            self.wfile.write(data)
+
+    def _guarded(self, handle) -> None:
+        """Run one request: a RequestError is answered, a client that left is let go, anything else
+        is logged and answered with a 500 (if nothing was sent yet); the thread lives on."""
+        self._status_sent, self._extra_headers = False, []
+        try:
+            handle()
+        except (RequestError, _Respond) as e:
+            error = e.error if isinstance(e, _Respond) else e
+            if self._status_sent:  # mid-stream: all that is left is to end it
+                logging.error("%s %s failed after its response started: %s", self.command, self.path, error)
+                self.close_connection = True
+            else:
+                try:
+                    self._send_json(error.status, error.body())
+                except _CONNECTION_ERRORS:
+                    self.close_connection = True
+        except (ClientGone, *_CONNECTION_ERRORS):
+            logging.info("%s %s: the client left; its generation was stopped", self.command, self.path)
+            self.close_connection = True
+        except Exception as e:
+            logging.exception("%s %s failed", self.command, self.path)
+            self.close_connection = True
+            if not self._status_sent:
+                try:
+                    self._send_json(500, RequestError(f"The server failed on this request: {type(e).__name__}: {e}",
+                                                      500, kind="server_error").body())
+                except OSError:
+                    pass
+
+    # -- requests
+
+    def do_GET(self):
+        self._guarded(self._get)
+
+    def _get(self):
+        if not (self.path.startswith("/v1/models") or self.path == "/health"):
+            raise RequestError(f"Unknown request URL: GET {self.path}.", 404, code="unknown_url")
+        super().do_GET()
+
+    def handle_models_request(self):
+        """The served model only (mlx-lm's lists its Hugging Face cache, which we never load)."""
+        self._send_json(200, {"object": "list", "data": [
+            {"id": self.response_generator.cli_args.model, "object": "model", "created": self.created,
+             "owned_by": "moestream"}]})
+
+    def do_POST(self):
+        rfile = self.rfile
+        try:
+            self._guarded(self._post)
+        finally:
+            self.rfile = rfile  # the socket's own reader: closing it lets the connection close
+
+    def _post(self):
+        if self.path not in _POST_PATHS:
+            raise RequestError(f"Unknown request URL: POST {self.path}.", 404, code="unknown_url")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise RequestError("A Content-Length header is required.", 411, code="length_required")
+        try:
+            length = int(length)
+            if length < 0:
+                raise ValueError(length)
+        except ValueError:
+            raise RequestError(f"Invalid Content-Length header: {length!r}.") from None
+        limit = self.response_generator.max_body_bytes
+        if length > limit:
+            self.close_connection = True
+            raise RequestError(f"The request body is {length} bytes, more than the {limit} bytes this server takes "
+                               f"(its context is {self.response_generator.limit.tokens} tokens).", 413,
+                               code="request_too_large")
+        raw = self.rfile.read(length)
+        if len(raw) < length:
+            raise ClientGone()
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RequestError(f"The request body is not valid JSON: {e}.", code="invalid_json") from None
+        body = validate_body(body, _POST_PATHS[self.path], self.response_generator.vocab_size)
+        self._body_bytes = len(raw)
+        self._explicit_max_tokens = "max_tokens" in body or "max_completion_tokens" in body
+        data = json.dumps(body).encode()
+        self.headers.replace_header("Content-Length", str(len(data)))
+        self.rfile = io.BytesIO(data)  # mlx-lm's do_POST reads the body we checked
+        super().do_POST()
+
+    def handle_completion(self, request, stop_words):
+        """Counts the prompt and caps max_tokens before mlx-lm queues the request."""
+        generator = self.response_generator
+        request.moestream_ticket = Ticket(self.connection)
+        if not generator.generation_available():
+            raise _unavailable()
+        _, max_tokens = generator.admit(request, self.chat_template_kwargs, self._body_bytes, self.max_tokens)
+        if max_tokens < self.max_tokens:
+            if self._explicit_max_tokens:
+                logging.info("max_tokens %d capped to %d: the context holds %d tokens", self.max_tokens, max_tokens,
+                             generator.limit.tokens)
+            self._extra_headers.append((MAX_TOKENS_HEADER, str(max_tokens)))
+            self.max_tokens = max_tokens
+        super().handle_completion(request, stop_words)
 
 
 @dataclass
@@ -78,7 +685,7 @@ class ServerHandle:
     url: str  # e.g. http://127.0.0.1:8080 (the API is under /v1)
     model_id: str
     httpd: ThreadingHTTPServer
-    generator: mlx_server.ResponseGenerator
+    generator: StreamingResponseGenerator
     thread: threading.Thread
 
     def shutdown(self) -> None:
@@ -99,8 +706,7 @@ def start_server(model, tokenizer, host: str = "127.0.0.1", port: int = 0, model
     """Serve `model` (from `moestream.load`) in background threads; port 0 picks a free port."""
     model_id = model_id or str(runtime_of(model).path.resolve())
     cli_args = server_args(model_id, host, port, **mlx_options)
-    generator = mlx_server.ResponseGenerator(
-        StreamingModelProvider(model, tokenizer, cli_args), LRUPromptCache(cli_args.prompt_cache_size))
+    generator = StreamingResponseGenerator(model, tokenizer, cli_args, context_limit(model))
     family, *_, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     server_class = type("HTTPServer", (ThreadingHTTPServer,), {"address_family": family})
     fingerprint = mlx_server.get_system_fingerprint()
@@ -121,10 +727,11 @@ def serve(model, tokenizer, host: str = "127.0.0.1", port: int = 8080, model_id:
     """Serve until Ctrl-C (`moestream serve`): the model from `moestream.load`, on host:port."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(levelname)s - %(message)s")
     handle = start_server(model, tokenizer, host, port, model_id=model_id)
-    plan = runtime_of(model).plan
+    plan, limit = runtime_of(model).plan, handle.generator.limit
     print(f"moestream serve: {handle.url}/v1 (OpenAI API; model id {handle.model_id})\n"
           f"memory budget {fmt_bytes(plan.budget_bytes)} (expert cache {fmt_bytes(plan.cache_bytes)}, "
-          f"resident {fmt_bytes(plan.resident_bytes)}); Ctrl-C stops", flush=True)
+          f"resident {fmt_bytes(plan.resident_bytes)}); context {limit.tokens} tokens per request "
+          f"({limit.describe()}); Ctrl-C stops", flush=True)
     try:
         while handle.thread.is_alive():
             handle.thread.join(0.5)
