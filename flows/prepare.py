@@ -40,10 +40,15 @@ def _layer_cache_key(context, parameters) -> str:
     return f"moestream-layer-{job.layer}-{digest}" if done else f"moestream-layer-run-{digest}-{id(context)}"
 
 
-# What Prefect adds to a step, by step name (any other step is a plain task).
+# What Prefect adds to a step, by step name (any other step is a plain task). The steps that
+# download a Hub source's shards (the plan reads their headers) retry when the network failed.
+_RETRY = {"retries": 3, "retry_delay_seconds": [2, 10, 30], "retry_condition_fn": _transient}
 TASK_OPTIONS = {
-    "plan": {"retries": 3, "retry_delay_seconds": [2, 10, 30], "retry_condition_fn": _transient},
-    "pack-layer": {"cache_key_fn": _layer_cache_key, "persist_result": True},
+    "plan": _RETRY,
+    "fetch-shards": _RETRY,
+    "resident-source": _RETRY,
+    "pack-layer": {"cache_key_fn": _layer_cache_key, "persist_result": True, **_RETRY},
+    "write": _RETRY,
 }
 
 

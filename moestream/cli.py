@@ -53,7 +53,7 @@ def cmd_prepare(args):
     options = dict(expert_bits=args.expert_bits, group_size=args.group_size, resident_bits=args.resident_bits,
                    revision=args.revision, bits_plan=args.bits_plan, size_budget=args.size_budget,
                    calibration=args.calibration, profile=args.profile, overwrite=args.overwrite,
-                   workers=args.workers, dask_address=args.dask)
+                   workers=args.workers, dask_address=args.dask, drop_source_shards=args.drop_source_shards)
     progress = None
     if args.engine == "plain":
         def progress(step, done, total):
@@ -264,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="run them on a local Dask cluster of N processes")
     p.add_argument("--engine", choices=("prefect", "plain"), default="prefect",
                    help="prefect: the flow (retries, resume, artifacts, Dask); plain: the same stages in-process")
+    p.add_argument("--drop-source-shards", action="store_true",
+                   help="a Hub repo id: delete each downloaded shard from the HF cache once every tensor in it is "
+                        "used, so that peak disk is the bundle plus a few shards (a rerun downloads what it lacks)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("publish", help="verify a bundle, write its model card, upload it to the Hub in one atomic commit")

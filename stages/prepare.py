@@ -25,8 +25,9 @@ from ..common.units import parse_bytes
 from ..manifests.bundle import BUNDLE_JSON, ExpertExtent
 from ..manifests.checkpoint import SourceCheckpoint
 from ..manifests.profile import SUMMARY_FILE
+from . import shards
 from .fetch import fetch_source
-from .pack import LayerJob, pack_layer
+from .pack import LayerJob, pack_layer, staged_layer
 from .quantize import EXPERT_BITS, GROUP_SIZES, ExpertRecipe
 from .write import SourceInfo, finalize, staging_dir, write_bundle
 
@@ -50,7 +51,9 @@ class PrepareOptions:
     for profiling and "auto" (a file, a folder of *.txt, or a Hub dataset; None: the shipped set).
     profile: True profiles expert co-activation and orders each layer's experts by it; a folder
     uses a profile made earlier. workers / dask_address: the flow's per-layer tasks (and profiling
-    shards) on a local Dask cluster of N processes, or on a running scheduler.
+    shards) on a local Dask cluster of N processes, or on a running scheduler. drop_source_shards
+    (a Hub repo id only): delete each downloaded shard from the HF cache once every tensor in it is
+    used, so that the source and the bundle need not fit on the disk together.
     """
 
     source: str
@@ -67,6 +70,7 @@ class PrepareOptions:
     overwrite: bool = False
     workers: int | None = None
     dask_address: str | None = None
+    drop_source_shards: bool = False
 
     def __post_init__(self):
         def put(name, value):
@@ -103,6 +107,9 @@ class PrepareOptions:
             raise OptionsError(f"workers must be a positive integer, got {self.workers!r}")
         if self.workers and self.dask_address:
             raise OptionsError("give workers (a local Dask cluster) or a Dask scheduler address, not both")
+        if self.drop_source_shards and Path(self.source).expanduser().is_dir():
+            raise OptionsError(f"--drop-source-shards deletes the shards it downloads from the Hub once used; {self.source} "
+                               "is a local folder, whose files are not ours to delete (give a Hub repo id, or leave it out)")
 
     @property
     def distributed(self) -> bool:
@@ -122,10 +129,21 @@ class PreparePlan:
     staging: Path  # where the bundle is assembled; finished layers survive an interruption
     profile_shards: int  # 0: no profiling run; 1: one process; n: n shards merged
     recipe: ExpertRecipe  # its bits: the default width (a measured plan overrides it per expert)
+    hub: shards.HubShards | None = None  # a Hub source: its shards, downloaded as steps need them
 
     @property
     def out(self) -> Path:
         return self.options.out
+
+    @property
+    def work(self) -> Path:
+        """Beside the staging folder: resident tensors of dropped shards, disk use samples."""
+        return self.out.parent / f".{self.out.name}.prepare"
+
+    @property
+    def reads_whole_source(self) -> bool:
+        """A step reads every layer's experts through the checkpoint folder (profiling, a measured bit plan)."""
+        return self.options.expert_bits == "auto" or self.profile_shards > 0
 
     @property
     def measures_bits(self) -> bool:
@@ -148,11 +166,12 @@ def make_plan(options: PrepareOptions) -> PreparePlan:
     """Fetch the source (Hub downloads are resumable and cached) and decide everything else."""
     if options.out.exists() and not options.overwrite:
         raise OutputExistsError(f"{options.out} exists; pass --overwrite to replace it")
-    fetched = fetch_source(options.source, revision=options.revision)
+    fetched = fetch_source(options.source, revision=options.revision, weights=False)  # a repo's shards: later
     if (fetched.path / BUNDLE_JSON).is_file():
         raise OptionsError(f"{options.source} is a moestream bundle, not a model checkpoint: run it as it is "
                            f"(moestream generate {options.source}), or prepare from the checkpoint it was made from")
-    ckpt = SourceCheckpoint.open(fetched.path)
+    headers = shards.read_headers(fetched) if fetched.weight_files else None
+    ckpt = SourceCheckpoint.open(fetched.path, headers)
     layers = tuple(ckpt.expert_layers)
     if not layers:
         raise OptionsError(f"{options.source}: no routed expert tensors found; not a Mixture-of-Experts checkpoint")
@@ -160,13 +179,14 @@ def make_plan(options: PrepareOptions) -> PreparePlan:
     if options.resident_bits and ckpt.resident_quantization():
         raise OptionsError(f"{options.source}: its resident weights are already quantized (MLX codes); "
                            "--resident-bits applies to source-precision checkpoints")
-    shards = 0
+    profile_shards = 0
     if options.profile is True:
-        shards = (options.workers or 2) if options.distributed else 1
+        profile_shards = (options.workers or 2) if options.distributed else 1
     staging = staging_dir(options.out)
     staging.mkdir(parents=True, exist_ok=True)
+    hub = shards.hub_shards(fetched, headers, ckpt, options.drop_source_shards) if headers is not None else None
     return PreparePlan(options, fetched.path, SourceInfo(fetched.repo_id, fetched.revision, fetched.commit),
-                       ckpt.family, layers, ckpt.dims.num_experts, staging, shards, recipe)
+                       ckpt.family, layers, ckpt.dims.num_experts, staging, profile_shards, recipe, hub)
 
 
 def _default_bits(options: PrepareOptions, ckpt: SourceCheckpoint) -> int | str:
@@ -249,18 +269,67 @@ def expert_orders(plan: PreparePlan) -> dict[int, list[int]]:
     return profile_orders(plan.staging / PROFILE_DIR)
 
 
+def source_checkpoint(plan: PreparePlan) -> SourceCheckpoint:
+    """The source, indexed (a Hub source from its shards' headers: shards may not be there yet)."""
+    return SourceCheckpoint.open(plan.checkpoint, plan.hub.headers if plan.hub is not None else None)
+
+
+def fetch_shards_step(plan: PreparePlan) -> None:
+    """Every shard of a Hub source, for the steps that read every layer through the checkpoint folder
+    (none is used up yet: nothing is dropped)."""
+    _fetch(plan, plan.hub.headers)
+    _record_disk(plan)
+
+
+def resident_source_step(plan: PreparePlan) -> None:
+    """The shards holding only resident tensors (embeddings, head) come in first; with
+    drop_source_shards their resident tensors are kept aside and they are dropped before any
+    layer's shard comes in (and so are shards an interrupted run left, whose layers are packed)."""
+    _fetch(plan, [s for s in plan.hub.resident_only if shards.stashed(plan.work, s) is None])
+    _step_done(plan)
+
+
 def pack_layer_step(plan: PreparePlan, job: LayerJob) -> list[ExpertExtent]:
-    return pack_layer(SourceCheckpoint.open(plan.checkpoint), job, plan.staging)
+    ckpt = source_checkpoint(plan)
+    if plan.hub is not None and staged_layer(plan.staging, job) is None:
+        _fetch(plan, plan.hub.layers[job.layer])
+    extents = pack_layer(ckpt, job, plan.staging)
+    _step_done(plan)
+    return extents
 
 
 def write_step(plan: PreparePlan, extents: list[ExpertExtent], ordered: bool, profile_summary: dict | None) -> dict:
-    return write_bundle(SourceCheckpoint.open(plan.checkpoint), plan.staging, extents, plan.recipe, plan.source,
-                        plan.options.resident_bits, "profile" if ordered else "identity", profile_summary)
+    ckpt = source_checkpoint(plan)
+    if plan.hub is not None:  # resident tensors from the copies of dropped shards, or from the cache
+        ckpt, needed = shards.resident_view(ckpt, plan.hub, plan.work)
+        _fetch(plan, needed)
+    meta = write_bundle(ckpt, plan.staging, extents, plan.recipe, plan.source, plan.options.resident_bits,
+                        "profile" if ordered else "identity", profile_summary)
+    _step_done(plan, resident_written=True)
+    return meta
 
 
 def finalize_step(plan: PreparePlan) -> str:
     """Verify every checksum of the staged bundle, then rename it into place."""
-    return str(finalize(plan.staging, plan.out, plan.options.overwrite).root)
+    bundle = str(finalize(plan.staging, plan.out, plan.options.overwrite).root)
+    _record_disk(plan)
+    return bundle
+
+
+def _fetch(plan: PreparePlan, names) -> None:
+    shards.fetch_shards(plan.hub, names, downloaded=lambda: _record_disk(plan))
+
+
+def _step_done(plan: PreparePlan, resident_written: bool = False) -> None:
+    """After a step: with drop_source_shards, the shards it used up go; the disk in use is sampled."""
+    if plan.hub is not None and plan.hub.drop:
+        shards.drop_used(plan.hub, plan.staging, plan.work, resident_written)
+    _record_disk(plan)
+
+
+def _record_disk(plan: PreparePlan) -> int:
+    bundle = plan.staging if plan.staging.exists() else plan.out
+    return shards.record_disk(plan.work, [bundle, plan.work], plan.hub)
 
 
 # ----------------------------------------------------------------------------- running them
@@ -278,29 +347,47 @@ class StepRunner(Protocol):
 @dataclass
 class PrepareResult:
     bundle: Path
-    meta: dict  # bundle.json
+    meta: dict  # bundle.json, and under PREPARATION what this run measured (not in the bundle)
     seconds: float
     engine: str
 
+    @property
+    def peak_disk_bytes(self) -> int | None:
+        """The most disk the preparation used at once: the bundle being made and the work folder, and
+        for a Hub source its shards in the HF cache (sampled after every download and every step)."""
+        return self.meta.get(PREPARATION, {}).get("peak_disk_bytes")
+
     def summary(self) -> dict:
-        return {"bundle": str(self.bundle), **self.meta["layout"], "resident_bytes": self.meta["resident"]["nbytes"]}
+        return {"bundle": str(self.bundle), **self.meta["layout"], "resident_bytes": self.meta["resident"]["nbytes"],
+                "peak_disk_bytes": self.peak_disk_bytes}
+
+
+PREPARATION = "preparation"  # the key of run_steps' own figures in the meta it returns
 
 
 def run_steps(plan: PreparePlan, run: StepRunner) -> tuple[Path, dict]:
-    """The preparation's steps in order; returns (bundle folder, bundle.json)."""
+    """The preparation's steps in order; returns (bundle folder, bundle.json with PREPARATION: the
+    peak disk use). A Hub source's shards are downloaded by the steps that read them."""
+    if plan.hub is not None and plan.reads_whole_source:
+        run.call("fetch-shards", fetch_shards_step, plan)
     bits = run.call("plan-bits", expert_bit_plan, plan) if plan.measures_bits else {}
     summary = None
     if plan.profile_shards > 1:  # calibration sequences split across the runner's workers
-        shards = run.map("profile-shard", profile_shard, [(plan, i) for i in range(plan.profile_shards)])
-        summary = run.call("profile-merge", merge_profile_shards, plan, shards)
+        shard_dirs = run.map("profile-shard", profile_shard, [(plan, i) for i in range(plan.profile_shards)])
+        summary = run.call("profile-merge", merge_profile_shards, plan, shard_dirs)
     elif plan.profile_shards == 1:
         summary = run.call("profile", profile_whole, plan)
     elif plan.orders_experts:
         summary = run.call("profile-copy", copy_profile, plan)
     orders = run.call("order-experts", expert_orders, plan) if plan.orders_experts else {}
+    if plan.hub is not None:
+        run.call("resident-source", resident_source_step, plan)
     per_layer = run.map("pack-layer", pack_layer_step, [(plan, job) for job in plan.layer_jobs(bits, orders)])
     meta = run.call("write", write_step, plan, [e for layer in per_layer for e in layer], bool(orders), summary)
-    return Path(run.call("verify", finalize_step, plan)), meta
+    bundle = Path(run.call("verify", finalize_step, plan))
+    peak = shards.peak_disk(plan.work)
+    shutil.rmtree(plan.work, ignore_errors=True)
+    return bundle, {**meta, PREPARATION: {"peak_disk_bytes": peak}}
 
 
 @dataclass
