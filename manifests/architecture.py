@@ -93,12 +93,12 @@ def model_module(config: dict):
         raise CheckpointError("config.json has no model_type: not a Hugging Face model config")
     try:
         model_class, _ = _get_classes(config=config)
-    except ValueError:
+        return importlib.import_module(model_class.__module__)
+    except (ValueError, AttributeError, ImportError):  # no such module, or a module that is not a model ("base")
         import mlx_lm
 
         raise UnsupportedModel(f"model_type {config['model_type']!r}: mlx-lm {mlx_lm.__version__} has no model for it, "
                                "so moestream cannot run it") from None
-    return importlib.import_module(model_class.__module__)
 
 
 def _args_classes(module, depth: int = 2) -> list[type]:

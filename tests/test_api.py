@@ -3,7 +3,7 @@ options object, the one error base."""
 
 from __future__ import annotations
 
-import threading
+import os
 
 import mlx.core as mx
 import pytest
@@ -14,8 +14,9 @@ from moestream.common.errors import MoestreamError, OptionsError
 PROMPT = [3, 17, 42, 7, 99, 5, 23, 64]
 
 
-def _io_threads() -> set[str]:
-    return {t.name for t in threading.enumerate() if t.name.startswith("moestream-io")}
+def _process() -> tuple[int, int]:
+    """(native threads, open file descriptors) of this process."""
+    return len(os.listdir("/proc/self/task")), len(os.listdir("/proc/self/fd"))
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
@@ -51,16 +52,30 @@ def test_max_kv_size_sets_the_reserve(bundle_dir):
 
 
 def test_loaded_model_closes_its_reader_and_refuses_to_compute_after(bundle_dir):
-    before = _io_threads()
     with moestream.load(bundle_dir("qwen3_moe"), memory_budget="50MB") as (model, tokenizer):
         mx.eval(model(mx.array([PROMPT])))
         rt = moestream.runtime_of(model)
         assert rt.stats()["bytes_read"] > 0 and len(rt.cache)
-        assert _io_threads() - before, "the reader's threads run while the model is open"
-    assert rt.closed and not len(rt.cache) and not _io_threads() - before
+    assert rt.closed and not len(rt.cache) and not rt.reader._files, "files closed, experts dropped"
     with pytest.raises(MoestreamError, match="closed"):
         mx.eval(model(mx.array([PROMPT])))
     rt.close()  # closing twice is harmless
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_load_close_cycles_leave_the_process_as_it_was(bundle_dir):
+    """No descriptor, reader pool or native thread outlives a closed model (MLX keeps native
+    resources per thread that runs MLX work, so the reader threads are shared, made once)."""
+
+    def cycle():
+        with moestream.load(bundle_dir("qwen3_moe"), memory_budget="50MB", prefetch=True) as (model, _):
+            mx.eval(model(mx.array([PROMPT])))
+
+    cycle()
+    before = _process()
+    for _ in range(30):
+        cycle()
+    assert _process() == before
 
 
 def test_load_options_are_keyword_only_and_checked(bundle_dir):

@@ -236,3 +236,176 @@ def test_hf_cache_snapshot_links_into_blobs_are_allowed_but_not_elsewhere(tmp_pa
     os.symlink(elsewhere, target)
     with pytest.raises(BundleError, match="outside the bundle"):
         open_bundle(snap)
+
+
+# ----------------------------------------------------------------------------- the validation gate
+
+
+def _relist(bundle: Path, rel: str) -> None:
+    """bundle.json's size and checksum of `rel` made to agree with it, as a careless or malicious
+    publisher would."""
+    p = bundle / rel
+    _edit_json(bundle / "bundle.json", lambda m: m["files"].__setitem__(
+        rel, {"nbytes": p.stat().st_size, "checksum": file_sha256(p)}))
+
+
+def _edit_config(bundle: Path, fn) -> None:
+    _edit_json(bundle / "config.json", fn)
+    _relist(bundle, "config.json")
+
+
+def _write_config(bundle: Path, text: str) -> None:
+    (bundle / "config.json").write_text(text)
+    _relist(bundle, "config.json")
+
+
+def _gate(bundle: Path, match: str) -> None:
+    """open_bundle, load and the CLI's verify and inspect all refuse it, in one line naming it."""
+    from moestream.cli import main
+
+    with pytest.raises(BundleError, match=match):
+        open_bundle(bundle)
+    with pytest.raises(BundleError, match=match):
+        moestream.load(bundle)
+    for argv in (["verify", str(bundle)], ["inspect", str(bundle), "--json"]):
+        assert main(argv) == 2
+
+
+def test_links_out_of_the_bundle_are_refused_wherever_they_are(bundle, tmp_path, capsys):
+    outside = tmp_path / "secret.txt"
+    outside.write_text('{"chat_template": "{{ 1 }}"}')
+    cases = [
+        ("bundle.json", "bundle.json"),
+        ("chat_template.jinja", "chat_template.jinja: a link to"),
+        ("additional_chat_templates/tool.jinja", "additional_chat_templates/tool.jinja: a link to"),
+        ("profile/frequency.parquet", "profile/frequency.parquet: a link to"),
+    ]
+    for rel, match in cases:
+        target = bundle / rel
+        saved = target.read_bytes() if target.is_file() else None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.unlink(missing_ok=True)
+        os.symlink(outside, target)
+        _gate(bundle, match)
+        assert capsys.readouterr().err.count("\n") == 2, "one line per refusal"
+        target.unlink()
+        if saved is not None:
+            target.write_bytes(saved)
+    open_bundle(bundle)
+
+
+def test_sizes_from_config_are_checked_before_a_model_is_built(bundle):
+    import time
+
+    _edit_config(bundle, lambda c: c.update(num_hidden_layers=1_000_000))
+    start = time.perf_counter()
+    _gate(bundle, r"num_hidden_layers must be an integer in \[1, 1024\]")
+    assert time.perf_counter() - start < 10, "refused at once, not after building a million layers"
+    _edit_config(bundle, lambda c: c.update(num_hidden_layers=3, hidden_size=0))
+    _gate(bundle, "hidden_size must be an integer")
+    _edit_config(bundle, lambda c: c.update(hidden_size=64.0))
+    _gate(bundle, "hidden_size must be an integer")
+    _edit_config(bundle, lambda c: c.update(hidden_size=64, model_type="base"))
+    _gate(bundle, "config.json: .*'base'")
+
+
+def test_json_too_deep_or_of_the_wrong_shape(bundle):
+    _write_config(bundle, "[" * 5000 + "]" * 5000)
+    _gate(bundle, "config.json: (nested deeper|expected a JSON dict)")
+    _write_config(bundle, "[1, 2]")
+    _gate(bundle, "config.json: expected a JSON dict")
+
+
+def test_bundle_json_fields_are_typed(bundle):
+    original = json.loads((bundle / "bundle.json").read_text())
+    for change, match in (
+        (lambda m: m.update(experts="four"), "'experts' must be an object"),
+        (lambda m: m["experts"].update(num_experts=-1), "experts.num_experts must be an integer"),
+        (lambda m: m["layers"][0].update(module="model.layers.0.mlp..x"), "not a dotted module path"),
+        (lambda m: m["layers"][0].update(layer="0"), r"layers\[0\].layer must be an integer"),
+        (lambda m: m["files"]["config.json"].update(nbytes=None), r"files\['config.json'\].nbytes must be an integer"),
+        (lambda m: m.pop("layers"), "missing 'layers'"),
+    ):
+        data = json.loads(json.dumps(original))
+        change(data)
+        (bundle / "bundle.json").write_text(json.dumps(data))
+        _gate(bundle, match)
+
+
+def test_layout_rows_must_be_what_the_model_holds(bundle):
+    def rename(extents):
+        e = extents[5]
+        tensors = tuple(dataclasses.replace(t, name=t.name.replace("gate_proj", "gate_x")) for t in e.tensors)
+        extents[5] = dataclasses.replace(e, tensors=tensors)
+        return extents
+
+    _rewrite_layout(bundle, rename)
+    _gate(bundle, r"layer \d+ expert \d+: no gate_proj.weight")
+
+
+def test_a_layout_with_too_many_rows_is_refused_before_it_is_read(bundle):
+    import time
+
+    def grow(extents):
+        return extents * 2000  # ~96k rows of a 48-row model
+
+    _rewrite_layout(bundle, grow)
+    start = time.perf_counter()
+    _gate(bundle, "rows, but bundle.json's layers and experts make 48")
+    assert time.perf_counter() - start < 10
+
+
+def test_resident_header_is_checked_before_mlx_reads_it(bundle):
+    import struct
+
+    path = bundle / "resident.safetensors"
+    data = bytearray(path.read_bytes())
+    data[:8] = struct.pack("<Q", 10**12)
+    path.write_bytes(bytes(data))
+    _relist(bundle, "resident.safetensors")
+    _gate(bundle, "resident.safetensors: .*header length")
+
+
+def test_profile_rows_must_be_experts_of_the_bundle(tmp_path, synth_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conftest import build_bundle
+
+    b = build_bundle(synth_dir("qwen3_moe"), tmp_path / "profiled", profile=True, profile_tokens=256)
+    table = pq.read_table(b / "profile" / "frequency.parquet")
+    experts = table.column("expert").to_pylist()
+    experts[0] = 10**9
+    pq.write_table(table.set_column(table.schema.get_field_index("expert"), "expert", pa.array(experts, pa.int32())),
+                   b / "profile" / "frequency.parquet")
+    _relist(b, "profile/frequency.parquet")
+    _gate(b, "profile/frequency.parquet row 0")
+
+
+def test_a_template_that_never_finishes_is_refused_at_load(bundle):
+    import time
+
+    (bundle / "chat_template.jinja").write_text(
+        "{% for i in range(100000) %}{% for j in range(100000) %}{{ '' }}{% endfor %}{% endfor %}")
+    start = time.perf_counter()
+    with pytest.raises(BundleError, match="chat template did not finish"):
+        moestream.load(bundle)
+    assert time.perf_counter() - start < 30
+
+
+def test_tokenizer_files_of_the_wrong_shape(bundle):
+    (bundle / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "Nonsense"}}')
+    _relist(bundle, "tokenizer.json")
+    with pytest.raises(BundleError, match="the tokenizer files"):
+        moestream.load(bundle)
+
+
+def test_zstd_extents_are_bounded_by_their_row(bundle):
+    """A zstd frame claiming more bytes than its row (or raw bytes marked zstd) is a named error."""
+    import mlx.core as mx
+
+    _rewrite_layout(bundle, lambda extents: [dataclasses.replace(e, codec="zstd") if e.layer == 1 else e
+                                             for e in extents])
+    with moestream.load(bundle) as (model, _):
+        with pytest.raises(BundleError, match=r"layer 1 expert \d+ .*(zstd frame|checksum)"):
+            mx.eval(model(mx.array([[3, 17, 42, 7]])))

@@ -54,6 +54,22 @@ DEFAULT_POOL_BYTES = 128 << 20
 IO_MODES = ("direct", "buffered")
 
 
+_POOLS: dict[tuple[str, int], ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def shared_pool(threads: int, name: str = "moestream-io") -> ThreadPoolExecutor:
+    """A thread pool shared by every reader of the process, kept for its lifetime. MLX keeps
+    native resources per thread that runs MLX work (the readers turn bytes into arrays in their
+    threads), and no API releases them: a pool made and shut down per load leaked a native thread
+    per reader thread per load. Shared pools make them once."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get((name, threads))
+        if pool is None:
+            pool = _POOLS[(name, threads)] = ThreadPoolExecutor(threads, thread_name_prefix=name)
+        return pool
+
+
 def default_threads() -> int:
     """I/O threads mostly wait on the device, not the CPU, so more threads than cores is fine;
     an NVMe drive wants a queue depth of a few reads of MBs to reach full speed, and on the lent
@@ -278,7 +294,7 @@ class ExtentReader:
         self.max_read_bytes = max_read_bytes
         self.max_open_files = max_open_files
         self.split_min_bytes = split_min_bytes
-        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="moestream-io")
+        self._pool = shared_pool(self.threads)
         self._lock = threading.Lock()  # guards the fd cache and the stats
         self._files: OrderedDict[str, _Handle] = OrderedDict()
         self._buffers = _BufferPool(pool_bytes)
@@ -332,8 +348,7 @@ class ExtentReader:
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
-        self._pool.shutdown(wait=True)
+        self._closed = True  # reads are synchronous: none is in flight once the caller closes
         with self._lock:
             for h in self._files.values():
                 os.close(h.fd)

@@ -172,9 +172,7 @@ class BundleStore:
             x = extents[i]
             self._check(x, buf)
             if x.codec == "zstd":
-                import zstandard
-
-                buf = zstandard.ZstdDecompressor().decompress(buf, max_output_size=x.raw_nbytes)
+                buf = _unzstd(x, buf)
             arrays = unpack_extent(buf, x.tensors)
             if self.stage_on_device:
                 arrays = {k: v + mx.array(0, v.dtype) for k, v in arrays.items()}
@@ -182,6 +180,19 @@ class BundleStore:
 
         arrays = self.reader.read(requests, convert)
         return {x.expert: a for x, a in zip(extents, arrays, strict=True)}
+
+
+def _unzstd(x: ExpertExtent, buf) -> bytes:
+    """A zstd extent's bytes, never more than its row says (a frame may claim 2**40)."""
+    import zstandard
+
+    try:
+        size = zstandard.frame_content_size(buf)
+        if size != x.raw_nbytes:
+            raise BundleError(f"{x.label}: its zstd frame holds {size} bytes, layout.parquet says {x.raw_nbytes}")
+        return zstandard.ZstdDecompressor().decompress(buf, max_output_size=x.raw_nbytes)
+    except zstandard.ZstdError as e:
+        raise BundleError(f"{x.label}: not a zstd frame ({e})") from None
 
 
 class CheckpointStore:

@@ -9,8 +9,12 @@ budget, and `close()`, which releases the reader's threads, files and buffers.
 
 from __future__ import annotations
 
+import signal
+import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,7 +26,7 @@ from mlx_lm.utils import load_tokenizer
 from ...common.errors import MoestreamError, OptionsError
 from ...common.units import parse_bytes
 from ...manifests.architecture import build_model, quantize_like_mlx_lm
-from ...manifests.bundle import BUNDLE_JSON, EXTENT_ALIGNMENT, RESIDENT_FILE
+from ...manifests.bundle import BUNDLE_JSON, EXTENT_ALIGNMENT, RESIDENT_FILE, BundleError
 from ...manifests.checkpoint import SourceCheckpoint
 from ...manifests.open import open_bundle
 from ..cache.expert_cache import ExpertCache
@@ -299,15 +303,19 @@ def _load(path, reader, memory_budget, experts_per_token, cache_policy, prefetch
     store, config, kind, num_experts, default_k = _open_source(path, verify, reader, compute_dtype, io)
     _check_k(experts_per_token, num_experts)
     model = build_model(config)
-    weights = mx.load(str(store.bundle.path(RESIDENT_FILE))) if kind == "bundle" else store.ckpt.resident_weights(model)
+    if kind == "bundle":
+        weights = _with_bundle_errors(RESIDENT_FILE, mx.load, str(store.bundle.path(RESIDENT_FILE)))
+    else:
+        weights = store.ckpt.resident_weights(model)
     if config.get("quantization"):
-        quantize_like_mlx_lm(model, config["quantization"], weights)
+        _with_bundle_errors("config.json quantization", quantize_like_mlx_lm, model, config["quantization"], weights)
     if profile is None and kind == "bundle" and (path / "profile" / "frequency.parquet").is_file():
-        profile = path / "profile"
+        profile = store.bundle.path("profile/frequency.parquet").parent
     cache = ExpertCache(None, make_policy(cache_policy, profile))
     streamer = ExpertStreamer(store, cache, num_experts)
     install_streaming(model, store.layers, streamer)
-    model.load_weights(list(weights.items()), strict=True)
+    _with_bundle_errors(RESIDENT_FILE if kind == "bundle" else "the checkpoint's resident tensors",
+                        model.load_weights, list(weights.items()), True)
     del weights
     if compute_dtype is not None:
         model.set_dtype(compute_dtype)
@@ -332,8 +340,55 @@ def _load(path, reader, memory_budget, experts_per_token, cache_policy, prefetch
     model._moestream = StreamingRuntime(
         path, kind, store, reader, cache, streamer, plan, k, str(compute_dtype or "source").replace("mlx.core.", ""), io
     )
-    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    tokenizer = _with_bundle_errors("the tokenizer files", partial(load_tokenizer, eos_token_ids=config.get("eos_token_id")), path)
+    check_chat_template(tokenizer)
     return LoadedModel(model, tokenizer)
+
+
+def _with_bundle_errors(what: str, fn, *args):
+    """fn(*args) on a bundle's (untrusted) files: any failure of the libraries reading them (MLX,
+    transformers, tokenizers) is a BundleError naming what was being read."""
+    try:
+        return fn(*args)
+    except MoestreamError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the libraries raise anything on malformed input
+        raise BundleError(f"{what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")) from None
+
+
+TEMPLATE_SECONDS = 5.0
+
+
+def check_chat_template(tokenizer) -> None:
+    """Render the chat template once on a short conversation, within TEMPLATE_SECONDS (where a
+    timer can interrupt it: the main thread): a template that loops for minutes is refused at load
+    instead of hanging every prompt later."""
+    if not getattr(tokenizer, "chat_template", None):
+        return
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                {"role": "assistant", "content": "a"}, {"role": "user", "content": "u"}]
+    with time_limit(TEMPLATE_SECONDS, "the chat template did not finish rendering a four-message conversation in "
+                    f"{TEMPLATE_SECONDS:.0f} s"):
+        _with_bundle_errors("the chat template", partial(tokenizer.apply_chat_template, add_generation_prompt=True), messages)
+
+
+@contextmanager
+def time_limit(seconds: float, message: str):
+    """Raise BundleError(message) if the block runs longer (main thread only; elsewhere no limit)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise BundleError(message)
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def runtime_of(model, required: bool = True) -> StreamingRuntime | None:

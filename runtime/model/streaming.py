@@ -19,6 +19,7 @@ import numpy as np
 from mlx_lm.models.switch_layers import _gather_sort, _scatter_unsort
 
 from ..cache.expert_cache import CacheFullError, ExpertCache
+from ..io.reader import shared_pool
 from ..io.stores import ProjectionQuant
 
 
@@ -66,7 +67,7 @@ class ExpertStreamer:
         return groups
 
     def enable_prefetch(self) -> None:
-        self._prefetch_pool = ThreadPoolExecutor(1, thread_name_prefix="moestream-prefetch")
+        self._prefetch_pool = shared_pool(1, "moestream-prefetch")
 
     @property
     def prefetching(self) -> bool:
@@ -79,7 +80,10 @@ class ExpertStreamer:
     def close(self) -> None:
         """Stop prefetching and drop every cached expert and whole layer."""
         if self._prefetch_pool is not None:
-            self._prefetch_pool.shutdown(wait=True)
+            with self._lock:
+                futures = set(self._inflight.values())
+            for future in futures:  # this model's prefetches finish before its reader closes
+                future.exception()
             self._prefetch_pool = None
         self.whole.clear()
         self.cache.clear()
