@@ -415,4 +415,5 @@ def test_max_tokens_capped_to_the_context(bundle_dir):
         error = assert_error(call(handle.url, body={"messages": long, "max_tokens": 1}), 400, "messages",
                              "context_length_exceeded")
         assert "maximum context length is 64 tokens" in error["message"]
-        assert "4096 tokens" in error["message"] and "64 tokens (--max-kv-size)" in error["message"]
+        assert "the model's context is 4096 tokens" in error["message"]
+        assert "KV cache reserve (--max-kv-size) is 64 tokens" in error["message"]

@@ -116,8 +116,8 @@ class ContextLimit:
         if self.model_tokens is not None:
             parts.append(f"the model's context is {self.model_tokens} tokens")
         if self.budget_tokens is not None:
-            parts.append(f"the memory budget reserves KV cache for {self.budget_tokens} tokens (--max-kv-size)")
-        return "; ".join(parts)
+            parts.append(f"the memory budget's KV cache reserve (--max-kv-size) is {self.budget_tokens} tokens")
+        return " and ".join(parts)
 
 
 def _model_config(model) -> dict:
@@ -226,7 +226,8 @@ def _check_type(value, param: str, *expected: str):
     got = _json_type(value)
     if got in expected or (got == "integer" and "number" in expected):
         return value
-    names = " or ".join(_ARTICLES.get(e, f"a {e}") for e in expected)
+    names = ", ".join(_ARTICLES.get(e, f"a {e}") for e in expected)
+    names = f"one of {names}" if len(expected) > 1 else names
     raise RequestError(f"Invalid type for '{param}': expected {names}, but got {_ARTICLES.get(got, f'a {got}')} "
                        f"instead.", param=param, code="invalid_type")
 
@@ -452,7 +453,7 @@ class StreamingResponseGenerator(mlx_server.ResponseGenerator):
             if self.bytes_per_token and body_bytes > limit.tokens * self.bytes_per_token:
                 n_bytes = len(self._render(request, args).encode("utf-8", "surrogatepass"))
                 least = math.ceil(n_bytes / self.bytes_per_token)
-                if least > limit.tokens:  # refused without tokenizing it
+                if least >= limit.tokens:  # refused without tokenizing it
                     raise too_long(f"at least {least} tokens ({n_bytes} bytes of text)")
             tokenized = super()._tokenize(self.tokenizer, request, args)
         except RequestError:
