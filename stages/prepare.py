@@ -285,7 +285,7 @@ def resident_source_step(plan: PreparePlan) -> None:
     """The shards holding only resident tensors (embeddings, head) come in first; with
     drop_source_shards their resident tensors are kept aside and they are dropped before any
     layer's shard comes in (and so are shards an interrupted run left, whose layers are packed)."""
-    _fetch(plan, [s for s in plan.hub.resident_only if shards.stashed(plan.work, s) is None])
+    _fetch(plan, [s for s in plan.hub.resident_only if shards.stashed(plan.hub, plan.work, s) is None])
     _step_done(plan)
 
 

@@ -188,7 +188,7 @@ def drop_used(hub: HubShards, staging: Path, work: Path, resident_written: bool 
                 continue
             if not all(layer_packed(staging, layer) for layer, shards in hub.layers.items() if name in shards):
                 continue
-            if not resident_written and hub.resident.get(name) and stashed(work, name) is None:
+            if not resident_written and hub.resident.get(name) and stashed(hub, work, name) is None:
                 stash(hub, work, name)
             delete_from_cache(hub, name)
             dropped.append(name)
@@ -213,15 +213,19 @@ def stash(hub: HubShards, work: Path, shard: str) -> None:
                 dst.write(chunk)
                 left -= len(chunk)
             at += nbytes
-    write_json_atomic(folder / f"{shard}.json", {"ranges": ranges})
+    write_json_atomic(folder / f"{shard}.json", {"commit": hub.commit, "ranges": ranges})
 
 
-def stashed(work: Path, shard: str) -> dict[int, int] | None:
-    """{offset in the shard: offset in the copy} of a shard's resident tensors kept aside, or None."""
+def stashed(hub: HubShards, work: Path, shard: str) -> dict[int, int] | None:
+    """{offset in the shard: offset in the copy} of a shard's resident tensors kept aside (from this
+    commit: an interrupted run may have prepared another), or None."""
     path = work / RESIDENT_DIR / f"{shard}.json"
     if not path.is_file():
         return None
-    return {offset: at for offset, _, at in json.loads(path.read_text())["ranges"]}
+    kept = json.loads(path.read_text())
+    if kept.get("commit") != hub.commit:
+        return None
+    return {offset: at for offset, _, at in kept["ranges"]}
 
 
 def delete_from_cache(hub: HubShards, shard: str) -> None:
@@ -244,7 +248,7 @@ def resident_view(ckpt: SourceCheckpoint, hub: HubShards, work: Path) -> tuple[S
     moved: dict[tuple[str, int], tuple[Path, int]] = {}
     needed = []
     for shard in hub.resident:
-        kept = stashed(work, shard)
+        kept = stashed(hub, work, shard)
         if kept is None:
             needed.append(shard)
             continue
