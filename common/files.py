@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import MoestreamError
+
 TEMPORARY_PREFIX = ".tmp-"
 
 
@@ -20,20 +22,49 @@ def is_temporary(name: str) -> bool:
     return name.startswith(TEMPORARY_PREFIX)
 
 
+class WriteError(MoestreamError, OSError):
+    """A file could not be written (a full disk, a file size limit, no permission); names the
+    file and the cause. Its temporary file is removed."""
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside `path` to write; on success it is fsynced and renamed to `path`,
     on error removed. The temporary name ends like `path` (writers that add a missing suffix,
-    such as mx.save_safetensors, keep it) and starts with TEMPORARY_PREFIX."""
+    such as mx.save_safetensors, keep it) and starts with TEMPORARY_PREFIX. A failure to write
+    (an OSError, or the RuntimeError MLX raises without an errno) is a WriteError naming `path`."""
     path = Path(path)
     tmp = path.with_name(f"{TEMPORARY_PREFIX}{os.getpid()}-{path.name}")
     try:
         yield tmp
         fsync_file(tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, MoestreamError):
+            tmp.unlink(missing_ok=True)
+            raise
+        cause = _cause(e, tmp)
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"cannot write {path}: {cause}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _cause(e: BaseException, tmp: Path) -> str:
+    """What stopped a write, in words: the errno's text; where the writer gave none (MLX says only
+    "Unable to write N bytes"), the errno of writing a little more to the same file ourselves."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return e.strerror or str(e)
+    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    try:
+        with open(tmp, "ab") as f:
+            f.write(b"\0" * 65536)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as probe:
+        return f"{probe.strerror or probe} ({message})"
+    return message
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> None:

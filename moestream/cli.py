@@ -376,12 +376,19 @@ def main(argv=None) -> int:
         args.func(args)
     except KeyboardInterrupt:
         return 130
-    except MoestreamError as e:  # expected failures: one clear line, no traceback
+    except (MoestreamError, OSError) as e:  # expected failures: one clear line, no traceback
         if os.environ.get("MOESTREAM_DEBUG"):
             raise
-        print(f"moestream {args.command}: error: {e}", file=sys.stderr)
+        print(f"moestream {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    """The error in one line; an OSError from outside moestream with its file and cause."""
+    if isinstance(e, OSError) and e.strerror and not str(e).startswith(("cannot", "[")) and e.filename:
+        return f"{e.filename}: {e.strerror}"
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..common.files import atomic_path, is_temporary, replace_dir, write_json_atomic
+from ..common.files import atomic_path, is_temporary, replace_dir, write_atomic, write_json_atomic
 from ..common.versions import tool_versions
 from ..manifests.bundle import (
     BUNDLE_JSON,
@@ -55,7 +55,7 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
     copied = []
     for pattern in TOKENIZER_PATTERNS:
         for path in sorted(src.glob(pattern)):
-            shutil.copyfile(path, dst / path.name)
+            write_atomic(dst / path.name, path.read_bytes())
             copied.append(path.name)
     return copied
 
