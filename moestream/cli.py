@@ -73,10 +73,13 @@ def cmd_publish(args):
 
 
 def cmd_verify(args):
-    from moestream.manifests.open import open_bundle
+    import moestream
 
-    open_bundle(args.bundle, verify=True)
-    print(f"{args.bundle}: OK (structure and every checksum)")
+    # everything load would reject: the gate, every checksum, then the model built, its resident
+    # weights loaded, the tokenizer and the chat template
+    with moestream.load(args.bundle, verify=True, dtype="source"):
+        pass
+    print(f"{args.bundle}: OK (structure, every checksum, resident weights, tokenizer and chat template)")
 
 
 def cmd_inspect(args):

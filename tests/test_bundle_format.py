@@ -409,3 +409,14 @@ def test_zstd_extents_are_bounded_by_their_row(bundle):
     with moestream.load(bundle) as (model, _):
         with pytest.raises(BundleError, match=r"layer 1 expert \d+ .*(zstd frame|checksum)"):
             mx.eval(model(mx.array([[3, 17, 42, 7]])))
+
+
+def test_verify_rejects_what_load_would(bundle):
+    """A tokenizer file that parses as JSON but not as a tokenizer passes the structural gate;
+    `moestream verify` still refuses it, as load does."""
+    from moestream.cli import main
+
+    (bundle / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "Nonsense"}}')
+    _relist(bundle, "tokenizer.json")
+    open_bundle(bundle, verify=True)
+    assert main(["verify", str(bundle)]) == 2
