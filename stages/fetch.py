@@ -40,6 +40,7 @@ CHECKPOINT_PATTERNS: tuple[str, ...] = (
     "*.tiktoken",
     "chat_template.jinja",
     "chat_template.json",
+    "bundle.json",  # so that a moestream bundle given as the source is recognised and refused
 )
 
 # Hub patterns are fnmatch patterns where "*" also matches "/": "*.safetensors" would pull in

@@ -30,11 +30,13 @@ class LayerJob:
     recipe: ExpertRecipe
     order: tuple[int, ...]  # experts in file order (identity unless a profile says otherwise)
     bits: tuple[int | str, ...]  # per expert (index = expert id): the bit plan ("source": as stored)
+    source: str | None = None  # the source's commit (Hub repo) or None (a local folder)
 
     def key(self) -> str:
-        """What the layer's bytes depend on; a staged layer with another key is redone."""
+        """What the layer's bytes depend on; a staged layer with another key is redone (a rerun
+        after the repo's revision moved, too)."""
         return json.dumps({"recipe": asdict(self.recipe), "order": self.order, "bits": self.bits,
-                           "format": FORMAT_VERSION}, sort_keys=True)
+                           "format": FORMAT_VERSION, "source": self.source}, sort_keys=True)
 
 
 def layer_file(layer: int) -> str:

@@ -158,7 +158,7 @@ class PreparePlan:
         identity = tuple(range(self.num_experts))
         default = self.recipe.bits
         return [LayerJob(layer, self.recipe, tuple(orders.get(layer, identity)),
-                         tuple(bits.get((layer, e), default) for e in range(self.num_experts)))
+                         tuple(bits.get((layer, e), default) for e in range(self.num_experts)), self.source.commit)
                 for layer in self.layers]
 
 
