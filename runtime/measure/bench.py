@@ -191,6 +191,7 @@ VARIANTS = {
     "host": {"io": {"read_into": "host", "stage_on_device": False}},  # host buffers, then mx.array copies
     "stage": {"io": {"stage_on_device": True}},
     "nostage": {"io": {"stage_on_device": False}},
+    "nocheck": {"io": {"check_reads": False}},  # no per-read checksum: what checking every read costs
 }
 
 
