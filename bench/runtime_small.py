@@ -49,11 +49,12 @@ def decode_with_cpu(model, prompt: list[int], n: int) -> dict:
     return r
 
 
-def all_cached_vs_mlx_lm(inputs: common.Inputs, max_tokens: int, rounds: int, bits: int) -> dict:
+def all_cached_vs_mlx_lm(inputs: common.Inputs, max_tokens: int, rounds: int) -> dict:
     """Part 1: moestream with every expert cached against mlx-lm fully in memory, alternating."""
     import moestream
     from moestream.runtime.frontends.generate import format_prompt
-    from moestream.runtime.measure.bench import _reference_model
+    from moestream.manifests.open import open_bundle
+    from moestream.runtime.measure.bench import expert_quantization, reference_model
 
     with moestream.load(inputs.bundle) as (model, tokenizer):
         prompt = format_prompt(tokenizer, PROMPT)
@@ -64,7 +65,7 @@ def all_cached_vs_mlx_lm(inputs: common.Inputs, max_tokens: int, rounds: int, bi
             missing = [e for e in range(rt.num_experts) if (layer, e) not in rt.cache]
             rt.streamer.acquire(layer, missing)
             rt.streamer.release(layer, missing)
-        ref = _reference_model(inputs.source, bits)
+        ref = reference_model(inputs.source, expert_quantization(open_bundle(inputs.bundle)))
         decode_with_cpu(ref, prompt, 4)
         print(f"prompt {len(prompt)} tokens; all {len(rt.cache)} experts cached", flush=True)
         runs = []
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
     print(common.setup_line(), flush=True)
     inputs = common.make_inputs(args.workdir, args.family, args.preset, args.layers)
     out = {"args": vars(args), "setup": common.setup_line(), **inputs.made_s}
-    out["all_cached"] = all_cached_vs_mlx_lm(inputs, args.max_tokens, args.rounds, bits=4)
+    out["all_cached"] = all_cached_vs_mlx_lm(inputs, args.max_tokens, args.rounds)
     out["budget"] = bench_bundle(inputs.bundle, args.cache_share, args.prompt_tokens, args.max_tokens,
                                  compare=("buffered",))
     print_report(out["budget"])

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     report.update(bench_bundle(inputs.bundle, args.budget_fraction, args.prompt_tokens, args.gen_tokens,
                                io={"mode": args.io_mode, "threads": args.io_threads}, compare=compare,
                                reference_checkpoint=None if args.no_reference or not inputs.source.exists() else inputs.source,
-                               full_layers=args.full_layers, bits=args.bits))
+                               full_layers=args.full_layers))
     if args.delete_source:
         shutil.rmtree(inputs.source, ignore_errors=True)
     print_report(report)

@@ -61,3 +61,42 @@ def test_page_cache_residency_and_eviction(tmp_path):
     if after == before:
         pytest.skip(f"{tmp_path} cannot drop cached pages (tmpfs?)")
     assert after < before
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, 32), (3, 64)])
+def test_reference_is_quantized_like_the_bundle(synth_dir, bundle_dir, bits, group_size):
+    """bench --reference: mlx-lm in memory with the bundle's own bits and group size gives the
+    bundle's logits (a reference at other bits would measure a different model)."""
+    import mlx.core as mx
+
+    import moestream
+    from moestream.manifests.open import open_bundle
+    from moestream.runtime.measure.bench import expert_quantization, reference_model
+
+    bundle = bundle_dir("qwen3_moe", bits, group_size)
+    quant = expert_quantization(open_bundle(bundle))
+    assert quant == {"bits": bits, "group_size": group_size, "mode": "affine"}
+    ref = reference_model(synth_dir("qwen3_moe"), quant)
+    tokens = mx.array([[1, 5, 9, 2, 7]])
+    with moestream.load(bundle) as (model, _):
+        ours = model(tokens)
+    want = ref(tokens)
+    assert mx.abs(ours - want).max().item() <= 1e-5 * mx.abs(want).max().item()
+
+
+def test_reference_refuses_a_bundle_of_mixed_bits(tmp_path, synth_dir):
+    from conftest import build_bundle
+
+    from moestream.common.errors import OptionsError
+    from moestream.manifests.open import open_bundle
+    from moestream.runtime.measure.bench import expert_quantization
+    from moestream.stages.bits import BitPlan
+
+    bundle = build_bundle(synth_dir("qwen3_moe"), tmp_path / "b16", bits=16)
+    assert expert_quantization(open_bundle(bundle)) is None
+    plan = {(layer, e): (2, 8)[(layer + e) % 2] for layer in range(3) for e in range(16)}
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps(BitPlan(plan, 0, 0.0).to_json()))
+    mixed = build_bundle(synth_dir("qwen3_moe"), tmp_path / "mixed", bits=4, bits_plan=plan_file)
+    with pytest.raises(OptionsError, match="quantized 2 ways"):
+        expert_quantization(open_bundle(mixed))

@@ -100,14 +100,31 @@ def naive_run(bundle_path: Path, prompt: list[int], gen_tokens: int, budget: int
     return out
 
 
-def _reference_model(src: Path, bits: int):
+def expert_quantization(bundle) -> dict | None:
+    """The bundle's expert quantization as nn.quantize's arguments (None: experts unquantized).
+
+    A reference model is quantized the same way, so the comparison is of streaming, not of bits; a
+    bundle whose experts mix bits (a measured plan) has no such single reference and is refused."""
+    seen = {(t.bits, t.group_size, t.mode or "affine")
+            for e in bundle.extents.values() for t in e.tensors if t.bits is not None}
+    if not seen:
+        return None
+    if len(seen) > 1:
+        raise OptionsError(f"{bundle.root}: experts are quantized {len(seen)} ways "
+                           f"({sorted(seen, key=str)}); an in-memory reference needs one")
+    bits, group_size, mode = seen.pop()
+    return {"bits": bits, "group_size": group_size, "mode": mode}
+
+
+def reference_model(src: Path, quantization: dict | None):
     """mlx-lm, the same checkpoint fully in memory, experts quantized like the bundle (source dtype)."""
     import mlx.nn as nn
     from mlx_lm.models.switch_layers import SwitchLinear
     from mlx_lm.utils import load_model
 
     model, _ = load_model(src)
-    nn.quantize(model, group_size=64, bits=bits, class_predicate=lambda p, m: isinstance(m, SwitchLinear))
+    if quantization is not None:
+        nn.quantize(model, **quantization, class_predicate=lambda p, m: isinstance(m, SwitchLinear))
     if mx.default_device() == mx.cpu:
         model.set_dtype(mx.float32)
     mx.eval(model.parameters())
@@ -117,12 +134,14 @@ def _reference_model(src: Path, bits: int):
 def print_report(r: dict) -> None:
     print("\n== setup ==")
     b = r["bundle"]
-    print(f"{b['family']} {r['args'].get('preset', '')}: {b['moe_layers']} MoE layers x {b['experts']} experts, top-{b['experts_per_token']}, "
+    print(f"{b['family']}: {b['moe_layers']} MoE layers x {b['experts']} experts, top-{b['experts_per_token']}, "
           f"{b['expert_bits']}-bit experts ({b['expert_bytes'] / 1e9:.2f} GB), resident {b['resident_bytes'] / 1e9:.2f} GB")
     bud = r["budget"]
     print(f"budget {bud['budget_bytes'] / 1e9:.2f} GB (expert cache {bud['expert_cache_bytes'] / 1e9:.2f} GB = "
           f"{bud['expert_cache_bytes'] / bud['expert_bytes_in_memory']:.0%} of experts); prompt {r['args']['prompt_tokens']} tok, "
-          f"greedy {r['args']['gen_tokens']} tok; {r['platform']}")
+          f"greedy {r['args']['gen_tokens']} tok")
+    p = r["platform"]
+    print(f"platform: {p['machine']}, Python {p['python']}, MLX {p['mlx']}, {p['device']}")
     print(f"ceiling: {r['ceiling']['gb_per_s']:.2f} GB/s (O_DIRECT random reads, best of "
           + ", ".join(f"{t['chunk_bytes'] / 1e6:.2f} MB: {t['gb_per_s']:.2f}" for t in r.get("ceiling_trials", [r["ceiling"]]))
           + f"; {r['ceiling']['threads']} threads); other thread counts: "
@@ -186,6 +205,7 @@ def _derive(run: dict, ceiling_gbs: float, n_moe: int, full_layers: int) -> None
 # --compare NAME -> what that run changes in load's options, and in its IOOptions (each runs cold,
 # then warm)
 VARIANTS = {
+    "default": {},  # the first run's settings again: with repeats, an A/B interleaved against the disk's drift
     "buffered": {"io": {"mode": "buffered"}},
     "prefetch": {"prefetch": True},
     "host": {"io": {"read_into": "host", "stage_on_device": False}},  # host buffers, then mx.array copies
@@ -232,7 +252,7 @@ def _advice_state() -> str:
 
 def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int = 16, gen_tokens: int = 24,
                  io: dict | None = None, compare: tuple[str, ...] = (), reference_checkpoint=None,
-                 full_layers: int | None = None, bits: int = 4) -> dict:
+                 full_layers: int | None = None) -> dict:
     """io: IOOptions fields for every run (e.g. {"mode": "buffered", "threads": 4})."""
     unknown = [c for c in compare if c != "naive" and _variant(c) is None]
     if unknown:
@@ -310,15 +330,17 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
         report["naive"] = naive_run(bundle_path, prompt, gen_tokens, budget)
         n = report["naive"]
         n["bytes_read_per_token"] = n["bytes_read"] / max(n["decode_tokens"], 1)
+    seen: dict[str, int] = {}
     for c in compare:
         if c == "naive":
             continue
-        name = c.replace(":", "_") + "_"
+        seen[c] = seen.get(c, 0) + 1
+        name = c.replace(":", "_") + (f"{seen[c]}_" if seen[c] > 1 else "_")
         cold_and_warm(name, **_variant(c))
         for run in ("cold", "warm"):
             _derive(report[name + run], report["ceiling"]["gb_per_s"], n_moe, full)
     if reference_checkpoint is not None:
-        ref = _reference_model(Path(reference_checkpoint), bits)
+        ref = reference_model(Path(reference_checkpoint), expert_quantization(bundle))
         report["mlx_lm_in_memory"] = decode(ref, prompt, gen_tokens)
         del ref
     return report
