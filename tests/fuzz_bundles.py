@@ -858,7 +858,9 @@ def _lay_many_rows(ctx: Ctx):
     ctx.maybe_seal("layout.parquet")
 
 
-def _damage_bytes(ctx: Ctx, rel: str) -> None:
+def _damage_bytes(ctx: Ctx, rel: str, flip_below: int | None = None) -> None:
+    """Damage a whole file. flip_below: flip bytes only before this offset (a header: flipped tensor
+    data with a sealed checksum would be a different valid file, not a damaged one)."""
     data = ctx.read_bytes(rel)
     kind = ctx.pick(["truncate", "empty", "junk", "flip", "json", "append", "zeros"])
     if kind == "truncate":
@@ -870,7 +872,7 @@ def _damage_bytes(ctx: Ctx, rel: str) -> None:
     elif kind == "flip":
         b = bytearray(data)
         for _ in range(ctx.pick([1, 8, 64])):
-            k = ctx.rng.randrange(len(b))
+            k = ctx.rng.randrange(min(len(b), flip_below or len(b)))
             b[k] ^= ctx.rng.randrange(1, 256)
         data = bytes(b)
     elif kind == "json":
@@ -1166,7 +1168,7 @@ def _res_symlink_outside(ctx: Ctx):
 
 @mutation("res.truncated", RES)
 def _res_truncated(ctx: Ctx):
-    _damage_bytes(ctx, RES)
+    _damage_bytes(ctx, RES, flip_below=8 + struct.unpack("<Q", ctx.read_bytes(RES)[:8])[0])
     ctx.maybe_seal(RES)
 
 
@@ -2254,17 +2256,22 @@ def describe_failure(r: dict) -> str:
 
 
 def failure_examples(results: list[dict], per_kind: int = 5) -> str:
+    """A few failures of each kind, as varied as possible: distinct (error type, where) first,
+    then distinct classes."""
     out = []
     for kind in (*FAILURES, "harness"):
         rs = [r for r in results if r["outcome"] == kind]
         if not rs:
             continue
-        # spread the examples over classes
-        seen, picked = set(), []
+        picked, seen_err, seen_class = [], set(), set()
         for r in rs:
-            if r["class"] not in seen:
+            s = _failure_step(r) or {}
+            err = s.get("error") or {}
+            key = (err.get("type") or s.get("detail", "")[:40], err.get("where_ours"))
+            if key not in seen_err and r["class"] not in seen_class:
                 picked.append(r)
-                seen.add(r["class"])
+                seen_err.add(key)
+                seen_class.add(r["class"])
         picked = (picked + [r for r in rs if r not in picked])[:per_kind]
         out.append(f"== {kind}: {len(rs)} cases; examples:")
         out += [describe_failure(r) for r in picked]
