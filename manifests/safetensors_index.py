@@ -92,17 +92,28 @@ def parse_header(path: Path, header: bytes, size: int) -> dict[str, TensorInfo]:
     return out
 
 
+def indexed_shards(index: Path) -> list[str]:
+    """The shard files a `model.safetensors.index.json` names, sorted, each once."""
+    try:
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+
+
+def weight_names(names: list[str]) -> list[str]:
+    """Without an index, the weight files among a folder's top-level file names:
+    `model*.safetensors` (as transformers and mlx-lm look for them), else every `*.safetensors`."""
+    found = sorted(n for n in names if "/" not in n and n.endswith(".safetensors"))
+    return [n for n in found if n.startswith("model")] or found
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The checkpoint's weight files: the shards its `model.safetensors.index.json` names, else
-    `model*.safetensors` (as transformers and mlx-lm look for them), else every `*.safetensors`."""
+    `weight_names` of the folder."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
-        return [folder / s for s in shards]
-    return sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))
+        return [folder / s for s in indexed_shards(index)]
+    return [folder / n for n in weight_names([p.name for p in folder.iterdir() if p.is_file()])]
 
 
 def index_folder(folder: Path, headers: Mapping[str, tuple[bytes, int]] | None = None) -> dict[str, TensorInfo]:

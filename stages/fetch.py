@@ -22,6 +22,7 @@ from huggingface_hub.errors import CachedRepoTreeNotFoundError
 
 from ..common.errors import MoestreamError
 from ..common.hub import as_repo_id, download_snapshot
+from ..manifests.safetensors_index import indexed_shards, weight_names
 
 # What a checkpoint needs to be profiled, quantized and run: config, weights, tokenizer, chat
 # template. Image/audio processor configs are left out on purpose (text models only).
@@ -178,17 +179,13 @@ def _weights_to_fetch(snapshot: Path, *, where: str, repo_files: list[str]) -> t
     model*.safetensors (else every root *.safetensors), as transformers and mlx-lm look for them."""
     index = snapshot / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise FetchError(f"{where}: malformed model.safetensors.index.json ({err})") from err
+        shards = indexed_shards(index)
         missing = [s for s in shards if s not in repo_files]
         if missing and any(f.endswith(".safetensors") for f in repo_files):  # else: no listing to check against
             raise FetchError(f"{where} is incomplete: model.safetensors.index.json names {len(missing)} shard(s) "
                              f"the repo does not have: {', '.join(missing[:3])}")
         return tuple(shards)
-    root = sorted(f for f in repo_files if "/" not in f and f.endswith(".safetensors"))
-    found = tuple(f for f in root if f.startswith("model")) or tuple(root)
+    found = tuple(weight_names(repo_files))
     if not found:
         others = sorted(f for f in repo_files if f.endswith(_OTHER_WEIGHT_SUFFIXES))
         more = ", ..." if len(others) > 3 else ""
