@@ -171,6 +171,8 @@ def check_tensor_entry(entry: TensorEntry, raw_nbytes: int) -> str | None:
         return f"tensor {entry.name!r} has unknown dtype {entry.dtype!r}"
     if any((not isinstance(s, int)) or s < 0 for s in entry.shape):
         return f"tensor {entry.name!r} has a bad shape {list(entry.shape)}"
+    if entry.offset % TENSOR_ALIGNMENT:
+        return f"tensor {entry.name!r} at offset {entry.offset} is not {TENSOR_ALIGNMENT}-byte aligned as packing leaves it"
     if entry.offset < 0 or entry.offset + entry.nbytes > raw_nbytes:
         return f"tensor {entry.name!r} [{entry.offset}, +{entry.nbytes}) lies outside the extent of {raw_nbytes} bytes"
     if nbytes_of(entry.dtype, entry.shape) != entry.nbytes:
@@ -229,6 +231,10 @@ def check_extent(extent: ExpertExtent) -> str | None:
         problem = check_tensor_entry(t, extent.raw_nbytes)
         if problem:
             return problem
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in extent.tensors)
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            return f"tensors {first!r} and {second!r} overlap"
     return check_quantized_shapes(extent)
 
 

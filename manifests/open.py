@@ -30,6 +30,7 @@ from .validate import (
     check_resident_header,
     check_tokenizer_files,
     check_tree,
+    check_unlisted,
 )
 
 
@@ -136,6 +137,7 @@ def open_bundle(path: str | Path, verify: bool = False) -> Bundle:
     meta = read_bundle_json(root)
     check_meta(meta, str(root / BUNDLE_JSON))
     _check_files(root, meta)
+    check_unlisted(root, meta)
     config = read_json(safe_path(root, CONFIG_JSON, BUNDLE_JSON), CONFIG_JSON)
     check_config_sizes(config, CONFIG_JSON)
     rows = len(meta["layers"]) * int(meta["experts"]["num_experts"])

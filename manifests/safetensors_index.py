@@ -68,28 +68,56 @@ def parse_header(path: Path, header: bytes, size: int) -> dict[str, TensorInfo]:
     or will be: a shard not downloaded yet is indexed from its header alone."""
     try:
         entries = json.loads(header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(entries, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
+    meta = entries.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise CheckpointError(f"{path}: safetensors __metadata__ must map strings to strings")
     base = 8 + len(header)
-    out = {}
+    out, ranges = {}, []
     for name, entry in entries.items():
         if name == "__metadata__":
             continue
-        dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
-        if dtype is None:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} has dtype {entry.get('dtype')!r}, which moestream "
-                f"does not read (supported: {', '.join(SAFETENSORS_DTYPES)})"
-            )
-        shape = tuple(int(s) for s in entry["shape"])
-        begin, end = (int(x) for x in entry["data_offsets"])
-        if end - begin != itemsize(dtype) * math.prod(shape) or base + end > size:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} {dtype}{list(shape)} has data_offsets "
-                f"[{begin}, {end}] inconsistent with its shape or past the end of the file"
-            )
+        dtype, shape, begin, end = _entry_fields(path, name, entry)
+        if base + end > size:
+            raise CheckpointError(f"{path}: tensor {name[:200]!r} has data_offsets [{begin}, {end}] past the end "
+                                  f"of the file ({size} bytes)")
         out[name] = TensorInfo(name, path, dtype, shape, base + begin, end - begin)
+        ranges.append((begin, end, name))
+    ranges.sort()
+    for (_, end, first), (begin, _, second) in zip(ranges, ranges[1:]):
+        if begin < end:
+            raise CheckpointError(f"{path}: tensors {first!r} and {second!r} overlap in the data")
     return out
+
+
+def _entry_fields(path: Path, name: str, entry) -> tuple[str, tuple[int, ...], int, int]:
+    """One header entry's dtype, shape and data offsets, each checked."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{path}: tensor {name[:200]!r}: header entry is not an object")
+    dtype = SAFETENSORS_DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
+    if dtype is None:
+        raise CheckpointError(
+            f"{path}: tensor {name[:200]!r} has dtype {str(entry.get('dtype'))[:40]!r}, which moestream "
+            f"does not read (supported: {', '.join(SAFETENSORS_DTYPES)})"
+        )
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if (not isinstance(shape, list) or len(shape) > 16
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)):
+        raise CheckpointError(f"{path}: tensor {name[:200]!r} has a bad shape {str(shape)[:80]}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in offsets) or not 0 <= offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{path}: tensor {name[:200]!r} has bad data_offsets {str(offsets)[:80]}")
+    begin, end = offsets
+    shape = tuple(shape)
+    if end - begin != itemsize(dtype) * math.prod(shape):
+        raise CheckpointError(
+            f"{path}: tensor {name[:200]!r} {dtype}{list(shape)} has data_offsets "
+            f"[{begin}, {end}] inconsistent with its shape"
+        )
+    return dtype, shape, begin, end
 
 
 def indexed_shards(index: Path) -> list[str]:

@@ -117,13 +117,35 @@ def check_meta(meta: dict, where: str) -> None:
         seen.add(layer)
     if not seen:
         raise BundleError(f"{where}: 'layers' lists no MoE layer")
+    _int(len(meta["files"]), f"{where} files (entries)", 0, MAX_ENTRIES)
     for rel, info in meta["files"].items():
+        check_relative_path(rel, f"{where} files")
         _type(info, dict, f"{where} files[{rel!r}]")
         _int(info.get("nbytes"), f"{where} files[{rel!r}].nbytes")
         _type(info.get("checksum"), (str, type(None)), f"{where} files[{rel!r}].checksum")
+    _type(e.get("bits"), (int, str), f"{where} experts.bits")
+    _type(e.get("group_size"), (int, type(None)), f"{where} experts.group_size")
+    for key in ("resident", "layout"):
+        if key not in meta:
+            raise BundleError(f"{where}: missing {key!r}")
     for key in ("resident", "layout", "source", "tools", "profile"):
         if key in meta:
             _type(meta[key], dict, f"{where} {key!r}")
+    _int(meta["resident"].get("nbytes"), f"{where} resident.nbytes")
+    _type(meta["resident"].get("bits"), (int, type(None)), f"{where} resident.bits")
+    _int(meta["layout"].get("expert_bytes_per_token"), f"{where} layout.expert_bytes_per_token")
+    _type(meta["layout"].get("order"), str, f"{where} layout.order")
+
+
+def check_relative_path(rel, where: str) -> None:
+    """A file name a manifest gives: a relative path of sane length, no NUL, no '..' (a name
+    the OS would refuse is a BundleError here, not an OSError later)."""
+    _type(rel, str, where)
+    parts = rel.split("/")
+    if (not rel or len(rel) > 1024 or "\0" in rel or rel.startswith("/") or "\\" in rel
+            or any(p in ("", ".", "..") or len(p.encode()) > 255 for p in parts)):
+        raise BundleError(f"{where}: {rel[:80]!r}{'...' if len(rel) > 80 else ''} is not a relative file path "
+                          "inside the bundle")
 
 
 # ----------------------------------------------------------------------------- config.json
@@ -212,6 +234,29 @@ def check_resident_header(path: Path, what: str) -> None:
         raise BundleError(f"{what}: {e}") from None
     except (OSError, ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:
         raise BundleError(f"{what}: not a safetensors file ({type(e).__name__}: {e})") from None
+
+
+# Files a loader (transformers' tokenizer, mlx-lm, the cache policies) reads when present: each must
+# be listed in bundle.json, so that its checksum covers it; an unlisted one (planted after the bundle
+# was made) would change the model's behaviour unchecked. Other unlisted files (README.md,
+# quality.json) are never read and are allowed.
+LOADER_NAMES = frozenset(TOKENIZER_JSON) | {
+    "chat_template.jinja", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt",
+    "merges.txt", "preprocessor_config.json", "processor_config.json"}
+LOADER_SUFFIXES = (".jinja", ".tiktoken", ".py", ".safetensors", ".parquet")
+LOADER_FOLDERS = ("additional_chat_templates/", "profile/")  # experts/: only through layout rows
+
+
+def check_unlisted(root: Path, meta: dict) -> None:
+    """No file a loader would read is missing from bundle.json's files."""
+    listed = set(meta["files"]) | {"bundle.json"}
+    for path in root.rglob("*"):
+        rel = path.relative_to(root).as_posix()
+        if rel in listed or rel.startswith(".") or path.is_dir():
+            continue
+        if rel in LOADER_NAMES or rel.endswith(LOADER_SUFFIXES) or rel.startswith(LOADER_FOLDERS):
+            raise BundleError(f"{rel}: in the bundle but not listed in bundle.json (a file the loaders read must be "
+                              "listed, so its checksum covers it)")
 
 
 def check_tokenizer_files(root: Path) -> None:

@@ -391,7 +391,12 @@ def _one_line(e: BaseException) -> str:
     """The error in one line; an OSError from outside moestream with its file and cause."""
     if isinstance(e, OSError) and e.strerror and not str(e).startswith(("cannot", "[")) and e.filename:
         return f"{e.filename}: {e.strerror}"
-    return " ".join(str(e).split()) or type(e).__name__
+    line = " ".join(str(e).split()) or type(e).__name__
+    # a message quoting an untrusted file's value can be megabytes: one line means a readable one
+    return line if len(line) <= MAX_ERROR_CHARS else f"{line[:MAX_ERROR_CHARS]}... ({len(line) - MAX_ERROR_CHARS} more characters)"
+
+
+MAX_ERROR_CHARS = 2000
 
 
 if __name__ == "__main__":

@@ -387,6 +387,7 @@ def test_a_template_that_never_finishes_is_refused_at_load(bundle):
 
     (bundle / "chat_template.jinja").write_text(
         "{% for i in range(100000) %}{% for j in range(100000) %}{{ '' }}{% endfor %}{% endfor %}")
+    _relist(bundle, "chat_template.jinja")
     start = time.perf_counter()
     with pytest.raises(BundleError, match="chat template did not finish"):
         moestream.load(bundle)
@@ -420,3 +421,101 @@ def test_verify_rejects_what_load_would(bundle):
     _relist(bundle, "tokenizer.json")
     open_bundle(bundle, verify=True)
     assert main(["verify", str(bundle)]) == 2
+
+
+def test_a_template_that_renders_a_flood_is_refused_at_load(bundle):
+    (bundle / "chat_template.jinja").write_text("{% for i in range(100000) %}{{ messages }}{% endfor %}")
+    _relist(bundle, "chat_template.jinja")
+    with pytest.raises(BundleError, match="would flood every prompt"):
+        moestream.load(bundle)
+
+
+@pytest.mark.parametrize("rel", ["chat_template.jinja", "additional_chat_templates/x.jinja", "tokenizer.model"])
+def test_an_unlisted_file_the_loaders_read_is_refused(bundle, rel):
+    (bundle / rel).parent.mkdir(exist_ok=True)
+    (bundle / rel).write_text("{{ 'planted' }}")
+    _gate(bundle, f"{rel}: in the bundle but not listed")
+
+
+def test_unlisted_files_no_loader_reads_are_allowed(bundle):
+    (bundle / "README.md").write_text("# a model card")
+    (bundle / "quality.json").write_text("{}")
+    open_bundle(bundle)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: m.pop("resident"), "missing 'resident'"),
+    (lambda m: m["layout"].pop("expert_bytes_per_token"), "layout.expert_bytes_per_token"),
+    (lambda m: m["files"].__setitem__("x" * 70000, {"nbytes": 1, "checksum": None}), "is not a relative file path"),
+    (lambda m: m["files"].__setitem__("../up", {"nbytes": 1, "checksum": None}), "is not a relative file path"),
+])
+def test_bundle_json_fields_every_reader_needs(bundle, edit, match):
+    _edit_json(bundle / "bundle.json", edit)
+    _gate(bundle, match)
+
+
+def _edit_layout_row(bundle: Path, fn) -> None:
+    """Row 0 of layout.parquet changed by fn(tensors: list[dict]), the file relisted."""
+    import json as _json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(bundle / "layout.parquet")
+    rows = table.to_pylist()
+    tensors = _json.loads(rows[0]["tensors"]) if isinstance(rows[0]["tensors"], str) else rows[0]["tensors"]
+    fn(tensors)
+    rows[0]["tensors"] = _json.dumps(tensors) if isinstance(rows[0]["tensors"], str) else tensors
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), bundle / "layout.parquet")
+    _relist(bundle, "layout.parquet")
+
+
+def test_tensors_overlapping_in_an_extent_are_refused(bundle):
+    def overlap(tensors):
+        tensors[1]["offset"] = tensors[0]["offset"]
+    _edit_layout_row(bundle, overlap)
+    _gate(bundle, "overlap")
+
+
+def test_a_tensor_moved_off_its_alignment_is_refused(bundle):
+    def nudge(tensors):
+        tensors[-1]["offset"] += 1
+    _edit_layout_row(bundle, nudge)
+    _gate(bundle, "aligned")
+
+
+def _write_resident_header(bundle: Path, edit) -> None:
+    import json as _json
+    import struct
+
+    p = bundle / "resident.safetensors"
+    raw = p.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = _json.loads(raw[8:8 + n])
+    edit(header)
+    text = _json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    p.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    _relist(bundle, "resident.safetensors")
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda h: h.__setitem__("__metadata__", {"format": 3}), "__metadata__"),
+    (lambda h: h.__setitem__(next(k for k in h if k != "__metadata__"), {"dtype": "F32", "shape": [1],
+                                                                          "data_offsets": [-4, 0]}), "data_offsets"),
+    (lambda h: h.__setitem__("zz", dict(h[next(k for k in h if k != "__metadata__")])), "overlap"),
+])
+def test_resident_headers_mlx_would_misread_are_refused(bundle, edit, match):
+    _write_resident_header(bundle, edit)
+    _gate(bundle, match)
+    with pytest.raises(BundleError, match=match):
+        moestream.plan_memory(bundle)
+
+
+def test_an_error_quoting_a_huge_value_stays_a_readable_line(bundle, capsys):
+    from moestream.cli import MAX_ERROR_CHARS, main
+
+    _edit_json(bundle / "bundle.json", lambda m: m["experts"].__setitem__("num_experts", "x" * 1_000_000))
+    assert main(["inspect", str(bundle)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and len(err) < MAX_ERROR_CHARS + 200 and "more characters" in err

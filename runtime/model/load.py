@@ -238,7 +238,8 @@ def plan_memory(
     store, config, kind, num_experts, default_k = _open_source(path, False, None, compute_dtype, IOOptions())
     _check_k(experts_per_token, num_experts)
     if kind == "bundle":
-        resident = mx.load(str(store.bundle.path(RESIDENT_FILE)))  # lazy: shapes and dtypes only
+        # lazy: shapes and dtypes only
+        resident = _with_bundle_errors(RESIDENT_FILE, mx.load, str(store.bundle.path(RESIDENT_FILE)))
     else:
         resident = store.ckpt.resident_weights(store.ckpt.build_mlx_model())
     cast = compute_dtype is not None
@@ -357,6 +358,8 @@ def _with_bundle_errors(what: str, fn, *args):
 
 
 TEMPLATE_SECONDS = 5.0
+# the longest default system prompts of released templates (tool instructions, dates) are a few KB
+TEMPLATE_OUTPUT_CHARS = 256 * 1024
 
 
 def check_chat_template(tokenizer) -> None:
@@ -369,7 +372,11 @@ def check_chat_template(tokenizer) -> None:
                 {"role": "assistant", "content": "a"}, {"role": "user", "content": "u"}]
     with time_limit(TEMPLATE_SECONDS, "the chat template did not finish rendering a four-message conversation in "
                     f"{TEMPLATE_SECONDS:.0f} s"):
-        _with_bundle_errors("the chat template", partial(tokenizer.apply_chat_template, add_generation_prompt=True), messages)
+        text = _with_bundle_errors("the chat template", partial(tokenizer.apply_chat_template, add_generation_prompt=True,
+                                                                tokenize=False), messages)
+    if len(text) > TEMPLATE_OUTPUT_CHARS:
+        raise BundleError(f"the chat template renders a four-message conversation of four letters as {len(text)} "
+                          f"characters (more than {TEMPLATE_OUTPUT_CHARS}): it would flood every prompt")
 
 
 @contextmanager
