@@ -4,7 +4,7 @@
 setup:
     pip install -e '.[test]'
 
-# the README's first command: synth a small MoE, prepare it, generate inside a small budget
+# the README's first command: prepare the trained fixture, answer a tool call inside a small budget
 demo:
     moestream demo
 
@@ -16,10 +16,20 @@ test:
 test-fast:
     python -m pytest -q -m "not slow"
 
-# benchmarks: print figures, never assert timings
+# benchmarks on this machine: print figures, never assert timings (bench/results/README.md says
+# which file each one's output became; the H200 one is bench/stream_e2e.py)
 bench:
     python bench/prepare_vs_convert.py
     python bench/runtime_small.py
+    python bench/reader_compare.py
+
+# that every bench script still imports and runs on a tiny model
+bench-check:
+    python -m pytest -q tests/test_bench_scripts.py
+
+# the bundle fuzzer's long run: 1000 seeded mutations, a table of how each ended
+fuzz:
+    python tests/fuzz_bundles.py --cases 1000 --seed 0
 
 lint:
     ruff check .

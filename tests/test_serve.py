@@ -225,7 +225,7 @@ def test_shutdown_frees_the_port(bundle_dir):
 def test_serve_command(bundle_dir, monkeypatch, capsys):
     """`moestream serve BUNDLE ...` (the CLI's command): prints the URL and the budget, serves, and
     stops cleanly when its server is shut down."""
-    from moestream.cli import build_parser, cmd_serve
+    from moestream.cli import command_parser
     from moestream.runtime.frontends import serve as serve_module
 
     started, real_start = [], serve_module.start_server
@@ -235,9 +235,10 @@ def test_serve_command(bundle_dir, monkeypatch, capsys):
         return started[-1]
 
     monkeypatch.setattr(serve_module, "start_server", start_server)
-    args = build_parser().parse_args(["serve", str(bundle_dir("qwen3_moe")), "--port", "0", "--dtype", "float32",
-                                      "--memory-budget", "8MB", "--io-mode", "buffered"])
-    thread = threading.Thread(target=cmd_serve, args=(args,), daemon=True)
+    parser, command = command_parser("serve")
+    args = parser.parse_args([str(bundle_dir("qwen3_moe")), "--port", "0", "--dtype", "float32",
+                              "--memory-budget", "8MB", "--io-mode", "buffered"])
+    thread = threading.Thread(target=command.run, args=(args,), daemon=True)
     thread.start()
     try:
         for _ in range(600):
