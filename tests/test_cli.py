@@ -60,3 +60,20 @@ def test_runtime_commands_never_import_prefect(argv):
             "print('PREFECT' if any(m.split('.')[0] in ('prefect', 'dask') for m in sys.modules) else 'CLEAN')" % argv)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     assert out.strip().splitlines()[-1] == "CLEAN"
+
+
+def test_inspect_speaks_human_sizes_and_the_budgets_a_bundle_runs_in(bundle_dir, capsys):
+    import json
+
+    import moestream
+
+    bundle = bundle_dir("qwen3_moe")
+    assert main(["inspect", str(bundle)]) == 0
+    text = capsys.readouterr().out
+    assert "{" not in text and " KB" in text and "at least" in text and "caches 25%" in text
+    assert main(["inspect", str(bundle), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    memory = info["memory"]
+    assert memory["minimum_bytes"] == moestream.plan_memory(bundle).minimum_bytes
+    assert memory["for_cache_share"]["25%"] == moestream.plan_memory(bundle, expert_cache_share=0.25).budget_bytes
+    assert memory["minimum_bytes"] <= memory["for_cache_share"]["10%"] < memory["for_cache_share"]["50%"]
