@@ -34,6 +34,11 @@ def test_bench_cli_reports_ceiling_roofline_and_comparisons(tmp_path, bundle_dir
     assert plot.stat().st_size > 0
     text = capsys.readouterr().out
     assert "roof" in text and "ceiling" in text
+    assert "SCALED" not in text, "scaling to the layers it has is no figure"
+    assert "{'" not in text, "no raw dicts in the report"
+    from moestream.runtime.measure.bench import table_runs
+
+    assert {"cold", "warm", "phases", "buffered_cold", "host_warm", "policy_lfu_warm"} <= set(table_runs(r))
 
 
 def test_bench_io_only_replays_a_trace(tmp_path, synth_dir, bundle_dir, capsys):

@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from ...common.errors import OptionsError
+from ...common.units import fmt_bytes
 from ...manifests.bundle import unpack_extent
 from ...manifests.describe import describe_bundle
 from ...manifests.open import open_bundle
@@ -134,8 +135,9 @@ def reference_model(src: Path, quantization: dict | None):
 def print_report(r: dict) -> None:
     print("\n== setup ==")
     b = r["bundle"]
+    bits = f"{b['expert_bits']}-bit" if isinstance(b["expert_bits"], int) else str(b["expert_bits"])
     print(f"{b['family']}: {b['moe_layers']} MoE layers x {b['experts']} experts, top-{b['experts_per_token']}, "
-          f"{b['expert_bits']}-bit experts ({b['expert_bytes'] / 1e9:.2f} GB), resident {b['resident_bytes'] / 1e9:.2f} GB")
+          f"{bits} experts ({b['expert_bytes'] / 1e9:.2f} GB), resident {b['resident_bytes'] / 1e9:.2f} GB")
     bud = r["budget"]
     print(f"budget {bud['budget_bytes'] / 1e9:.2f} GB (expert cache {bud['expert_cache_bytes'] / 1e9:.2f} GB = "
           f"{bud['expert_cache_bytes'] / bud['expert_bytes_in_memory']:.0%} of experts); prompt {r['args']['prompt_tokens']} tok, "
@@ -150,7 +152,7 @@ def print_report(r: dict) -> None:
     print(f"warm-up (kernel compilation): {r.get('warmup_s', 0):.1f}s")
     print("\n== decode ==")
     print(f"{'run':<18}{'TTFT s':>8}{'tok/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'MB/tok':>8}{'hit':>7}{'GB/s io':>9}{'eff':>6}{'roof':>8}{'share':>7}")
-    for name in [n for n, x in r.items() if isinstance(x, dict) and "share_of_roofline" in x]:
+    for name in table_runs(r):
         x = r[name]
         print(f"{name:<18}{x['ttft_s']:>8.2f}{x['tokens_per_s']:>8.2f}{x['p50_token_ms']:>8.0f}{x['p99_token_ms']:>8.0f}"
               f"{x['bytes_read_per_token'] / 1e6:>8.1f}{x['hit_rate']:>7.1%}{x['read_gb_per_s_during_io']:>9.2f}"
@@ -167,6 +169,8 @@ def print_report(r: dict) -> None:
     for k, v in timed.get("per_token_ms", {}).items():
         print(f"  {'per token, ' + k:<58}{v:8.2f} ms")
     s = r["warm"]["scaled"]
+    if s["layers_scaled_to"] == s["layers_measured"]:
+        return
     print(f"\nSCALED to {s['layers_scaled_to']} layers (not measured): {s['tokens_per_s_scaled']:.2f} tok/s warm, "
           f"{r['cold']['scaled']['tokens_per_s_scaled']:.2f} tok/s cold")
 
@@ -346,20 +350,41 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
     return report
 
 
+def table_runs(report: dict) -> list[str]:
+    """The runs the table shows, in order: every decode run with a roofline."""
+    return [n for n, x in report.items() if isinstance(x, dict) and "share_of_roofline" in x]
+
+
 def plot_report(report: dict, path) -> None:
+    """Two panels: tokens/s of every run (values on the bars; the naive loader and mlx-lm in
+    memory too), and each run's share of its own roofline, where 1.0 is the disk's limit."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in ("cold", "warm", "buffered_cold", "naive", "mlx_lm_in_memory") if n in report]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    runs = table_runs(report)
+    extra = [n for n in ("naive", "mlx_lm_in_memory") if n in report]
+    names = runs + extra
     vals = [report[n]["tokens_per_s"] for n in names]
-    ax.bar(names, vals, color="#4a7")
-    for n in ("cold", "warm"):
-        ax.axhline(report[n]["roofline_tokens_per_s"], ls="--", lw=1, color="#a44")
-    ax.set_ylabel("decode tokens/s")
-    ax.set_title(f"{report['bundle']['family']}: {report['bundle']['moe_layers']} MoE layers, "
-                 f"budget {report['budget']['budget_bytes'] / 1e9:.2f} GB (dashed: roofline)")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(names) + 4), 4),
+                                      gridspec_kw={"width_ratios": [len(names), max(len(runs), 1)]})
+    bars = left.bar(names, vals, color=["#4a7"] * len(runs) + ["#888"] * len(extra))
+    left.bar_label(bars, fmt="%.1f", fontsize=8)
+    if max(vals) > 20 * max(min(vals), 1e-9):
+        left.set_yscale("log")  # mlx-lm in memory would flatten every streaming bar
+    left.set_ylabel("decode tokens/s")
+    left.tick_params(axis="x", rotation=45, labelsize=8)
+    shares = [report[n]["share_of_roofline"] for n in runs]
+    bars = right.bar(runs, shares, color="#47a")
+    right.bar_label(bars, fmt="%.2f", fontsize=8)
+    right.axhline(1.0, ls="--", lw=1, color="#a44")
+    right.set_ylabel("share of the roofline")
+    right.set_title("roofline: disk ceiling / bytes missed per token", fontsize=8)
+    right.tick_params(axis="x", rotation=45, labelsize=8)
+    b = report["bundle"]
+    fig.suptitle(f"{b['family']}: {b['moe_layers']} MoE layers, budget {fmt_bytes(report['budget']['budget_bytes'])}, "
+                 f"ceiling {report['ceiling']['gb_per_s']:.2f} GB/s", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
