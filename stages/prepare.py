@@ -176,6 +176,7 @@ def make_plan(options: PrepareOptions) -> PreparePlan:
     if not layers:
         raise OptionsError(f"{options.source}: no routed expert tensors found; not a Mixture-of-Experts checkpoint")
     recipe = ExpertRecipe(bits=_default_bits(options, ckpt), group_size=options.group_size)
+    _check_group_size(options, ckpt, recipe)
     if options.resident_bits and ckpt.resident_quantization():
         raise OptionsError(f"{options.source}: its resident weights are already quantized (MLX codes); "
                            "--resident-bits applies to source-precision checkpoints")
@@ -187,6 +188,20 @@ def make_plan(options: PrepareOptions) -> PreparePlan:
     hub = shards.hub_shards(fetched, headers, ckpt, options.drop_source_shards) if headers is not None else None
     return PreparePlan(options, fetched.path, SourceInfo(fetched.repo_id, fetched.revision, fetched.commit),
                        ckpt.family, layers, ckpt.dims.num_experts, staging, profile_shards, recipe, hub)
+
+
+def _check_group_size(options: PrepareOptions, ckpt: SourceCheckpoint, recipe: ExpertRecipe) -> None:
+    """Quantizing groups the input dimension of every expert projection: one it does not divide
+    is refused here, before any layer is packed."""
+    if recipe.bits in (16, "source") and options.expert_bits != "auto" and options.bits_plan is None:
+        return
+    for target in ckpt.arch.targets.values():
+        for proj, (_, _, in_dim) in zip(target.projections, target.shapes):
+            if in_dim % options.group_size:
+                fits = [g for g in (128, 64, 32) if in_dim % g == 0]
+                hint = f"--group-size {fits[0]}" if fits else "--expert-bits 16 (no group size divides it)"
+                raise OptionsError(f"{options.source}: layer {target.layer} {proj} has input dimension {in_dim}, "
+                                   f"not a multiple of --group-size {options.group_size}; use {hint}")
 
 
 def _default_bits(options: PrepareOptions, ckpt: SourceCheckpoint) -> int | str:
