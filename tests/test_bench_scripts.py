@@ -82,3 +82,12 @@ def test_lookahead_runs_on_the_fixture(bench_path, tmp_path, capsys):
     assert module.main([str(FIXTURE), str(text), "--tokens", "64", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["tokens"] == 64 and 0 <= result["recall"] <= 1 and result["routed"] > 0
+
+
+def test_checksum_speed_runs(bench_path, capsys):
+    import importlib
+
+    module = importlib.import_module("checksum_speed")
+    assert module.main(["--size", "64KB", "--threads", "1,2", "--seconds", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "xxh3_64" in out and "2 threads GB/s" in out
