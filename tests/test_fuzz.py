@@ -83,6 +83,7 @@ def test_harness_sees_the_seed_as_same_and_reads_outside_as_escapes(fuzz_runner)
     assert [s["outcome"] for s in probe["steps"]] == ["same"] * (len(fb.STEPS) + 1), probe["steps"]
 
 
+@pytest.mark.slow  # ~40 s: in the full suite (CI), out of the fast one
 def test_fuzzed_bundles_fail_by_name_or_run_unchanged(fuzz_runner):
     ids = fb.case_ids(CASES, SEED)
     # fast: once a load is refused by name, the other two loads (which pass the same gate first) are skipped
