@@ -13,7 +13,8 @@ from moestream.cli import main
 def test_bench_cli_reports_ceiling_roofline_and_comparisons(tmp_path, bundle_dir, capsys):
     out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
     code = main(["bench", str(bundle_dir("qwen3_moe")), "--gen-tokens", "4", "--prompt-tokens", "8",
-                 "--compare", "naive,buffered,host,policy:lfu", "--json", str(out), "--plot", str(plot)])
+                 "--compare", "naive,buffered,host,policy:lfu", "--page-cache", "all", "--json", str(out),
+                 "--plot", str(plot)])
     assert code == 0
     r = json.loads(out.read_text())
     assert r["ceiling"]["gb_per_s"] > 0 and r["ceiling"]["direct"]
@@ -105,3 +106,50 @@ def test_reference_refuses_a_bundle_of_mixed_bits(tmp_path, synth_dir):
     mixed = build_bundle(synth_dir("qwen3_moe"), tmp_path / "mixed", bits=4, bits_plan=plan_file)
     with pytest.raises(OptionsError, match="quantized 2 ways"):
         expert_quantization(open_bundle(mixed))
+
+
+def test_memory_holder_takes_what_it_is_asked_and_gives_it_back():
+    from pathlib import Path
+
+    from moestream.runtime.measure import memhold
+
+    before = memhold.mem_available()
+    if before is None:
+        pytest.skip("no /proc/meminfo")
+    target = before - memhold.SAFETY_BYTES - (256 << 20)  # hold 256 MB
+    with memhold.leave_available(target) as held:
+        assert held.bytes == before - target - memhold.SAFETY_BYTES and held.why_not is None
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{held.pid}/status").read_text().splitlines())
+        resident = int(status["VmRSS"].split()[0]) * 1024
+        assert resident >= held.bytes, "the held pages are really taken (populated)"
+        assert not held.locked or int(status["VmLck"].split()[0]) * 1024 >= held.bytes
+    assert not Path(f"/proc/{held.pid}").exists(), "and given back when the block ends"
+
+
+def test_buffered_comparison_races_the_page_cache_on_equal_memory(bundle_dir, monkeypatch):
+    """The buffered run keeps only the expert cache's minimum and holds the rest of the machine's
+    memory but what the budget gave the expert cache (a pretend machine with 300 MB more than
+    that available, so the real hold stays small)."""
+    from moestream.runtime.measure import bench, memhold
+
+    targets = []
+    real = memhold.leave_available
+
+    def leave_available(target):
+        targets.append(target)
+        monkeypatch.setattr(memhold, "mem_available", lambda: target + memhold.SAFETY_BYTES + (64 << 20))
+        return real(target)
+
+    monkeypatch.setattr(bench, "leave_available", leave_available)
+    r = bench.bench_bundle(bundle_dir("qwen3_moe"), prompt_tokens=8, gen_tokens=4, compare=("buffered",))
+    pc = r["buffered_settings"]["page_cache"]
+    assert targets == [r["budget"]["budget_bytes"] - moestream_minimum(bundle_dir("qwen3_moe"))]
+    assert pc["memory"] == "equal" and pc["bytes"] == 64 << 20 and pc["target_bytes"] == targets[0]
+    assert r["buffered_settings"]["io_mode"] == "buffered"
+    assert r["buffered_warm"]["bytes_read"] >= r["warm"]["bytes_read"], "the expert cache holds one layer only"
+
+
+def moestream_minimum(bundle) -> int:
+    import moestream
+
+    return moestream.plan_memory(bundle).minimum_bytes

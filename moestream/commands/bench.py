@@ -18,9 +18,13 @@ def add_arguments(p) -> None:
     p.add_argument("--prompt-tokens", type=positive_int, default=16, help="prompt length (random token ids)")
     p.add_argument("--gen-tokens", type=positive_int, default=32, help="tokens to decode, greedy")
     p.add_argument("--io-mode", choices=("direct", "buffered"), default="direct", help="how experts are read")
-    p.add_argument("--compare", default="", help="comma list, each run cold and warm: naive, buffered, prefetch, "
-                   "host (read into host buffers + copy), stage / nostage (GPU staging copy), nocheck (no per-read "
-                   "checksum), default (the first run again), policy:NAME, threads:N")
+    p.add_argument("--compare", default="", help="comma list, each run cold and warm: naive, prefetch, buffered "
+                   "(the OS page cache on equal memory: see --page-cache), host (read into host buffers + copy), "
+                   "stage / nostage (GPU staging copy), nocheck (no per-read checksum), default (the first run "
+                   "again), policy:NAME, threads:N")
+    p.add_argument("--page-cache", choices=("equal", "all"), default="equal",
+                   help="for --compare buffered: equal holds the machine's other memory so that the OS page cache "
+                        "gets what the budget gives the expert cache; all lets it use every free byte")
     p.add_argument("--io-threads", type=positive_int, default=None, help="reader threads (default: the runtime's)")
     p.add_argument("--reference", default=None,
                    help="source checkpoint: also run mlx-lm fully in memory, experts quantized like the bundle")
@@ -44,7 +48,8 @@ def run(args) -> None:
     compare = tuple(c for c in (args.compare or "").split(",") if c)
     report = bench_bundle(resolve_bundle(args.bundle, revision=args.revision), args.budget_fraction,
                           args.prompt_tokens, args.gen_tokens, io={"mode": args.io_mode, "threads": args.io_threads},
-                          compare=compare, reference_checkpoint=args.reference, full_layers=args.full_layers)
+                          compare=compare, reference_checkpoint=args.reference, full_layers=args.full_layers,
+                          page_cache=args.page_cache)
     print_report(report)
     if args.json:
         write_json(args.json, report)

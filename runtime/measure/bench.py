@@ -13,6 +13,7 @@ import os
 import platform
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import mlx.core as mx
@@ -28,6 +29,7 @@ from ..io.pagecache import evict_page_cache
 from ..io.stores import cast_floats
 from ..model.load import IOOptions, load, plan_memory, runtime_of
 from .ceiling import read_ceiling
+from .memhold import Held, leave_available
 
 
 def _timed(fn, *a, **k):
@@ -157,6 +159,14 @@ def print_report(r: dict) -> None:
         print(f"{name:<18}{x['ttft_s']:>8.2f}{x['tokens_per_s']:>8.2f}{x['p50_token_ms']:>8.0f}{x['p99_token_ms']:>8.0f}"
               f"{x['bytes_read_per_token'] / 1e6:>8.1f}{x['hit_rate']:>7.1%}{x['read_gb_per_s_during_io']:>9.2f}"
               f"{x['io_efficiency']:>6.2f}{x['roofline_tokens_per_s']:>8.2f}{x['share_of_roofline']:>7.2f}")
+    for name, settings in r.items():
+        pc = settings.get("page_cache") if name.endswith("settings") and isinstance(settings, dict) else None
+        if pc:
+            run = name[: -len("settings")].rstrip("_")
+            how = (f"{fmt_bytes(pc['bytes'])} of other memory held ({'locked' if pc['locked'] else 'not locked'}), "
+                   f"leaving {fmt_bytes(pc['available_during'])} available" if pc["bytes"] else f"nothing held: {pc['why_not']}")
+            print(f"{run}: the OS page cache instead of the expert cache, on {fmt_bytes(pc['target_bytes'])} "
+                  f"(what the budget gave the expert cache): {how}")
     if "naive" in r:
         print(f"naive loader (per-tensor buffered reads, no cache): {r['naive']['tokens_per_s']:.2f} tok/s; "
               f"moestream warm is {r['warm']['tokens_per_s'] / r['naive']['tokens_per_s']:.1f}x")
@@ -210,7 +220,9 @@ def _derive(run: dict, ceiling_gbs: float, n_moe: int, full_layers: int) -> None
 # then warm)
 VARIANTS = {
     "default": {},  # the first run's settings again: with repeats, an A/B interleaved against the disk's drift
-    "buffered": {"io": {"mode": "buffered"}},
+    # the OS page cache instead of ours, on equal memory: the expert cache keeps only the one layer
+    # it needs to run, and the page cache gets what the budget gave ours (see memhold.py)
+    "buffered": {"io": {"mode": "buffered"}, "_page_cache_race": True},
     "prefetch": {"prefetch": True},
     "host": {"io": {"read_into": "host", "stage_on_device": False}},  # host buffers, then mx.array copies
     "stage": {"io": {"stage_on_device": True}},
@@ -254,10 +266,22 @@ def _advice_state() -> str:
     return f"available (CUDA runtime {advice.version})" if advice.available else f"unavailable: {advice.why}"
 
 
+def _page_cache_memory(race: bool, page_cache: str, target: int):
+    """For a page-cache race with page_cache "equal": memory held so that `target` bytes stay
+    available; otherwise nothing held."""
+    if race and page_cache == "equal":
+        return leave_available(target)
+    return nullcontext(Held(why_not="not asked (page_cache='all')" if race else "not a page-cache run"))
+
+
 def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int = 16, gen_tokens: int = 24,
                  io: dict | None = None, compare: tuple[str, ...] = (), reference_checkpoint=None,
-                 full_layers: int | None = None) -> dict:
-    """io: IOOptions fields for every run (e.g. {"mode": "buffered", "threads": 4})."""
+                 full_layers: int | None = None, page_cache: str = "equal") -> dict:
+    """io: IOOptions fields for every run (e.g. {"mode": "buffered", "threads": 4}).
+    page_cache: for the "buffered" comparison, "equal" holds the machine's other memory so that
+    the page cache gets what the budget gives the expert cache; "all" lets it use every free byte."""
+    if page_cache not in ("equal", "all"):
+        raise OptionsError(f"page_cache must be 'equal' or 'all', got {page_cache!r}")
     unknown = [c for c in compare if c != "naive" and _variant(c) is None]
     if unknown:
         raise OptionsError(f"unknown --compare entries {unknown}; known: naive, {', '.join(VARIANTS)}, policy:NAME, threads:N")
@@ -290,16 +314,20 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
     def cold_and_warm(name: str, phases: bool = False, **variant) -> None:
         if variant.pop("_no_cuda_advice", False):
             os.environ["MOESTREAM_CUDA_ADVICE"] = "0"
+        race = variant.pop("_page_cache_race", False)
         staging._advice = None  # decided anew from the environment
         try:
-            loaded = load(bundle_path, memory_budget=budget, **_options(base, variant))
+            loaded = load(bundle_path, memory_budget=plan.minimum_bytes if race else budget, **_options(base, variant))
         finally:
             os.environ.pop("MOESTREAM_CUDA_ADVICE", None)
-        with loaded as (model, _):
+        with loaded as (model, _), _page_cache_memory(race, page_cache, budget - plan.minimum_bytes) as held:
             evict_page_cache(files)
             report[f"{name}cold"] = decode(model, prompt, gen_tokens)
             report[f"{name}warm"] = decode(model, prompt, gen_tokens)
             report[f"{name}settings"] = _settings(model)
+            if race:
+                report[f"{name}settings"]["page_cache"] = {"memory": page_cache, "target_bytes": budget - plan.minimum_bytes,
+                                                            **held.as_dict()}
             rt = runtime_of(model)
             if phases:
                 # one more warm pass, with attention and routing timed apart: apart from the figures
