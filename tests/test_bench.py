@@ -153,3 +153,41 @@ def moestream_minimum(bundle) -> int:
     import moestream
 
     return moestream.plan_memory(bundle).minimum_bytes
+
+
+def test_streams_decode_together_and_read_each_expert_once_per_layer_step(bundle_dir):
+    """--streams: mlx-lm's BatchGenerator decodes the streams in one forward per step, so each MoE
+    layer reads the union of the streams' missed experts once (a read never names an expert twice,
+    and never more than streams x top-k), and the report says how much they shared."""
+    import moestream
+    from moestream.runtime.measure import bench
+
+    bundle = bundle_dir("qwen3_moe")
+    reads = []
+    real_load = bench.load
+
+    def load(*args, **kwargs):
+        loaded = real_load(*args, **kwargs)
+        store = moestream.runtime_of(loaded.model).store
+        real_read = store.read
+
+        def read(layer, experts):
+            reads.append(list(experts))
+            return real_read(layer, experts)
+
+        store.read = read
+        return loaded
+
+    bench.load = load
+    try:
+        r = bench.bench_bundle(bundle, prompt_tokens=6, gen_tokens=5, streams=3)
+    finally:
+        bench.load = real_load
+    k = moestream.inspect(bundle)["experts_per_token"]
+    assert reads and all(len(set(e)) == len(e) for e in reads), "a read never names an expert twice"
+    for run in ("streams_cold", "streams_warm"):
+        x = r[run]
+        assert x["streams"] == 3 and x["decode_tokens"] == 3 * 4 and x["decode_steps"] == 4
+        assert 0 < x["sharing"] <= 1 and x["distinct_experts_per_layer_step"] <= 3 * k
+        assert x["aggregate_tokens_per_s"] > 0 and x["batch_roofline_tokens_per_s"] > 0
+    assert r["streams_warm"]["aggregate_over_one_stream"] > 0

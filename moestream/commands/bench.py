@@ -22,6 +22,9 @@ def add_arguments(p) -> None:
                    "(the OS page cache on equal memory: see --page-cache), host (read into host buffers + copy), "
                    "stage / nostage (GPU staging copy), nocheck (no per-read checksum), default (the first run "
                    "again), policy:NAME, threads:N")
+    p.add_argument("--streams", type=positive_int, default=1,
+                   help="also decode this many streams at once (mlx-lm's batching, as the server does): aggregate "
+                        "and per-stream tok/s, the batch roofline, how many experts the streams shared")
     p.add_argument("--page-cache", choices=("equal", "all"), default="equal",
                    help="for --compare buffered: equal holds the machine's other memory so that the OS page cache "
                         "gets what the budget gives the expert cache; all lets it use every free byte")
@@ -49,7 +52,7 @@ def run(args) -> None:
     report = bench_bundle(resolve_bundle(args.bundle, revision=args.revision), args.budget_fraction,
                           args.prompt_tokens, args.gen_tokens, io={"mode": args.io_mode, "threads": args.io_threads},
                           compare=compare, reference_checkpoint=args.reference, full_layers=args.full_layers,
-                          page_cache=args.page_cache)
+                          page_cache=args.page_cache, streams=args.streams)
     print_report(report)
     if args.json:
         write_json(args.json, report)

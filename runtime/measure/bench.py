@@ -74,6 +74,48 @@ def decode(model, prompt: list[int], gen_tokens: int) -> dict:
     return out
 
 
+def decode_streams(model, prompts: list[list[int]], gen_tokens: int, ceiling_gbs: float) -> dict:
+    """Several streams decoded together by mlx-lm's own BatchGenerator (as mlx_lm.server batches
+    concurrent requests): aggregate and per-stream figures, the batch roofline (the ceiling over
+    the bytes missed per step, times the streams), and how much the streams shared experts
+    (distinct experts per layer and step over streams x top-k)."""
+    from mlx_lm.generate import BatchGenerator
+
+    rt = runtime_of(model)
+    rt.reset_stats()
+    n = len(prompts)
+    gen = BatchGenerator(model, stop_tokens=[], prefill_batch_size=n, completion_batch_size=n)
+    start = time.perf_counter()
+    stamps: dict[int, list[float]] = {uid: [] for uid in gen.insert(prompts, [gen_tokens] * n)}
+    after_first, steps = None, 0
+    while responses := gen.next_generated():
+        now = time.perf_counter()
+        if after_first is None:
+            after_first = rt.stats()  # prefill and every stream's first token: kept out of decode figures
+        else:
+            steps += 1
+        for r in responses:
+            stamps[r.uid].append(now)
+    gen.close()
+    s, p = rt.stats(), after_first
+    firsts = [t[0] for t in stamps.values()]
+    gaps = np.concatenate([np.diff(np.array(t)) for t in stamps.values()])
+    decode_s = max(t[-1] for t in stamps.values()) - min(firsts)
+    tokens = sum(len(t) - 1 for t in stamps.values())
+    d = {k: s[k] - p[k] for k in ("bytes_read", "reads", "io_wait_s", "moe_calls", "cache_hits", "cache_misses")}
+    lookups = d["cache_hits"] + d["cache_misses"]
+    per_step = d["bytes_read"] / max(steps, 1)
+    roofline = ceiling_gbs * 1e9 / max(per_step, 1) * n
+    aggregate = tokens / decode_s
+    return {"streams": n, "ttft_s": max(firsts) - start, "decode_steps": steps, "decode_tokens": tokens,
+            "aggregate_tokens_per_s": aggregate, "per_stream_tokens_per_s": aggregate / n,
+            "p50_token_ms": float(np.percentile(gaps, 50) * 1e3), "p99_token_ms": float(np.percentile(gaps, 99) * 1e3),
+            **d, "hit_rate": d["cache_hits"] / lookups if lookups else 0.0, "bytes_read_per_step": per_step,
+            "distinct_experts_per_layer_step": lookups / max(d["moe_calls"], 1),
+            "sharing": lookups / max(d["moe_calls"], 1) / (n * rt.experts_per_token),
+            "batch_roofline_tokens_per_s": roofline, "share_of_batch_roofline": aggregate / roofline}
+
+
 def naive_run(bundle_path: Path, prompt: list[int], gen_tokens: int, budget: int) -> dict:
     """The "LLM in a flash" baseline: every routed expert's tensors read one by one with plain
     buffered reads, no cache to speak of (one layer's experts), no coalescing, no threads."""
@@ -167,6 +209,15 @@ def print_report(r: dict) -> None:
                    f"leaving {fmt_bytes(pc['available_during'])} available" if pc["bytes"] else f"nothing held: {pc['why_not']}")
             print(f"{run}: the OS page cache instead of the expert cache, on {fmt_bytes(pc['target_bytes'])} "
                   f"(what the budget gave the expert cache): {how}")
+    for name in ("streams_cold", "streams_warm"):
+        if name in r:
+            x = r[name]
+            print(f"{name}: {x['streams']} streams, {x['aggregate_tokens_per_s']:.2f} tok/s in all "
+                  f"({x['per_stream_tokens_per_s']:.2f} each; p50 {x['p50_token_ms']:.0f} ms, p99 {x['p99_token_ms']:.0f} ms), "
+                  f"{x['bytes_read_per_step'] / 1e6:.1f} MB read per step, hit {x['hit_rate']:.1%}; batch roofline "
+                  f"{x['batch_roofline_tokens_per_s']:.2f}, share {x['share_of_batch_roofline']:.2f}; "
+                  f"{x['distinct_experts_per_layer_step']:.1f} distinct experts per layer step (sharing {x['sharing']:.2f})"
+                  + (f"; {x['aggregate_over_one_stream']:.2f}x one stream" if "aggregate_over_one_stream" in x else ""))
     if "naive" in r:
         print(f"naive loader (per-tensor buffered reads, no cache): {r['naive']['tokens_per_s']:.2f} tok/s; "
               f"moestream warm is {r['warm']['tokens_per_s'] / r['naive']['tokens_per_s']:.1f}x")
@@ -276,10 +327,11 @@ def _page_cache_memory(race: bool, page_cache: str, target: int):
 
 def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int = 16, gen_tokens: int = 24,
                  io: dict | None = None, compare: tuple[str, ...] = (), reference_checkpoint=None,
-                 full_layers: int | None = None, page_cache: str = "equal") -> dict:
+                 full_layers: int | None = None, page_cache: str = "equal", streams: int = 1) -> dict:
     """io: IOOptions fields for every run (e.g. {"mode": "buffered", "threads": 4}).
     page_cache: for the "buffered" comparison, "equal" holds the machine's other memory so that
-    the page cache gets what the budget gives the expert cache; "all" lets it use every free byte."""
+    the page cache gets what the budget gives the expert cache; "all" lets it use every free byte.
+    streams: also decode this many streams at once (mlx-lm's batching), cold then warm."""
     if page_cache not in ("equal", "all"):
         raise OptionsError(f"page_cache must be 'equal' or 'all', got {page_cache!r}")
     unknown = [c for c in compare if c != "naive" and _variant(c) is None]
@@ -358,6 +410,14 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
     for name in ("cold", "warm", "phases"):
         _derive(report[name], report["ceiling"]["gb_per_s"], n_moe, full)
 
+    if streams > 1:
+        prompts = [rng.integers(0, min(vocab, 50_000), size=prompt_tokens).tolist() for _ in range(streams)]
+        with load(bundle_path, memory_budget=budget, **_options(base, {})) as (model, _):
+            evict_page_cache(files)
+            for run in ("streams_cold", "streams_warm"):
+                report[run] = decode_streams(model, prompts, gen_tokens, report["ceiling"]["gb_per_s"])
+        one = report["warm"]["tokens_per_s"]
+        report["streams_warm"]["aggregate_over_one_stream"] = report["streams_warm"]["aggregate_tokens_per_s"] / one
     if "naive" in compare:
         report["naive"] = naive_run(bundle_path, prompt, gen_tokens, budget)
         n = report["naive"]
