@@ -65,6 +65,20 @@ def command_parser(name: str):
 
 
 def main(argv=None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # a reader that went away shows here, rather than as a traceback at exit
+    except BrokenPipeError:
+        # `moestream ... | head`: the reader has what it wanted. As the Python docs advise, stdout goes
+        # to devnull (the interpreter's last flush would fail again) and the exit code is a shell's
+        # for a command ended by SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _main(argv=None) -> int:
     from moestream.common.errors import MoestreamError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -78,6 +92,8 @@ def main(argv=None) -> int:
         code = module.run(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        raise  # not an error of the command: see main
     except (MoestreamError, OSError) as e:  # expected failures: one clear line, no traceback
         if os.environ.get("MOESTREAM_DEBUG"):
             raise
