@@ -4,23 +4,31 @@ Orchestration only; what the bundle holds is decided by `make_plan` and `run_ste
 retries of the fetch when the network or the Hub failed (never for a bad source or options),
 per-layer tasks whose finished work survives an interruption (the stage keeps each finished layer
 in the staging folder; the task's cache key says whether it is there, so a rerun skips it), task
-runners (threads, or Dask processes), and a summary artifact.
+runners (threads, or Dask processes), and a summary artifact. Without PREFECT_API_URL the flow talks
+to an embedded server that this module starts and stops, so that it can also stop it at once when
+the user interrupts the run (`stop_now`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any, Callable
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from ..common.hub import as_repo_id
+from ..stages.fetch import FetchError
 from ..stages.pack import staged_layer
 from ..stages.prepare import PrepareOptions, PrepareResult, make_plan, run_steps
 
@@ -58,24 +66,29 @@ def _task(name: str, fn):
 
 
 class PrefectSteps:
-    """Runs each step as a Prefect task; a mapped step's items are submitted to the task runner."""
+    """Runs each step as a Prefect task; a mapped step's items are submitted to the task runner.
+    progress(step, 0, total) as a step starts, then progress(step, done, total) as its items finish."""
 
     def __init__(self, progress=None):
         self.progress = progress
 
     def call(self, name, fn, *args):
+        self._report(name, 0, 1)
         result = _task(name, fn)(*args)
-        if self.progress is not None:
-            self.progress(name, 1, 1)
+        self._report(name, 1, 1)
         return result
 
     def map(self, name, fn, calls):
+        self._report(name, 0, len(calls))
         futures = [_task(name, fn).submit(*args) for args in calls]
         for done, future in enumerate(as_completed(futures), 1):
             future.result()  # the first failure stops the flow, with its own error
-            if self.progress is not None:
-                self.progress(name, done, len(futures))
+            self._report(name, done, len(futures))
         return [f.result() for f in futures]
+
+    def _report(self, name: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(name, done, total)
 
 
 def summary_markdown(meta: dict, out: Path) -> str:
@@ -92,14 +105,34 @@ def summary_markdown(meta: dict, out: Path) -> str:
     )
 
 
-# The running flow's progress callback: not a flow parameter, because Prefect records those.
-_progress = None
+@dataclass
+class _Current:
+    """The preparation running in this process: its progress callback (not a flow parameter, because
+    Prefect records those), and what `stop_now` has to stop."""
+
+    progress: Callable[[str, int, int], None] | None = None
+    flow_run_id: Any = None
+    server: Any = None  # the embedded server this module started, if any
+
+
+_current = _Current()
+
+
+def _steps_of_this_run() -> PrefectSteps:
+    """Records the flow run (for `stop_now`) and returns its step runner. The flow's code names this
+    function rather than `_current`: Dask pickles the flow function by value, with the globals it
+    names, and `_current` holds what cannot be pickled (the server, a progress display's lock)."""
+    from prefect.runtime import flow_run
+
+    _current.flow_run_id = flow_run.id
+    return PrefectSteps(_current.progress)
 
 
 @flow(name="prepare-bundle", task_runner=ThreadPoolTaskRunner(max_workers=2))
 def prepare_flow(options: PrepareOptions) -> dict:
-    plan = _task("plan", make_plan)(options)
-    bundle, meta = run_steps(plan, PrefectSteps(_progress))
+    steps = _steps_of_this_run()
+    plan = steps.call("plan", make_plan, options)
+    bundle, meta = run_steps(plan, steps)
     create_markdown_artifact(markdown=summary_markdown(meta, bundle), key="bundle-summary", description="moestream bundle")
     return meta
 
@@ -117,10 +150,11 @@ def task_runner_for(options: PrepareOptions):
 
 
 @contextmanager
-def shared_prefect_api():
-    """Dask workers are other processes: with no Prefect server configured, each would start
-    its own embedded one. Start one here and hand its URL to the workers through the
-    environment they inherit."""
+def prefect_api(progress=None):
+    """The user's server when PREFECT_API_URL is set; else an embedded one, started here rather than
+    by Prefect's client on first use, so that this module holds it: the logs still queued are sent
+    before it stops, Ctrl-C stops it at once (`stop_now`), and Dask workers, other processes, get
+    its URL through the environment they inherit instead of each starting its own."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if PREFECT_API_URL.value():
@@ -128,8 +162,10 @@ def shared_prefect_api():
         return
     from prefect.server.api.server import SubprocessASGIServer
 
-    server = SubprocessASGIServer()
+    server = _current.server = SubprocessASGIServer()
+    _step_event(progress, "start-server", 0)
     server.start()
+    _step_event(progress, "start-server", 1)
     old = os.environ.get("PREFECT_API_URL")
     os.environ["PREFECT_API_URL"] = server.api_url
     try:
@@ -144,6 +180,7 @@ def shared_prefect_api():
         else:
             os.environ["PREFECT_API_URL"] = old
         server.stop()
+        _current.server = None
 
 
 def _drain_to_api() -> None:
@@ -156,18 +193,71 @@ def _drain_to_api() -> None:
         worker.drain_all(timeout=5)
 
 
+def _step_event(progress, step: str, done: int) -> None:
+    if progress is not None:
+        progress(step, done, 1)
+
+
+def fail_fast(options: PrepareOptions, progress=None) -> None:
+    """A source that cannot work fails before the server starts (that takes seconds): a local folder
+    is planned here (it reads headers only, and imports what the flow's plan task needs, so that task
+    is quick), and a source that is neither a folder nor a Hub repo id is refused as the fetch would."""
+    local = Path(options.source).expanduser()
+    if local.is_dir():
+        _step_event(progress, "plan", 0)
+        make_plan(options)
+    else:
+        as_repo_id(options.source, local, FetchError, "checkpoint folder")
+
+
 def prepare_with_prefect(options: PrepareOptions, progress=None) -> PrepareResult:
     """Run the flow with the task runner the options ask for."""
-    global _progress
     start = time.perf_counter()
+    fail_fast(options, progress)
     runner = task_runner_for(options)
-    _progress = progress
+    _current.progress = progress
     try:
-        if options.distributed:
-            with shared_prefect_api():
-                meta = prepare_flow.with_options(task_runner=runner)(options)
-        else:
+        with prefect_api(progress):
             meta = prepare_flow.with_options(task_runner=runner)(options)
     finally:
-        _progress = None
+        _current.progress = _current.flow_run_id = None
     return PrepareResult(options.out, meta, time.perf_counter() - start, "prefect")
+
+
+def stop_now(wait: float = 1.5) -> None:
+    """What an interruption (Ctrl-C) does before the process exits; finished layers stay on disk for
+    a rerun either way. The embedded server got the same SIGINT from the terminal, so nothing more
+    is sent to it (Prefect's client would retry against it for a minute or more): it is stopped. A
+    server the user runs is told the flow run was cancelled and gets the log lines still queued,
+    waiting for it at most `wait` seconds."""
+    server, flow_run_id = _current.server, _current.flow_run_id
+    if server is not None:
+        _stop_process(server.server_process)
+    elif flow_run_id is not None:
+        told = threading.Thread(target=_mark_cancelled, args=(flow_run_id, wait), name="moestream-cancel", daemon=True)
+        told.start()
+        told.join(wait)
+
+
+def _stop_process(process: subprocess.Popen | None) -> None:
+    if process is None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=1)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def _mark_cancelled(flow_run_id, wait: float) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.logging.handlers import APILogWorker
+    from prefect.states import Cancelled
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(flow_run_id, Cancelled(message="interrupted by the user; finished layers are "
+                                                                     "kept for a rerun"), force=True)
+        APILogWorker.drain_all(timeout=wait)
+    except Exception:  # noqa: BLE001 - best effort on the way out: the run is ending whatever the server says
+        pass

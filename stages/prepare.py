@@ -408,17 +408,20 @@ def run_steps(plan: PreparePlan, run: StepRunner) -> tuple[Path, dict]:
 @dataclass
 class InProcess:
     """Steps run one after another in this process: no server, no retries, no parallelism.
-    progress(step, done, total) after each step (and each item of a mapped one)."""
+    progress(step, 0, total) as a step starts, then progress(step, done, total) after it (and after
+    each item of a mapped one)."""
 
     progress: Callable[[str, int, int], None] | None = None
     steps: list[str] = field(default_factory=list)
 
     def call(self, name, fn, *args):
+        self.report(name, 0, 1)
         result = fn(*args)
         self._done(name, 1, 1)
         return result
 
     def map(self, name, fn, calls):
+        self.report(name, 0, len(calls))
         out = []
         for i, args in enumerate(calls):
             out.append(fn(*args))
@@ -427,6 +430,9 @@ class InProcess:
 
     def _done(self, name: str, done: int, total: int) -> None:
         self.steps.append(name)
+        self.report(name, done, total)
+
+    def report(self, name: str, done: int, total: int) -> None:
         if self.progress is not None:
             self.progress(name, done, total)
 
@@ -436,6 +442,9 @@ def prepare_in_process(options: PrepareOptions, progress: Callable[[str, int, in
     if options.distributed:
         raise OptionsError("workers and a Dask address need the Prefect engine (the plain engine runs in one process)")
     start = time.perf_counter()
+    run = InProcess(progress)
+    run.report("plan", 0, 1)  # reported like a step: it reads the source (downloads a Hub repo but its weights)
     plan = make_plan(options)
-    bundle, meta = run_steps(plan, InProcess(progress))
+    run.report("plan", 1, 1)
+    bundle, meta = run_steps(plan, run)
     return PrepareResult(bundle, meta, time.perf_counter() - start, "plain")
