@@ -288,7 +288,7 @@ def test_prefect_engine_by_repo_id_with_drop_source_shards(tmp_path, source, loc
                PREFECT_HOME=str(tmp_path / "prefect-home"))
     out = tmp_path / "b"
     argv = [sys.executable, "-m", "moestream.cli", "prepare", REPO, "--out", str(out), "--expert-bits", "4",
-            "--drop-source-shards"]
+            "--drop-source-shards", "--json"]
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:

@@ -17,4 +17,8 @@ def add_arguments(p) -> None:
 def run(args) -> None:
     from moestream.demo import run_demo
 
+    from .prepare import quiet_prefect
+
+    quiet_prefect(False, None)  # the demo's own lines say what happens; Prefect's would drown them
+
     run_demo(workdir=args.workdir, family=args.family, preset=args.preset)
