@@ -256,3 +256,157 @@ def test_serve_command(bundle_dir, monkeypatch, capsys):
     assert not thread.is_alive()
     out = capsys.readouterr().out
     assert f"{handle.url}/v1" in out and "memory budget 8.00 MB" in out
+
+
+# --- what a user meets: the model id, tool calls that do not parse, a busy port, mlx-lm's options --
+
+
+def test_the_model_id_is_the_folder_name_or_the_repo_id(served, tmp_path):
+    import os
+
+    from moestream.runtime.frontends.serve import served_model_id
+
+    handle, model, _ = served
+    assert handle.model_id == "qwen3_moe-4-64" and not os.path.isabs(handle.model_id)
+    assert get(handle.url + "/v1/models")["data"][0]["id"] == "qwen3_moe-4-64"
+    snapshot = tmp_path / "hub" / "models--me--q3-moestream" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    assert served_model_id(model, str(snapshot)) == "me/q3-moestream"  # fetched by repo id into the HF cache
+    assert served_model_id(model, "me/q3-moestream") == "me/q3-moestream"  # as given on the command line
+    assert served_model_id(model, str(tmp_path / "hub")) == "hub"
+
+
+BROKEN_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": \n</tool_call>'
+
+
+def test_a_tool_call_that_does_not_parse_comes_back_as_text(served, monkeypatch):
+    """mlx-lm drops it and still says finish_reason "tool_calls"; the client gets the model's text."""
+    handle, _, tokenizer = served
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    for stream in (False, True):
+        with forced_reply(monkeypatch, tokenizer, BROKEN_CALL):
+            reply = post(handle.url, {"messages": messages, "tools": TOOLS, "max_tokens": 64, "stream": stream})
+        if stream:
+            text = "".join(c["choices"][0]["delta"].get("content", "") for c in reply)
+            assert not [tc for c in reply for tc in c["choices"][0]["delta"].get("tool_calls", [])]
+            finish = reply[-1]["choices"][0]["finish_reason"]
+        else:
+            message, finish = reply["choices"][0]["message"], reply["choices"][0]["finish_reason"]
+            text = message["content"]
+            assert "tool_calls" not in message
+        assert text == BROKEN_CALL and finish == "stop", (stream, reply)
+
+
+def test_good_and_broken_tool_calls_in_one_reply(served, monkeypatch):
+    handle, _, tokenizer = served
+    body = {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": TOOLS, "max_tokens": 96}
+    with forced_reply(monkeypatch, tokenizer, f"{TOOL_CALL}\n{BROKEN_CALL}"):
+        reply = post(handle.url, body)
+    choice = reply["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    (call,) = choice["message"]["tool_calls"]
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    assert choice["message"]["content"] == "\n" + BROKEN_CALL
+
+
+def test_a_tool_call_cut_by_max_tokens_comes_back_as_text(served, monkeypatch):
+    handle, _, tokenizer = served
+    ids = tokenizer.encode(TOOL_CALL, add_special_tokens=False)
+    cut = tokenizer.decode(ids[:8])
+    with forced_reply(monkeypatch, tokenizer, TOOL_CALL):
+        reply = post(handle.url, {"messages": [{"role": "user", "content": "Weather?"}], "tools": TOOLS,
+                                  "max_tokens": 8})
+    choice = reply["choices"][0]
+    assert choice["finish_reason"] == "length" and "tool_calls" not in choice["message"]
+    assert choice["message"]["content"] == cut and cut.startswith("<tool_call>")
+
+
+def test_a_text_completion_keeps_tool_call_markup_in_its_text(served, monkeypatch):
+    handle, _, tokenizer = served
+    with forced_reply(monkeypatch, tokenizer, TOOL_CALL):
+        req = urllib.request.Request(handle.url + "/v1/completions", data=json.dumps(
+            {"prompt": "The weather tool:", "max_tokens": 64}).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+            reply = json.loads(r.read())
+    assert reply["choices"][0]["text"] == TOOL_CALL and reply["choices"][0]["finish_reason"] == "stop"
+
+
+def test_mlx_server_options_pass_through(bundle_dir):
+    import moestream
+    from moestream.cli import command_parser
+    from moestream.commands.serve import MLX_OPTIONS
+    from moestream.runtime.frontends.serve import server_args, start_server
+
+    parser, _ = command_parser("serve")
+    args = parser.parse_args(["b", "--temp", "0.7", "--max-tokens", "3", "--decode-concurrency", "4",
+                              "--prompt-cache-bytes", "1GB", "--chat-template-args", '{"enable_thinking": false}'])
+    cli_args = server_args("m", **{name: getattr(args, name) for name in MLX_OPTIONS})
+    assert (cli_args.temp, cli_args.max_tokens, cli_args.decode_concurrency) == (0.7, 3, 4)
+    assert cli_args.prompt_cache_bytes == 10**9 and cli_args.chat_template_args == {"enable_thinking": False}
+    defaults = parser.parse_args(["b"])  # mlx_lm.server's own defaults
+    assert (defaults.max_tokens, defaults.temp, defaults.prompt_cache_size) == (512, 0.0, 10)
+    assert defaults.prefill_step_size is None  # the memory plan's chunk
+    model, tokenizer = moestream.load(bundle_dir("qwen3_moe"), dtype="float32")
+    with start_server(model, tokenizer, port=0, max_tokens=3, prefill_step_size=None) as handle:
+        reply = post(handle.url, {"messages": [{"role": "user", "content": "Hi"}]})  # no max_tokens: the server's
+        planned = getattr(moestream.runtime_of(model).plan, "prefill_tokens", None) or 2048
+        assert handle.generator.cli_args.prefill_step_size == planned
+    assert 1 <= reply["usage"]["completion_tokens"] <= 3
+
+
+def test_a_busy_port_is_one_line(bundle_dir, served):
+    import socket
+    import subprocess
+    import sys
+
+    from moestream.common.errors import MoestreamError
+    from moestream.runtime.frontends.serve import ServeError, start_server
+
+    _, model, tokenizer = served
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        threads = threading.active_count()
+        with pytest.raises(ServeError, match=f"127.0.0.1:{port}: the port is in use") as error:
+            start_server(model, tokenizer, port=port)
+        assert isinstance(error.value, MoestreamError) and isinstance(error.value, OSError)
+        assert threading.active_count() == threads  # no generation thread left behind
+        r = subprocess.run([sys.executable, "-m", "moestream.cli", "serve", str(bundle_dir("qwen3_moe")), "--port",
+                            str(port)], capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [
+        f"moestream serve: error: cannot listen on 127.0.0.1:{port}: the port is in use (another server is listening "
+        "there: stop it, choose another --port, or --port 0 for any free one)"]
+
+
+def test_serve_command_end_to_end_with_the_trained_fixture():
+    """`moestream serve` in its own process, spoken to over HTTP: the fixture's model id, a real
+    tool call from the trained model, Ctrl-C stops it with exit code 0."""
+    import signal
+    import subprocess
+    import sys
+
+    from moestream.demo import DEMO_REQUEST, DEMO_TOOLS, FIXTURE
+
+    proc = subprocess.Popen([sys.executable, "-m", "moestream.cli", "serve", str(FIXTURE), "--port", "0",
+                             "--log-level", "WARNING"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("moestream serve: http://"), (first, proc.stderr.read() if proc.poll() else "")
+        url = first.split()[2].removesuffix("/v1")
+        assert "model id qwen3-moe-tiny-tools" in first
+        assert [m["id"] for m in get(url + "/v1/models")["data"]] == ["qwen3-moe-tiny-tools"]
+        reply = post(url, {"model": "qwen3-moe-tiny-tools", "messages": [{"role": "user", "content": DEMO_REQUEST}],
+                           "tools": DEMO_TOOLS, "max_tokens": 64})
+        choice = reply["choices"][0]
+        assert choice["finish_reason"] == "tool_calls", choice
+        (call,) = choice["message"]["tool_calls"]
+        assert call["function"]["name"] == "weather_forecast"
+        assert json.loads(call["function"]["arguments"])["location"] == "Zagreb"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -55,3 +55,25 @@ def write_json(path, data) -> None:
     from moestream.common.files import write_json_atomic
 
     write_json_atomic(path, data, sort_keys=False, default=str)
+
+
+def add_prompt_options(p: argparse.ArgumentParser) -> None:
+    """The prompt options `generate` and `chat` share with mlx-lm's (`--system-prompt`,
+    `--prefill-step-size`), plus `--tools` and `--chat-template-config`."""
+    p.add_argument("--system-prompt", default=None, help="system prompt for the chat template")
+    p.add_argument("--tools", default=None, metavar="FILE",
+                   help="JSON file with a list of OpenAI-style tool schemas, given to the chat template (tools=) "
+                        "so the model can call them")
+    p.add_argument("--chat-template-config", default=None, metavar="JSON",
+                   help="keyword arguments for the chat template as a JSON object, e.g. '{\"enable_thinking\": false}'")
+    p.add_argument("--prefill-step-size", type=positive_int, default=None,
+                   help="prompt tokens processed at a time; smaller lowers the peak memory of a long prompt "
+                        "(default: from the memory plan)")
+
+
+def prompt_settings(args) -> dict:
+    """The tools and chat template arguments of `add_prompt_options`, read and checked (OptionsError)."""
+    from moestream.runtime.frontends.prompt import load_tools, template_args
+
+    return {"system_prompt": args.system_prompt, "tools": load_tools(args.tools) if args.tools else None,
+            "chat_template_args": template_args(args.chat_template_config)}

@@ -3,8 +3,9 @@ request queue, batching, prompt cache, streaming and tool-call parsing) serving 
 `moestream.load` built, so that experts stream from disk.
 
 The seam is mlx-lm's `ModelProvider`: ours hands out the already-loaded model and tokenizer for
-any requested model name (the served id is the bundle path; "default_model" works as in mlx-lm;
-other names are served by the same model, not refused). The HTTP server is built here rather
+any requested model name (the served id, which /v1/models lists, is the Hub repo id of a bundle
+loaded by repo id, else the bundle folder's name; "default_model" works as in mlx-lm; other names
+are served by the same model, not refused). The HTTP server is built here rather
 than by `mlx_lm.server.run`, which blocks and has no handle to stop it; `start_server` runs it in
 a background thread and returns a handle.
 
@@ -34,6 +35,15 @@ budget (mlx-lm's handler, generator and batching are otherwise used as they are)
   cancels the request: mlx-lm's own `GenerationContext.stop()` if it has started, which removes
   it from the batch at the next step, else it is dropped when the generation thread takes it from
   the queue. Other requests go on being served.
+- Tool calls that do not parse: mlx-lm's handler logs them and drops them, and still ends the
+  reply with `finish_reason: "tool_calls"`, so the client gets neither a call nor the text. Here
+  mlx-lm's parser is asked through `prompt.parse_tool_call` (which also refuses a call without a
+  name or with arguments that are not a JSON object), and a call that does not parse is returned
+  as text content, markup and all, as the model wrote it; a reply whose tool calls all failed
+  ends with `finish_reason: "stop"` (or "length" where max_tokens cut it). A text completion
+  (/v1/completions) has no tool calls in OpenAI's API: its tool-call markup stays in its text.
+- Listening: a port in use, an address that cannot be bound or resolved, a port outside
+  0-65535 are a `ServeError` (a MoestreamError and an OSError) in one line naming host:port.
 """
 
 from __future__ import annotations
@@ -55,8 +65,10 @@ from types import SimpleNamespace
 from mlx_lm import server as mlx_server
 from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache
 
+from ...common.errors import MoestreamError
 from ...common.units import fmt_bytes
 from ..model.load import runtime_of
+from .prompt import parse_tool_call
 
 # How often a waiting handler looks whether its client is still connected (seconds).
 POLL_S = 0.2
@@ -64,6 +76,29 @@ POLL_S = 0.2
 MIN_BODY_CAP = 16 << 20
 BODY_BYTES_PER_TOKEN = 64
 MAX_TOKENS_HEADER = "X-Moestream-Max-Tokens"
+
+
+class ServeError(MoestreamError, OSError):
+    """The server cannot start: the address is in use, cannot be bound or resolved, an option is out of range."""
+
+
+def served_model_id(model, source: str | None = None) -> str:
+    """The model id the server reports: the Hub repo id of a bundle loaded by repo id (`source` as
+    given when it is not a local path, or read from the HF cache's models--ORG--NAME/snapshots/<commit>
+    layout), else the bundle (or checkpoint) folder's name. Never an absolute path."""
+    from pathlib import Path
+
+    if source and not Path(source).expanduser().exists():
+        return str(source).strip().rstrip("/")
+    rt = runtime_of(model, required=False)
+    path = Path(source).expanduser() if source else getattr(rt, "path", None)
+    if path is None:
+        return "default_model"
+    path = Path(path).resolve()
+    repo = path.parent.parent.name
+    if path.parent.name == "snapshots" and repo.startswith("models--") and repo.count("--") >= 2:
+        return repo[len("models--"):].replace("--", "/")
+    return path.name or str(path)
 
 
 def server_args(model_id: str, host: str = "127.0.0.1", port: int = 8080, **overrides) -> argparse.Namespace:
@@ -381,6 +416,43 @@ class Ticket:
         self._ctx = None
         self._lock = threading.Lock()
         self._checked = 0.0
+        self.generated: list[str] = []  # the reply's text as the model wrote it (markup included)
+        self.unparsed: list[str] = []  # tool-call bodies that did not parse, not yet put back in the text
+        self.tool_calls_sent = 0
+
+    # -- tool calls that do not parse come back as text
+
+    def tool_parser(self, parser, as_text: bool = False):
+        """`parser` (the tokenizer's, as mlx-lm's handler calls it) checked by `parse_tool_call`: a
+        body that does not parse is recorded and refused with the ValueError mlx-lm's formatter
+        skips. `as_text` (a text completion): every body is refused, to stay in the text."""
+
+        def parse(text, tools=None):
+            calls = None if as_text else parse_tool_call(parser, text, tools)
+            if calls is None:
+                self.unparsed.append(text)
+                raise ValueError("moestream returns this tool call as text content")
+            return calls
+
+        return parse
+
+    def settle_tool_calls(self, text: str, finish_reason, tool_calls, stream: bool, start: str, end: str | None):
+        """(text, finish_reason) of one response (a whole reply or a stream chunk), with the markup
+        of the tool calls that did not parse put back in the text, and "tool_calls" as the finish
+        reason only if some call did parse."""
+        self.tool_calls_sent += len(tool_calls or ())
+        unparsed, self.unparsed = self.unparsed, []
+        if unparsed:
+            raw = "".join(self.generated)
+            # the reply ended inside a tool call (max_tokens): its markup has no end marker
+            open_last = finish_reason is not None and (not end or raw.rfind(start) > raw.rfind(end))
+            markup = "".join(start + body + ("" if open_last and i == len(unparsed) - 1 else end or "")
+                             for i, body in enumerate(unparsed))
+            # a stream chunk carries what came since the last chunk, which the call came before
+            text = markup + (text or "") if stream else (text or "") + markup
+        if finish_reason == "tool_calls" and not self.tool_calls_sent:
+            finish_reason = "stop"
+        return text, finish_reason
 
     def attach(self, ctx) -> None:
         """The generation thread started the request (mlx-lm's GenerationContext)."""
@@ -498,12 +570,14 @@ class StreamingResponseGenerator(mlx_server.ResponseGenerator):
                     if progress_callback is not None:
                         progress_callback(*response)
                     continue
+                ticket.generated.append(getattr(response, "text", "") or "")
                 yield response
 
         ctx = self._await(response_queue, ticket)
         if isinstance(ctx, Exception):  # the generation thread could not start this request
             raise _Respond(RequestError(f"Generation failed: {type(ctx).__name__}: {ctx}", 500,
                                         kind="server_error")) from ctx
+        ctx.tool_parser = ticket.tool_parser(ctx.tool_parser, as_text=request.request_type != "chat")
         return ctx, _inner()
 
     def _await(self, response_queue: Queue, ticket: Ticket):
@@ -609,6 +683,16 @@ class StreamingAPIHandler(mlx_server.APIHandler):
                 except OSError:
                     pass
 
+    def generate_response(self, text, finish_reason, *args, tool_calls=None, **kwargs):
+        """mlx-lm's response (or stream chunk), with tool calls that did not parse given back as text."""
+        ticket = getattr(self, "_ticket", None)
+        if ticket is not None:
+            tokenizer = self.response_generator.tokenizer
+            text, finish_reason = ticket.settle_tool_calls(
+                text, finish_reason, tool_calls, self.stream, getattr(tokenizer, "tool_call_start", None) or "",
+                getattr(tokenizer, "tool_call_end", None))
+        return super().generate_response(text, finish_reason, *args, tool_calls=tool_calls, **kwargs)
+
     # -- requests
 
     def do_GET(self):
@@ -668,7 +752,7 @@ class StreamingAPIHandler(mlx_server.APIHandler):
     def handle_completion(self, request, stop_words):
         """Counts the prompt and caps max_tokens before mlx-lm queues the request."""
         generator = self.response_generator
-        request.moestream_ticket = Ticket(self.connection)
+        request.moestream_ticket = self._ticket = Ticket(self.connection)
         if not generator.generation_available():
             raise _unavailable()
         _, max_tokens = generator.admit(request, self.chat_template_kwargs, self._body_bytes, self.max_tokens)
@@ -704,18 +788,23 @@ class ServerHandle:
 
 def start_server(model, tokenizer, host: str = "127.0.0.1", port: int = 0, model_id: str | None = None,
                  **mlx_options) -> ServerHandle:
-    """Serve `model` (from `moestream.load`) in background threads; port 0 picks a free port."""
-    model_id = model_id or str(runtime_of(model).path.resolve())
+    """Serve `model` (from `moestream.load`) in background threads; port 0 picks a free port.
+    `mlx_options` are `mlx_lm.server`'s options (`server_args`); prefill_step_size None or absent is
+    the memory plan's prefill chunk (mlx-lm's 2048 for a plan that sizes none). An address that
+    cannot be listened on is a ServeError, raised before the generation thread starts."""
+    model_id = model_id or served_model_id(model)
+    if mlx_options.get("prefill_step_size") is None:  # the chunk the memory plan sizes, where it sizes one
+        mlx_options.pop("prefill_step_size", None)
+        planned = getattr(getattr(runtime_of(model, required=False), "plan", None), "prefill_tokens", None)
+        if isinstance(planned, int) and planned > 0:
+            mlx_options["prefill_step_size"] = planned
     cli_args = server_args(model_id, host, port, **mlx_options)
-    generator = StreamingResponseGenerator(model, tokenizer, cli_args, context_limit(model))
-    family, *_, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    server_class = type("HTTPServer", (ThreadingHTTPServer,), {"address_family": family})
-    fingerprint = mlx_server.get_system_fingerprint()
+    httpd = listen(host, port, lambda *a, **kw: StreamingAPIHandler(generator, *a, system_fingerprint=fingerprint, **kw))
     try:
-        httpd = server_class(address[:2], lambda *a, **kw: StreamingAPIHandler(
-            generator, *a, system_fingerprint=fingerprint, **kw))
+        fingerprint = mlx_server.get_system_fingerprint()
+        generator = StreamingResponseGenerator(model, tokenizer, cli_args, context_limit(model))
     except BaseException:
-        generator.stop_and_join()
+        httpd.server_close()
         raise
     bound_host, bound_port = httpd.server_address[:2]
     url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
@@ -724,10 +813,38 @@ def start_server(model, tokenizer, host: str = "127.0.0.1", port: int = 0, model
     return ServerHandle(f"http://{url_host}:{bound_port}", model_id, httpd, generator, thread)
 
 
-def serve(model, tokenizer, host: str = "127.0.0.1", port: int = 8080, model_id: str | None = None) -> None:
-    """Serve until Ctrl-C (`moestream serve`): the model from `moestream.load`, on host:port."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(levelname)s - %(message)s")
-    handle = start_server(model, tokenizer, host, port, model_id=model_id)
+def listen(host: str, port: int, handler) -> ThreadingHTTPServer:
+    """A threading HTTP server bound to host:port, or a ServeError that says in one line why not."""
+    import errno
+
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ServeError(f"cannot listen on {where}: a port is a number from 0 to 65535 (0: any free port)")
+    try:
+        family, *_, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise ServeError(f"cannot listen on {where}: the host {host!r} does not resolve "
+                         f"({getattr(e, 'strerror', None) or e})") from None
+    server_class = type("HTTPServer", (ThreadingHTTPServer,), {"address_family": family})
+    try:
+        return server_class(address[:2], handler)
+    except OSError as e:
+        reasons = {
+            errno.EADDRINUSE: "the port is in use (another server is listening there: stop it, choose another "
+                              "--port, or --port 0 for any free one)",
+            errno.EADDRNOTAVAIL: "that address is not one of this machine's (--host 127.0.0.1 or 0.0.0.0 are)",
+            errno.EACCES: "permission denied (ports below 1024 need privileges)",
+        }
+        raise ServeError(f"cannot listen on {where}: {reasons.get(e.errno, e.strerror or str(e))}") from None
+
+
+def serve(model, tokenizer, host: str = "127.0.0.1", port: int = 8080, model_id: str | None = None,
+          log_level: str = "INFO", **mlx_options) -> None:
+    """Serve until Ctrl-C (`moestream serve`): the model from `moestream.load`, on host:port, with
+    `mlx_lm.server`'s options (`server_args`)."""
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(asctime)s - %(levelname)s - %(message)s")
+    handle = start_server(model, tokenizer, host, port, model_id=model_id, **mlx_options)
     plan, limit = runtime_of(model).plan, handle.generator.limit
     print(f"moestream serve: {handle.url}/v1 (OpenAI API; model id {handle.model_id})\n"
           f"memory budget {fmt_bytes(plan.budget_bytes)} (expert cache {fmt_bytes(plan.cache_bytes)}, "
