@@ -183,3 +183,38 @@ def write_json(path: str | Path | None, obj) -> None:
     if path:
         write_json_atomic(path, obj, default=str, sort_keys=False)
         print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------- process memory
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now (Linux /proc; 0 elsewhere)."""
+    return _status_kib("VmRSS") * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak RSS of this process (VmHWM) to its RSS now, so that peak_rss_bytes()
+    measures from here (Linux >= 4.0: /proc/self/clear_refs "5"). False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """The kernel's peak RSS of this process (VmHWM) since it started or reset_peak_rss()."""
+    return _status_kib("VmHWM") * 1024
+
+
+def _status_kib(field: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0

@@ -1,14 +1,26 @@
-"""The memory budget: one number covering resident weights, the KV cache, read buffers and the
-expert cache, split up front so that the expert cache gets what is left.
+"""The memory budget: one number covering resident weights, the KV cache, read buffers, the
+activations of a prefill chunk and the expert cache, split up front so that the expert cache gets
+what is left.
 
 `MemoryNeeds` is what a model holds besides its expert cache, computed once from its sizes (the
 same function whether the model is loaded or only planned: `plan_memory` does not build it);
 `MemoryNeeds.plan(budget)` splits a budget, or refuses one too small with the minimum it needs.
+
+A forward pass over many tokens allocates far more than a decode step: attention scores (every
+head, chunk x context, where MLX does not fuse attention), the MoE intermediates of every token's
+k experts, the stacked weights of every expert the chunk routes to. So the prompt is prefilled in
+chunks (mlx-lm's `prefill_step_size`) and the plan picks the chunk: `Activations.transient_bytes`
+sizes what a chunk allocates from the config, and `MemoryPlan.prefill_tokens` is the largest chunk
+(up to mlx-lm's default) that fits what the budget leaves besides the expert cache, never taking
+more than the cache gets.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import dataclass, field, fields
+
+import mlx.core as mx
 
 from ...common.errors import OptionsError
 from ...common.units import fmt_bytes
@@ -16,6 +28,14 @@ from ...common.units import fmt_bytes
 # KV cache kept in reserve by default: this many tokens of context (mlx-lm's --max-kv-size bounds
 # the cache the same way; a longer context than the reserve would exceed the budget).
 DEFAULT_KV_TOKENS = 4096
+# The largest prefill chunk a plan picks: mlx-lm's own default prefill_step_size, so a budget with
+# room prefills as mlx-lm does.
+DEFAULT_PREFILL_TOKENS = 2048
+# The smallest: what the minimum budget prefills with. On this CPU a 16-token chunk already costs
+# no more per token than 1024-token chunks (62 vs 56 ms/token, `small` preset).
+MIN_PREFILL_TOKENS = 16
+# mlx-lm's KVCache grows in steps of this many tokens (its RotatingKVCache never past max_size).
+KV_STEP = 256
 
 
 class BudgetError(OptionsError):
@@ -23,17 +43,76 @@ class BudgetError(OptionsError):
 
 
 @dataclass(frozen=True)
+class Activations:
+    """What one forward pass allocates besides the weights, from the model's config. An upper
+    bound, checked against mx.get_peak_memory() on the CPU backend (bench/budget_prompts.py
+    --check-formula; qwen3_moe `small` preset and the trained fixture, chunks of 16-1024 tokens over
+    0-2048 cached ones): measured / formula 0.52-0.95, highest where attention scores dominate.
+    Where it overcounts: MLX donates buffers (softmax in place) that it counts apart, and the
+    routed experts' outputs take 3 k hidden only when the experts come in several groups."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int  # the larger of the query/key and the value head dims
+    experts_per_token: int
+    num_experts: int
+    expert_intermediate: int
+    shared_intermediate: int  # shared experts of an MoE layer, together
+    dense_intermediate: int  # a dense MLP layer's (first_k_dense, mlp_only_layers)
+    vocab: int
+    itemsize: int  # of the compute dtype
+    kv_bytes_per_token: int
+    fused_attention: bool  # MLX's fused SDPA: no scores in memory (Metal, for these head dims)
+
+    def transient_bytes(self, tokens: int, keys: int) -> int:
+        """Bytes a forward pass of `tokens` new tokens allocates at its peak when attention sees
+        `keys` keys, besides the weights, the expert cache, the routed experts' stacked weights and
+        a KV cache of the reserve's size:
+
+        - KV past the reserve: the chunk's own tokens (a RotatingKVCache holds max_size - 1 + chunk
+          during a chunk) and KVCache's 256-token growth step; one layer's old cache while it is
+          copied into a larger one;
+        - attention (unless fused): scores of every head, tokens x keys, softmax in place, and the
+          causal mask (1 byte each); per token: the normed input, q/k/v, their norms and rotations,
+          the attention output and its projection;
+        - the MoE block, per token: the input gathered once per routed expert, the k outputs and
+          their unsorted copy (3 k hidden), up and gate (2 k intermediate), the router (2 experts),
+          the shared experts (3 intermediate); a dense MLP layer (3 intermediate) if larger;
+        - the residual stream held across both (6 hidden per token);
+        - the logits of the last token (logits, log-softmax, sampling: 4 vocab).
+        """
+        b, c, s, h = self.itemsize, tokens, keys, self.hidden
+        kv = self.kv_bytes_per_token * (c + KV_STEP) + self.kv_bytes_per_token // max(self.layers, 1) * (s + KV_STEP)
+        scores = 0 if self.fused_attention else self.heads * c * s * b + c * s
+        attention = scores + c * b * (3 * h + 6 * self.heads * self.head_dim + 4 * self.kv_heads * self.head_dim)
+        k = self.experts_per_token
+        moe = c * b * (3 * k * h + 2 * k * self.expert_intermediate + 2 * self.num_experts + 3 * self.shared_intermediate)
+        mlp = max(moe, c * b * 3 * self.dense_intermediate)
+        return kv + max(attention, mlp) + 6 * c * h * b + 4 * self.vocab * b
+
+
+@dataclass(frozen=True)
 class MemoryPlan:
-    """How a budget is split. All in bytes; budget_bytes and cache_bytes are None when unbounded."""
+    """How a budget is split. All in bytes; budget_bytes and cache_bytes are None when unbounded.
+    budget >= resident + kv_reserve + buffer + activation + cache + held_extra."""
 
     budget_bytes: int | None
     resident_bytes: int
     kv_reserve_bytes: int
     kv_tokens: int
-    buffer_bytes: int  # read buffers: one layer's routed experts in flight
+    # working memory the least budget needs besides the cache: one layer's routed experts in flight
+    # (read, or stacked for the matmul), and the activations of a MIN_PREFILL_TOKENS chunk and of a
+    # decode step at a full KV reserve
+    buffer_bytes: int
     min_layer_bytes: int  # one layer's routed experts: the least the expert cache must hold
-    cache_bytes: int | None  # what the expert cache gets (None: unbounded)
+    cache_bytes: int | None  # what the expert cache gets (None: unbounded), as the cache counts experts
     expert_bytes: int  # every expert, in memory
+    prefill_tokens: int  # the prefill chunk (mlx-lm's prefill_step_size) this budget holds at a full KV reserve
+    activation_bytes: int  # what that chunk needs beyond buffer_bytes (activations, stacked experts)
+    held_extra_bytes: int  # what cached experts hold beyond what the cache counts (see MemoryNeeds.held_ratio)
+    needs: MemoryNeeds | None = field(default=None, repr=False)
 
     @property
     def minimum_bytes(self) -> int:
@@ -47,8 +126,18 @@ class MemoryPlan:
             return None
         return min(1.0, self.cache_bytes / self.expert_bytes) if self.expert_bytes else 1.0
 
+    def prefill_tokens_for(self, prompt_tokens: int) -> int:
+        """The prefill chunk for a prompt of this many tokens (cached ones included): at least
+        prefill_tokens (or the whole prompt if shorter); larger where the prompt leaves part of
+        the KV reserve unused, since a chunk then sees fewer keys and the unused reserve can hold
+        its activations."""
+        if self.needs is None or self.budget_bytes is None:
+            return min(self.prefill_tokens, max(prompt_tokens, 1))
+        return self.needs.prefill_tokens_for(prompt_tokens, self.prefill_tokens, self.cache_bytes)
+
     def as_dict(self) -> dict:
-        return {**asdict(self), "minimum_bytes": self.minimum_bytes, "cache_share": self.cache_share}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "needs"}
+        return {**d, "minimum_bytes": self.minimum_bytes, "cache_share": self.cache_share}
 
 
 @dataclass(frozen=True)
@@ -58,42 +147,157 @@ class MemoryNeeds:
     kv_tokens: int
     layer_bytes: int  # the most one MoE layer's k largest experts take
     expert_bytes: int  # every expert, in the compute dtype
+    activations: Activations | None = None
+    # the most bytes of one layer's n largest experts, n = 1..E (the weights a chunk routing to n
+    # experts stacks for its matmul)
+    routed_bytes: tuple[int, ...] = ()
+    # memory an expert holds once read per byte the cache counts for it (>= 1): on the CPU in
+    # float32 an extent read straight into MLX memory keeps its bf16 scales alive beside their
+    # float32 copies, and each read carries 4 KB of alignment
+    held_ratio: float = 1.0
 
     @property
     def kv_reserve_bytes(self) -> int:
         return self.kv_bytes_per_token * self.kv_tokens
 
+    # ---- the parts of a plan
+
+    def _held(self, nbytes: int) -> int:
+        return math.ceil(nbytes * self.held_ratio)
+
+    def _transient(self, tokens: int, keys: int | None = None) -> int:
+        if self.activations is None:
+            return 0
+        return self.activations.transient_bytes(tokens, self.kv_tokens + tokens if keys is None else keys)
+
+    def _stacked(self, tokens: int, cache: int | None) -> int:
+        """The routed experts a chunk stacks beyond one layer's k (which the buffers hold): the
+        streaming layer stacks as many as the cache holds at once, up to every expert routed."""
+        if not self.routed_bytes or self.activations is None:
+            return 0
+        routed = self.routed_bytes[min(len(self.routed_bytes), tokens * self.activations.experts_per_token) - 1]
+        group = routed if cache is None else min(routed, cache)
+        return self._held(max(0, group - self.layer_bytes))
+
+    @property
+    def buffer_bytes(self) -> int:
+        return (self._held(self.layer_bytes) + self._held(self.layer_bytes) - self.layer_bytes
+                + self._transient(MIN_PREFILL_TOKENS))
+
+    @property
+    def minimum_bytes(self) -> int:
+        return self.resident_bytes + self.kv_reserve_bytes + self.buffer_bytes + self.layer_bytes
+
+    def _extra(self, tokens: int) -> int:
+        """Activations of a chunk beyond those of the smallest one (which the buffers hold)."""
+        return self._transient(tokens) - self._transient(MIN_PREFILL_TOKENS)
+
+    def _cache_cost(self, cache: int) -> int:
+        """Budget the cache takes beyond one layer's experts (which the minimum holds)."""
+        return self._held(cache - self.layer_bytes)
+
+    def _largest_cache(self, tokens: int, spare: int) -> int | None:
+        """The largest cache whose cost and stacked experts fit `spare` beside a chunk of
+        `tokens` (None if not even the minimum cache does)."""
+        room = spare - self._extra(tokens)
+        if room < 0:
+            return None
+        lo, hi = self.layer_bytes, self.layer_bytes + room + 1  # costs are at least their bytes
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self._cache_cost(mid) + self._stacked(tokens, mid) <= room:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def _largest_chunk(self, fits) -> int:
+        """The largest chunk in [MIN_PREFILL_TOKENS, DEFAULT_PREFILL_TOKENS] for which fits(chunk)
+        (fits is monotone: true up to some chunk; the smallest always fits)."""
+        lo, hi = MIN_PREFILL_TOKENS, DEFAULT_PREFILL_TOKENS + 1
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def chunk_bytes(self, tokens: int, keys: int, cache: int | None) -> int:
+        """What one forward pass of `tokens` tokens over `keys` keys allocates at its peak beyond the
+        resident weights, the expert cache's contents and the KV cache it started with: its
+        activations, one layer's routed experts in flight and the larger group the streaming layer
+        stacks when the cache holds more (what bench/budget_prompts.py --check-formula measures)."""
+        return self._transient(tokens, keys) + self._held(self.layer_bytes) + self._stacked(tokens, cache)
+
+    # ---- plans
+
     def budget_for_share(self, share: float) -> int:
-        """The budget whose expert cache holds `share` of all experts (at least one layer's k)."""
+        """The budget whose expert cache holds `share` of all experts (at least one layer's k),
+        with the largest prefill chunk whose activations take no more than that cache."""
         if not 0 < share <= 1:
             raise OptionsError(f"an expert cache share must be in (0, 1], got {share}")
         cache = max(self.layer_bytes, int(share * self.expert_bytes))
-        return self.resident_bytes + self.kv_reserve_bytes + self.layer_bytes + cache
+        tokens = self._largest_chunk(lambda c: self._extra(c) <= cache)
+        return self.minimum_bytes + self._extra(tokens) + self._stacked(tokens, cache) + self._cache_cost(cache)
 
     def plan(self, budget: int | None) -> MemoryPlan:
-        fixed = self.resident_bytes + self.kv_reserve_bytes + self.layer_bytes
-        cache = None if budget is None else budget - fixed
-        plan = MemoryPlan(budget, self.resident_bytes, self.kv_reserve_bytes, self.kv_tokens, self.layer_bytes,
-                          self.layer_bytes, cache, self.expert_bytes)
-        if budget is not None and budget < plan.minimum_bytes:
+        parts = dict(budget_bytes=budget, resident_bytes=self.resident_bytes, kv_reserve_bytes=self.kv_reserve_bytes,
+                     kv_tokens=self.kv_tokens, buffer_bytes=self.buffer_bytes, min_layer_bytes=self.layer_bytes,
+                     expert_bytes=self.expert_bytes, needs=self)
+        if budget is None:
+            tokens = DEFAULT_PREFILL_TOKENS
+            return MemoryPlan(cache_bytes=None, prefill_tokens=tokens,
+                              activation_bytes=self._extra(tokens) + self._stacked(tokens, None), held_extra_bytes=0,
+                              **parts)
+        if budget < self.minimum_bytes:
             raise BudgetError(
                 f"memory budget {fmt_bytes(budget)} is too small: resident weights {fmt_bytes(self.resident_bytes)} + "
-                f"KV cache reserve {fmt_bytes(self.kv_reserve_bytes)} ({self.kv_tokens} tokens) + read buffers "
-                f"{fmt_bytes(self.layer_bytes)} + one layer's routed experts {fmt_bytes(self.layer_bytes)} need at "
-                f"least {fmt_bytes(plan.minimum_bytes)} ({plan.minimum_bytes} bytes)"
+                f"KV cache reserve {fmt_bytes(self.kv_reserve_bytes)} ({self.kv_tokens} tokens) + buffers "
+                f"{fmt_bytes(self.buffer_bytes)} (one layer's routed experts in flight, the activations of a "
+                f"{MIN_PREFILL_TOKENS}-token prefill chunk) + one layer's routed experts {fmt_bytes(self.layer_bytes)} "
+                f"need at least {fmt_bytes(self.minimum_bytes)} ({self.minimum_bytes} bytes)"
             )
-        return plan
+        spare = budget - self.minimum_bytes
+
+        def fits(tokens: int) -> bool:
+            cache = self._largest_cache(tokens, spare)
+            return cache is not None and self._extra(tokens) <= cache
+
+        tokens = self._largest_chunk(fits)
+        cache = self._largest_cache(tokens, spare)
+        return MemoryPlan(cache_bytes=cache, prefill_tokens=tokens,
+                          activation_bytes=self._extra(tokens) + self._stacked(tokens, cache),
+                          held_extra_bytes=self._cache_cost(cache) - (cache - self.layer_bytes), **parts)
+
+    def prefill_tokens_for(self, prompt_tokens: int, planned: int, cache: int | None) -> int:
+        """MemoryPlan.prefill_tokens_for: the largest chunk up to DEFAULT_PREFILL_TOKENS whose
+        activations and stacked experts, with attention over at most the prompt's keys, fit what
+        the plan keeps for its own chunk plus the KV reserve the prompt leaves unused."""
+        prompt_tokens = max(int(prompt_tokens), 1)
+        room = self._transient(planned) + self._stacked(planned, cache)
+        unused = self.kv_bytes_per_token * max(0, self.kv_tokens - prompt_tokens)
+
+        def fits(tokens: int) -> bool:
+            keys = min(prompt_tokens, self.kv_tokens + tokens)
+            return self._transient(tokens, keys) + self._stacked(tokens, cache) <= room + unused
+
+        tokens = max(planned, self._largest_chunk(fits))
+        return min(tokens, prompt_tokens)
 
 
 def memory_needs(expert_sizes: dict[tuple[int, int], int], k: int, resident_bytes: int, config: dict,
-                 itemsize: int, kv_tokens: int | None = None) -> MemoryNeeds:
+                 itemsize: int, kv_tokens: int | None = None, held_ratio: float = 1.0) -> MemoryNeeds:
     """expert_sizes: (layer, expert) -> bytes in memory; k: experts per token; itemsize: of the
-    compute dtype (the KV cache's)."""
+    compute dtype (the KV cache's); held_ratio: see MemoryNeeds."""
     kv_tokens = DEFAULT_KV_TOKENS if kv_tokens is None else kv_tokens
     if not isinstance(kv_tokens, int) or kv_tokens < 1:
         raise OptionsError(f"max_kv_size must be a positive number of tokens, got {kv_tokens!r}")
-    return MemoryNeeds(resident_bytes, kv_bytes_per_token(config, itemsize), kv_tokens,
-                       layer_bytes(expert_sizes, k), sum(expert_sizes.values()))
+    per_token = kv_bytes_per_token(config, itemsize)
+    num_experts = max((e + 1 for _, e in expert_sizes), default=0)
+    return MemoryNeeds(resident_bytes, per_token, kv_tokens, layer_bytes(expert_sizes, k), sum(expert_sizes.values()),
+                       activations(config, k, num_experts, itemsize, per_token), routed_bytes(expert_sizes),
+                       max(1.0, float(held_ratio)))
 
 
 def layer_bytes(expert_sizes: dict[tuple[int, int], int], k: int) -> int:
@@ -102,6 +306,21 @@ def layer_bytes(expert_sizes: dict[tuple[int, int], int], k: int) -> int:
     for (layer, _), n in expert_sizes.items():
         by_layer.setdefault(layer, []).append(n)
     return max((sum(sorted(v, reverse=True)[:k]) for v in by_layer.values()), default=0)
+
+
+def routed_bytes(expert_sizes: dict[tuple[int, int], int]) -> tuple[int, ...]:
+    """For n = 1..E: the most bytes one layer's n largest experts take."""
+    by_layer: dict[int, list[int]] = {}
+    for (layer, _), n in expert_sizes.items():
+        by_layer.setdefault(layer, []).append(n)
+    out: list[int] = []
+    for sizes in by_layer.values():
+        total, sums = 0, []
+        for n in sorted(sizes, reverse=True):
+            total += n
+            sums.append(total)
+        out = [max(a, b) for a, b in zip(out, sums, strict=False)] + out[len(sums):] + sums[len(out):]
+    return tuple(out)
 
 
 def kv_bytes_per_token(config: dict, itemsize: int) -> int:
@@ -115,3 +334,40 @@ def kv_bytes_per_token(config: dict, itemsize: int) -> int:
         head_dim = int(cfg.get("qk_nope_head_dim", 0)) + int(cfg.get("qk_rope_head_dim", 0))
         heads = int(cfg.get("num_attention_heads", 0))
     return 2 * layers * heads * int(head_dim) * itemsize
+
+
+def _int(cfg: dict, *keys: str, default: int = 0) -> int:
+    for key in keys:
+        value = cfg.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return default
+
+
+def fused_attention(head_dim: int) -> bool:
+    """Whether MLX's fast SDPA runs fused for a prefill (no scores in memory): on Metal, for head
+    dims 64, 80 and 128 (mlx/backend/metal/scaled_dot_product_attention.cpp, use_fallback). The CPU
+    backend always runs the unfused ops; the CUDA backend does for prefills in some versions, so it
+    is counted as unfused (the safe side)."""
+    return mx.default_device() == mx.gpu and mx.metal.is_available() and head_dim in (64, 80, 128)
+
+
+def activations(config: dict, k: int, num_experts: int, itemsize: int, kv_per_token: int) -> Activations:
+    """The sizes Activations needs, from the config (its text_config for multimodal models)."""
+    cfg = config.get("text_config", config)
+    hidden = _int(cfg, "hidden_size", "d_model", "n_embd")
+    heads = _int(cfg, "num_attention_heads", "n_head", default=1)
+    kv_heads = _int(cfg, "num_key_value_heads", default=heads)
+    head_dim = _int(cfg, "head_dim", default=hidden // heads if heads else 0)
+    if cfg.get("kv_lora_rank"):  # MLA: per head, keys of nope + rope dims, values of v_head_dim
+        head_dim = max(_int(cfg, "qk_nope_head_dim") + _int(cfg, "qk_rope_head_dim"), _int(cfg, "v_head_dim"))
+        kv_heads = heads
+    head_dim = max(head_dim, _int(cfg, "v_head_dim"))
+    expert = _int(cfg, "moe_intermediate_size", "expert_intermediate_size", "intermediate_size", default=4 * hidden)
+    shared = _int(cfg, "shared_expert_intermediate_size")
+    if not shared and _int(cfg, "n_shared_experts", "num_shared_experts"):
+        shared = _int(cfg, "n_shared_experts", "num_shared_experts") * expert
+    dense = _int(cfg, "intermediate_size", default=expert)
+    vocab = _int(cfg, "vocab_size", default=_int(config, "vocab_size"))
+    return Activations(_int(cfg, "num_hidden_layers", "num_layers", default=1), hidden, heads, kv_heads, head_dim, k,
+                       num_experts, expert, shared, dense, vocab, itemsize, kv_per_token, fused_attention(head_dim))

@@ -31,7 +31,7 @@ from ...manifests.checkpoint import SourceCheckpoint
 from ...manifests.open import open_bundle
 from ..cache.expert_cache import ExpertCache
 from ..cache.policies import configure_policy, make_policy
-from ..io.reader import ALIGN, IO_MODES, ExtentReader
+from ..io.reader import ALIGN, IO_MODES, ExtentReader, align_down, align_up
 from ..io.staging import mlx_uses_cuda
 from ..io.stores import READ_INTO, BundleStore, CheckpointStore
 from .budget import MemoryNeeds, MemoryPlan, memory_needs
@@ -40,6 +40,7 @@ from .modules import install_streaming, set_experts_per_token
 from .streaming import ExpertStreamer
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+DTYPES_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # float tensors of an extent, cast when read
 # Extents are 16 KiB aligned: neighbours (experts that fire together, in profile order) are at most
 # their padding apart, so a gap of one alignment unit merges them into one read.
 COALESCE_GAP = EXTENT_ALIGNMENT
@@ -206,7 +207,34 @@ def _open_source(path: Path, verify: bool, reader: ExtentReader | None, dtype, i
 
 def _needs(store, num_experts: int, k: int, resident_bytes: int, config: dict, dtype, max_kv_size) -> MemoryNeeds:
     sizes = {(layer, e): store.nbytes(layer, e) for layer in store.layers for e in range(num_experts)}
-    return memory_needs(sizes, k, resident_bytes, config, (dtype or mx.bfloat16).size, max_kv_size)
+    return memory_needs(sizes, k, resident_bytes, config, (dtype or mx.bfloat16).size, max_kv_size,
+                        _held_ratio(store, dtype))
+
+
+def _held_ratio(store, dtype) -> float:
+    """The most memory an expert holds once read, per byte the cache counts for it (store.nbytes).
+    A bundle's extent read straight into MLX memory (the default) stays whole while its tensors are
+    views of it: host_buffers allocates its O_DIRECT read span (ALIGN-aligned) plus ALIGN bytes, and
+    float tensors cast to the compute dtype (bf16 scales and biases on the CPU in float32) are
+    copies beside it. Checked against mx.get_active_memory() (tests/test_budget_prompts.py). The
+    other read paths hold less (a staging copy takes the extent's bytes; host buffers, zstd extents
+    and source checkpoints only the tensors), but are planned the same, so that one budget gives
+    every read path the same expert cache (and plan_memory, which knows no read path, agrees)."""
+    if not isinstance(store, BundleStore):
+        return 1.0
+    name = None if dtype is None else str(dtype).replace("mlx.core.", "")
+    worst = 1.0
+    for (layer, expert), x in store.bundle.extents.items():
+        counted = store.nbytes(layer, expert)
+        if not counted:
+            continue
+        span = align_up(x.offset + x.nbytes) - align_down(x.offset)
+        held = -(-(span + ALIGN) // 4) * 4
+        if name is not None:
+            held += sum(t.nbytes // DTYPES_BYTES[t.dtype] * dtype.size for t in x.tensors
+                        if t.dtype in DTYPES_BYTES and t.dtype != name)
+        worst = max(worst, held / counted)
+    return worst
 
 
 def _check_k(experts_per_token: int | None, num_experts: int) -> None:
@@ -270,14 +298,17 @@ def load(
     generate / stream_generate / server; also a context manager that closes the model.
 
     memory_budget: bytes or a string like "6GB" covering resident weights, the KV cache reserve,
-        read buffers and the expert cache (None: no limit, every expert stays once read). Too
-        small a budget is refused with the minimum it needs; `plan_memory` sizes one from a share
-        of the experts without loading.
+        read buffers, the activations of a prefill chunk and the expert cache (None: no limit,
+        every expert stays once read). Too small a budget is refused with the minimum it needs;
+        `plan_memory` sizes one from a share of the experts without loading. The plan's
+        `prefill_tokens` is the prefill chunk (mlx-lm's prefill_step_size) the budget holds;
+        `generate_text` uses it.
     experts_per_token: lower (or raise) the routed top-k of every MoE layer; the family's own code
         renormalises the router's weights.
     cache_policy: "lru", "lfu", or with a routing profile "hot", "prior", "lrfu".
     prefetch: read the next MoE layer's experts early, predicted by its own router.
-    max_kv_size: tokens of KV cache the budget reserves (default 4096).
+    max_kv_size: tokens of KV cache the budget reserves (default 4096); `generate_text` bounds
+        the cache to it as mlx-lm's max_kv_size does (a rotating cache).
     dtype: compute dtype, "float32" / "bfloat16" / "float16" (None: float32 on the CPU, the
         source dtype on GPUs).
     revision: branch, tag or commit of a Hub repo id.
@@ -331,9 +362,9 @@ def _load(path, reader, memory_budget, experts_per_token, cache_policy, prefetch
     resident = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     plan = _needs(store, num_experts, k, resident, config, compute_dtype, max_kv_size).plan(budget)
     cache.capacity_bytes = plan.cache_bytes
-    # idle read buffers (host buffers, staging arrays) are the "read buffers" the budget counts
+    # idle read buffers (host buffers, staging arrays) are the read buffers the budget counts
     # (one layer's k experts; one kind is in use per read mode), plus each read's alignment
-    idle = plan.buffer_bytes + k * ALIGN
+    idle = plan.min_layer_bytes + k * ALIGN
     reader.limit_idle_buffers(idle)
     if hasattr(store, "staging"):
         store.staging.max_idle_bytes = idle
