@@ -45,8 +45,10 @@ def run_demo(workdir: str | Path = "moestream-demo", family: str | None = None, 
     plan = moestream.plan_memory(bundle, expert_cache_share=CACHE_SHARE)
     budget, cache = plan.budget_bytes, plan.cache_bytes
     print(f"[3/3] generate: memory budget {fmt_bytes(budget)} = resident {fmt_bytes(plan.resident_bytes)} + "
-          f"KV reserve {fmt_bytes(plan.kv_reserve_bytes)} + buffers {fmt_bytes(plan.buffer_bytes)} + expert "
-          f"cache {fmt_bytes(cache)} ({plan.cache_share:.0%} of the {fmt_bytes(plan.expert_bytes)} of experts)")
+          f"KV reserve {fmt_bytes(plan.kv_reserve_bytes)} + buffers {fmt_bytes(plan.buffer_bytes)} + prefill "
+          f"activations {fmt_bytes(plan.activation_bytes)} + expert cache {fmt_bytes(cache)} ({plan.cache_share:.0%} "
+          f"of the {fmt_bytes(plan.expert_bytes)} of experts) + what cached experts hold beyond their bytes "
+          f"{fmt_bytes(plan.held_extra_bytes)}")
     loaded = moestream.load(bundle, memory_budget=budget)
     model, tokenizer = loaded
     if trained:
