@@ -236,15 +236,16 @@ def check_resident_header(path: Path, what: str) -> None:
         raise BundleError(f"{what}: not a safetensors file ({type(e).__name__}: {e})") from None
 
 
-# Files a loader (transformers' tokenizer, mlx-lm, the cache policies) reads when present: each must
-# be listed in bundle.json, so that its checksum covers it; an unlisted one (planted after the bundle
-# was made) would change the model's behaviour unchecked. Other unlisted files (README.md,
-# quality.json) are never read and are allowed.
+# Files the tokenizer loader (transformers') reads when present and that change what the model
+# says: each must be listed in bundle.json, so that its checksum covers it; an unlisted one (planted
+# after the bundle was made) would change every prompt unchecked. Other unlisted files are allowed:
+# README.md, quality.json, a profile added later (profile/ changes only which experts stay cached,
+# and check_profile validates it).
 LOADER_NAMES = frozenset(TOKENIZER_JSON) | {
     "chat_template.jinja", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt",
     "merges.txt", "preprocessor_config.json", "processor_config.json"}
-LOADER_SUFFIXES = (".jinja", ".tiktoken", ".py", ".safetensors", ".parquet")
-LOADER_FOLDERS = ("additional_chat_templates/", "profile/")  # experts/: only through layout rows
+LOADER_SUFFIXES = (".jinja", ".tiktoken", ".py")
+LOADER_FOLDERS = ("additional_chat_templates/",)
 
 
 def check_unlisted(root: Path, meta: dict) -> None:
