@@ -13,7 +13,8 @@ from moestream.cli import main
 def test_bench_cli_reports_ceiling_roofline_and_comparisons(tmp_path, bundle_dir, capsys):
     out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
     code = main(["bench", str(bundle_dir("qwen3_moe")), "--gen-tokens", "4", "--prompt-tokens", "8",
-                 "--compare", "naive,buffered,host,policy:lfu", "--page-cache", "all", "--json", str(out),
+                 "--compare", "naive,buffered,host,policy:lfu", "--page-cache", "all", "--ceiling-seconds", "0.3",
+                 "--json", str(out),
                  "--plot", str(plot)])
     assert code == 0
     r = json.loads(out.read_text())
@@ -141,7 +142,8 @@ def test_buffered_comparison_races_the_page_cache_on_equal_memory(bundle_dir, mo
         return real(target)
 
     monkeypatch.setattr(bench, "leave_available", leave_available)
-    r = bench.bench_bundle(bundle_dir("qwen3_moe"), prompt_tokens=8, gen_tokens=4, compare=("buffered",))
+    r = bench.bench_bundle(bundle_dir("qwen3_moe"), prompt_tokens=8, gen_tokens=4, compare=("buffered",),
+                          ceiling_seconds=0.3)
     pc = r["buffered_settings"]["page_cache"]
     assert targets == [r["budget"]["budget_bytes"] - moestream_minimum(bundle_dir("qwen3_moe"))]
     assert pc["memory"] == "equal" and pc["bytes"] == 64 << 20 and pc["target_bytes"] == targets[0]
@@ -180,7 +182,7 @@ def test_streams_decode_together_and_read_each_expert_once_per_layer_step(bundle
 
     bench.load = load
     try:
-        r = bench.bench_bundle(bundle, prompt_tokens=6, gen_tokens=5, streams=3)
+        r = bench.bench_bundle(bundle, prompt_tokens=6, gen_tokens=5, streams=3, ceiling_seconds=0.3)
     finally:
         bench.load = real_load
     k = moestream.inspect(bundle)["experts_per_token"]

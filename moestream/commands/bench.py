@@ -28,6 +28,8 @@ def add_arguments(p) -> None:
     p.add_argument("--page-cache", choices=("equal", "all"), default="equal",
                    help="for --compare buffered: equal holds the machine's other memory so that the OS page cache "
                         "gets what the budget gives the expert cache; all lets it use every free byte")
+    p.add_argument("--ceiling-seconds", type=float, default=3.0,
+                   help="how long each of the four trials of the disk's read ceiling reads")
     p.add_argument("--io-threads", type=positive_int, default=None, help="reader threads (default: the runtime's)")
     p.add_argument("--reference", default=None,
                    help="source checkpoint: also run mlx-lm fully in memory, experts quantized like the bundle")
@@ -52,7 +54,7 @@ def run(args) -> None:
     report = bench_bundle(resolve_bundle(args.bundle, revision=args.revision), args.budget_fraction,
                           args.prompt_tokens, args.gen_tokens, io={"mode": args.io_mode, "threads": args.io_threads},
                           compare=compare, reference_checkpoint=args.reference, full_layers=args.full_layers,
-                          page_cache=args.page_cache, streams=args.streams)
+                          page_cache=args.page_cache, streams=args.streams, ceiling_seconds=args.ceiling_seconds)
     print_report(report)
     if args.json:
         write_json(args.json, report)

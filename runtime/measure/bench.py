@@ -327,11 +327,13 @@ def _page_cache_memory(race: bool, page_cache: str, target: int):
 
 def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int = 16, gen_tokens: int = 24,
                  io: dict | None = None, compare: tuple[str, ...] = (), reference_checkpoint=None,
-                 full_layers: int | None = None, page_cache: str = "equal", streams: int = 1) -> dict:
+                 full_layers: int | None = None, page_cache: str = "equal", streams: int = 1,
+                 ceiling_seconds: float = 3.0) -> dict:
     """io: IOOptions fields for every run (e.g. {"mode": "buffered", "threads": 4}).
     page_cache: for the "buffered" comparison, "equal" holds the machine's other memory so that
     the page cache gets what the budget gives the expert cache; "all" lets it use every free byte.
-    streams: also decode this many streams at once (mlx-lm's batching), cold then warm."""
+    streams: also decode this many streams at once (mlx-lm's batching), cold then warm.
+    ceiling_seconds: how long each of the four read-ceiling trials reads."""
     if page_cache not in ("equal", "all"):
         raise OptionsError(f"page_cache must be 'equal' or 'all', got {page_cache!r}")
     unknown = [c for c in compare if c != "naive" and _variant(c) is None]
@@ -400,10 +402,11 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
     threads = report["settings"]["io_threads"]
     extent_size = int(np.mean([e.nbytes for e in extents]))
     read_size = int(report["cold"]["mean_read_bytes"]) or extent_size
-    trials = [read_ceiling(files, size, threads) for size in (extent_size, read_size) for _ in range(2)]
+    trials = [read_ceiling(files, size, threads, seconds=ceiling_seconds)
+              for size in (extent_size, read_size) for _ in range(2)]
     report["ceiling"] = max(trials, key=lambda t: t["gb_per_s"])
     report["ceiling_trials"] = [{k: t[k] for k in ("chunk_bytes", "threads", "gb_per_s")} for t in trials]
-    report["ceiling_by_threads"] = {t: max(read_ceiling(files, size, t, seconds=2.0)["gb_per_s"]
+    report["ceiling_by_threads"] = {t: max(read_ceiling(files, size, t, seconds=ceiling_seconds * 2 / 3)["gb_per_s"]
                                            for size in {extent_size, read_size})
                                     for t in sorted({max(1, threads // 2), threads * 2})}
     full = full_layers or n_moe
