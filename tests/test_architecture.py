@@ -97,3 +97,15 @@ def test_no_import_cycles_between_runtime_modules():
     for node in sorted(edges):
         if not state.get(node):
             visit(node, [node])
+
+
+def test_every_package_folder_is_installed():
+    """A folder with an __init__.py that pyproject does not list is missing from a plain (non-editable)
+    `pip install .`: the code works in the checkout and fails in a user's install."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = ["moestream", "common", "flows", "stages", "runtime", "manifests", "calibration"]
+    found = {_module_name(init) for top in folders for init in (ROOT / top).rglob("__init__.py")}
+    assert found - listed == set(), f"package folders missing from pyproject.toml's packages: {sorted(found - listed)}"
+    assert listed - found == set(), f"pyproject.toml lists packages with no folder: {sorted(listed - found)}"
