@@ -9,12 +9,16 @@ a hot set from the profile) can pin the same expert. A key may be pinned before 
 
 A policy only orders keys; the cache owns values, sizes, pins and the byte accounting. Policies
 (LRU, LFU and those that use a routing profile) are in policies.py.
+
+Probation: an item put with `probation=True` (an expert a long prompt's prefill read once) is
+evicted before anything the policy orders, oldest first, until a lookup hits it; then it is an
+ordinary item. `free_bytes()` is the room left without evicting anything.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Hashable
 from typing import Any
 
@@ -35,6 +39,7 @@ class ExpertCache:
         self._values: dict[Hashable, Any] = {}
         self._sizes: dict[Hashable, int] = {}
         self._pins: Counter[Hashable] = Counter()
+        self._probation: OrderedDict[Hashable, None] = OrderedDict()  # evicted first, oldest first
         self._lock = threading.RLock()  # the reader threads never touch the cache; one lock
         self._bytes = self._pinned_bytes = self._peak = 0
         self._hits = self._misses = self._evictions = 0
@@ -48,6 +53,7 @@ class ExpertCache:
                 self._misses += 1
                 return None
             self._hits += 1
+            self._probation.pop(key, None)  # used again: an ordinary item from now on
             self.policy.on_access(key)
             return self._values[key]
 
@@ -71,8 +77,14 @@ class ExpertCache:
 
     # ---- insertion and eviction -------------------------------------------------------------
 
-    def put(self, key: Hashable, value: Any, nbytes: int) -> None:
-        """Insert or replace; evicts by policy until the item fits."""
+    def free_bytes(self) -> int | None:
+        """Bytes that fit without evicting anything (None: unbounded)."""
+        with self._lock:
+            return None if self.capacity_bytes is None else max(0, self.capacity_bytes - self._bytes)
+
+    def put(self, key: Hashable, value: Any, nbytes: int, probation: bool = False) -> None:
+        """Insert or replace; evicts (items on probation first, then by policy) until the item
+        fits. probation: a new item goes on probation (see the module docstring)."""
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, got {nbytes}")
         with self._lock:
@@ -86,6 +98,8 @@ class ExpertCache:
                 self.policy.on_access(key)
             else:
                 self.policy.on_insert(key)
+                if probation:
+                    self._probation[key] = None
             self._values[key], self._sizes[key] = value, nbytes
             self._account(key, nbytes - old)
 
@@ -114,13 +128,16 @@ class ExpertCache:
                 f"budget is too small for the pinned experts (unpin or raise the budget)"
             )
         while self._bytes + extra > cap:
-            victim = self.policy.victim(lambda k: k != key and not self._pins[k])
+            victim = next((k for k in self._probation if k != key and not self._pins[k]), None)
+            if victim is None:
+                victim = self.policy.victim(lambda k: k != key and not self._pins[k])
             if victim is None:  # only a policy that lost track of its keys gets here
                 raise CacheFullError(f"policy {self.policy!r} found no victim for {key!r}")
             self._remove(victim)
             self._evictions += 1
 
     def _remove(self, key: Hashable) -> None:
+        self._probation.pop(key, None)
         self.policy.on_remove(key)
         del self._values[key]
         self._account(key, -self._sizes.pop(key))
@@ -169,6 +186,7 @@ class ExpertCache:
                 "expert_cache_peak_bytes": self._peak,
                 "expert_cache_items": len(self._values),
                 "pinned_bytes": self._pinned_bytes,
+                "probation_items": len(self._probation),
                 "evictions": self._evictions,
                 "capacity_bytes": self.capacity_bytes,
             }

@@ -135,6 +135,14 @@ class MemoryPlan:
             return min(self.prefill_tokens, max(prompt_tokens, 1))
         return self.needs.prefill_tokens_for(prompt_tokens, self.prefill_tokens, self.cache_bytes)
 
+    @property
+    def prefill_room_bytes(self) -> int | None:
+        """Bytes of routed experts (as the cache counts them) a prefill chunk may hold outside the
+        expert cache at once (None: unbounded); see MemoryNeeds.prefill_room."""
+        if self.needs is None or self.cache_bytes is None:
+            return None
+        return self.needs.prefill_room(self.prefill_tokens, self.cache_bytes)
+
     def as_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "needs"}
         return {**d, "minimum_bytes": self.minimum_bytes, "cache_share": self.cache_share}
@@ -229,6 +237,15 @@ class MemoryNeeds:
         activations, one layer's routed experts in flight and the larger group the streaming layer
         stacks when the cache holds more (what bench/budget_prompts.py --check-formula measures)."""
         return self._transient(tokens, keys) + self._held(self.layer_bytes) + self._stacked(tokens, cache)
+
+    def prefill_room(self, tokens: int, cache: int) -> int:
+        """Bytes of routed experts, as the cache counts them, that a prefill chunk of `tokens` may
+        hold outside the expert cache at once: the room the plan keeps for the group the
+        streaming layer stacks (beyond one layer's k) and for one layer's experts in flight. The
+        streaming layer's prefill holds there the experts it reads without caching them and the
+        stacked copy of the group it computes (so that a long prompt need not evict the decode's
+        experts to make room)."""
+        return int((self._stacked(tokens, cache) + self._held(self.layer_bytes)) / self.held_ratio)
 
     # ---- plans
 

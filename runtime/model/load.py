@@ -362,6 +362,7 @@ def _load(path, reader, memory_budget, experts_per_token, cache_policy, prefetch
     resident = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     plan = _needs(store, num_experts, k, resident, config, compute_dtype, max_kv_size).plan(budget)
     cache.capacity_bytes = plan.cache_bytes
+    streamer.prefill_room = plan.prefill_room_bytes
     # idle read buffers (host buffers, staging arrays) are the read buffers the budget counts
     # (one layer's k experts; one kind is in use per read mode), plus each read's alignment
     idle = plan.min_layer_bytes + k * ALIGN

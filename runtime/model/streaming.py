@@ -5,6 +5,14 @@ each `SwitchGLU` for `StreamingSwitchGLU`, whose call `(x, indices) -> [..., k, 
 distinct routed experts (each once per call, prefill included) through the expert cache and
 runs the same `gather_qmm` / `gather_mm` math on just those experts, so the result equals
 mlx-lm's with the same weights fully in memory.
+
+A prefill (a call over many tokens of a sequence) takes another path: its distinct experts are
+split into groups in layout order (file, offset: experts that fire together sit side by side, so
+a group's reads coalesce), and group i+1 is read on a background thread while group i computes.
+Its experts are held outside the expert cache, in the room the memory plan keeps for the stacked
+group (`MemoryPlan.prefill_room_bytes`), and admitted into the cache by a rule
+(`PREFILL_ADMISSION`): by default only into free room, so that a long prompt does not evict the
+experts the decode keeps hot.
 """
 
 from __future__ import annotations
@@ -21,6 +29,35 @@ from mlx_lm.models.switch_layers import _gather_sort, _scatter_unsort
 from ..cache.expert_cache import CacheFullError, ExpertCache
 from ..io.reader import shared_pool
 from ..io.stores import ProjectionQuant
+
+
+# What becomes of the experts a prefill reads (experts it finds cached are used and stay):
+# "free"  cached only where the cache has free room (never evicting anything): the default. A long
+#         prompt after a decode leaves the decode's experts cached (the cache is full), and at a cold
+#         start it fills the empty cache as "all" would. bench/prefill_admission.py measured it.
+# "all"   cached like a decode's experts (evicting by policy): what the runtime did before; a long
+#         prompt flushes the decode's hot set.
+# "tail"  cached on probation: evicted before anything else until a lookup hits it.
+# "none"  never cached.
+PREFILL_ADMISSION = ("free", "all", "tail", "none")
+# A prefill's experts are split into about this many groups (when they fill more than
+# PREFILL_MIN_GROUP_BYTES each), so that reading one overlaps computing another.
+PREFILL_GROUPS = 8
+PREFILL_MIN_GROUP_BYTES = 64 << 20
+# A call is a prefill when a sequence gives it more than one token and it routes at least this many
+# (token, expert) pairs: where mlx-lm's SwitchGLU sorts the rows by expert, as this path does.
+PREFILL_MIN_PAIRS = 64
+
+
+class _PrefillRead:
+    """One prefill group: its experts found cached (pinned), the rest being read."""
+
+    __slots__ = ("layer", "group", "got", "missing", "miss_bytes", "future", "pinned")
+
+    def __init__(self, layer: int, group: list[int], got: dict, missing: list[int], miss_bytes: int):
+        self.layer, self.group, self.got, self.missing, self.miss_bytes = layer, group, got, missing, miss_bytes
+        self.future = None
+        self.pinned = list(got)  # released once the group is stacked
 
 
 class ExpertStreamer:
@@ -49,6 +86,17 @@ class ExpertStreamer:
         self._prefetched: set = set()
         self._lock = threading.Lock()
         self.prefetch_issued = self.prefetch_used = 0
+        # prefill: read group i+1 while group i computes (False: every call takes the decode's path)
+        self.prefill_pipeline = True
+        self.prefill_admission = PREFILL_ADMISSION[0]
+        # bytes of experts (as the cache counts them) a prefill may hold outside the cache at once:
+        # the group being computed (stacked) and the next one's reads (None: unbounded)
+        self.prefill_room: int | None = None
+        self.prefill_min_group_bytes = PREFILL_MIN_GROUP_BYTES
+        self._prefill_pool: ThreadPoolExecutor | None = None
+        # a set to collect every (layer, expert) that prefill calls route to (benchmarks); None: off
+        self.prefill_routed: set | None = None
+        self.prefill_calls = self.prefill_groups_run = self.prefill_overlapped = 0
 
     def groups(self, layer: int, experts: np.ndarray) -> list[list[int]]:
         """Split sorted experts into runs that fit the cache together and share a quantization
@@ -75,7 +123,7 @@ class ExpertStreamer:
 
     def reset_stats(self) -> None:
         self.sync_s = self.fetch_s = self.compute_s = self.attention_s = 0.0
-        self.calls = 0
+        self.calls = self.prefill_calls = self.prefill_groups_run = self.prefill_overlapped = 0
 
     def close(self) -> None:
         """Stop prefetching and drop every cached expert and whole layer."""
@@ -130,8 +178,8 @@ class ExpertStreamer:
                     "prefetch_wasted": self.prefetch_issued - self.prefetch_used - len(self._prefetched)
                     - len(self._inflight)}
 
-    def acquire(self, layer: int, experts: list[int]) -> dict[int, dict[str, mx.array]]:
-        """The experts' tensors, read if missing (one batched, coalesced read) and pinned."""
+    def _lookup(self, layer: int, experts: list[int]) -> tuple[dict, list[int]]:
+        """The cached experts (pinned) and the missing ones, once this layer's prefetches are in."""
         if self._prefetch_pool is not None:
             self._wait_prefetch(layer, experts)
         got, missing = {}, []
@@ -147,6 +195,11 @@ class ExpertStreamer:
             else:
                 got[e] = value
                 self.cache.pin((layer, e))
+        return got, missing
+
+    def acquire(self, layer: int, experts: list[int]) -> dict[int, dict[str, mx.array]]:
+        """The experts' tensors, read if missing (one batched, coalesced read) and pinned."""
+        got, missing = self._lookup(layer, experts)
         if missing:
             for e, tensors in self.store.read(layer, missing).items():
                 self.cache.put((layer, e), tensors, self.store.nbytes(layer, e))
@@ -178,6 +231,91 @@ class ExpertStreamer:
         for e in experts:
             self.cache.unpin((layer, e))
 
+    # ---- prefill: groups in layout order, the next group read while one computes
+
+    def layout_order(self, layer: int, experts) -> list[int]:
+        """The experts in the order their extents lie on disk (file, offset); expert order for a
+        store without extents (a source checkpoint)."""
+        bundle = getattr(self.store, "bundle", None)
+        experts = [int(e) for e in experts]
+        if bundle is None:
+            return sorted(experts)
+
+        def where(e: int):
+            x = bundle.extent(layer, e)
+            return (x.file, x.offset, e)
+
+        return sorted(experts, key=where)
+
+    def prefill_groups(self, layer: int, experts: list[int]) -> list[list[int]]:
+        """Cut experts (in layout order) into runs that share a quantization, of about
+        1/PREFILL_GROUPS of their bytes (at least prefill_min_group_bytes) and at most half the
+        prefill room, so that one group stacked and the next one read fit in it together."""
+        sizes = [self.store.nbytes(layer, e) for e in experts]
+        limit = max(-(-sum(sizes) // PREFILL_GROUPS), self.prefill_min_group_bytes)
+        if self.prefill_room is not None:
+            limit = min(limit, self.prefill_room // 2)
+        cap = self.cache.capacity_bytes
+        if cap is not None and self.prefill_admission in ("all", "tail"):
+            limit = min(limit, cap // 2)  # these admit every read: two groups must fit the cache
+        groups: list[list[int]] = []
+        used, key = 0, None
+        for e, size in zip(experts, sizes, strict=True):
+            q = tuple(sorted(self.store.quant(layer, e).items()))
+            if not groups or q != key or used + size > limit:
+                groups.append([])
+                used, key = 0, q
+            groups[-1].append(e)
+            used += size
+        return groups
+
+    def prefill_start(self, layer: int, group: list[int]) -> _PrefillRead:
+        """Look the group up (hits pinned); its misses are read by prefill_submit or prefill_wait."""
+        got, missing = self._lookup(layer, group)
+        return _PrefillRead(layer, group, got, missing, sum(self.store.nbytes(layer, e) for e in missing))
+
+    def prefill_submit(self, r: _PrefillRead) -> None:
+        """Start reading the group's misses on the prefill thread."""
+        if r.missing and r.future is None:
+            if self._prefill_pool is None:
+                self._prefill_pool = shared_pool(1, "moestream-prefill")
+            r.future = self._prefill_pool.submit(self.store.read, r.layer, r.missing)
+
+    def prefill_wait(self, r: _PrefillRead) -> dict[int, dict[str, mx.array]]:
+        """Every expert of the group: the misses once read (read here if never submitted),
+        admitted into the cache by the prefill_admission rule."""
+        if r.future is not None:
+            read = r.future.result()
+        else:
+            read = self.store.read(r.layer, r.missing) if r.missing else {}
+        rule = self.prefill_admission
+        for e, tensors in read.items():
+            n = self.store.nbytes(r.layer, e)
+            if rule == "none":
+                continue
+            if rule == "free":
+                free = self.cache.free_bytes()
+                if free is not None and free < n:
+                    continue
+            try:
+                self.cache.put((r.layer, e), tensors, n, probation=rule == "tail")
+            except (CacheFullError, ValueError):
+                continue  # every evictable byte is pinned: used from outside the cache this once
+            self.cache.pin((r.layer, e))
+            r.pinned.append(e)
+        return {**r.got, **read}
+
+    def prefill_release(self, r: _PrefillRead) -> None:
+        """Unpin the group's cached experts (once stacked, nothing needs them) and let its read
+        finish if it never was waited for (an error on the way)."""
+        if r.future is not None and not r.future.done():
+            try:
+                r.future.result()
+            except Exception:  # noqa: BLE001 - the error being handled is the caller's
+                pass
+        self.release(r.layer, r.pinned)
+        r.pinned = []
+
 
 def _projection(x, w: dict[str, mx.array], name: str, q: ProjectionQuant, idx, sorted_indices: bool):
     if q.bits is not None:
@@ -201,6 +339,13 @@ def _experts_out(x, w, q, idx, sorted_indices: bool, activation, glu: bool):
         return _projection(activation(x_up, x_gate), w, "down_proj", q["down_proj"], idx, sorted_indices)
     h = activation(_projection(x, w, "fc1", q["fc1"], idx, sorted_indices))
     return _projection(h, w, "fc2", q["fc2"], idx, sorted_indices)
+
+
+def _is_prefill(routed: np.ndarray) -> bool:
+    """More than one token of a sequence ([..., tokens, k]; [tokens, k] for a flattened call),
+    and enough (token, expert) pairs that the rows are sorted by expert."""
+    tokens = routed.shape[-2] if routed.ndim >= 2 else 1
+    return tokens > 1 and routed.size >= PREFILL_MIN_PAIRS
 
 
 class StreamingSwitchGLU(nn.Module):
@@ -237,6 +382,58 @@ class StreamingSwitchGLU(nn.Module):
         finally:
             self.streamer.release(self.layer, experts)
 
+    def _prefill(self, x, indices, routed: np.ndarray, experts: np.ndarray):
+        """A prefill's experts in groups in layout order; group i+1 read while group i computes,
+        where the prefill room holds group i's stacked weights and group i+1's reads together.
+        The rows are sorted by expert (as mlx-lm's SwitchGLU sorts them), so each group's rows
+        are one contiguous range and its output is what one call over every expert gives."""
+        s, layer = self.streamer, self.layer
+        order = s.layout_order(layer, experts)
+        rank = np.zeros(int(experts[-1]) + 1, np.uint32)
+        rank[order] = np.arange(len(order), dtype=np.uint32)
+        local = rank[routed]
+        x, _, inv_order = _gather_sort(x, mx.array(local))
+        flat = np.sort(local.reshape(-1))
+        groups = s.prefill_groups(layer, order)
+        s.prefill_calls += 1
+        s.prefill_groups_run += len(groups)
+        parts, first = [], 0
+        pending = s.prefill_start(layer, groups[0])
+        s.prefill_submit(pending)
+        try:
+            for i, group in enumerate(groups):
+                t0 = time.perf_counter()
+                fetched = s.prefill_wait(pending)
+                names = fetched[group[0]].keys()
+                w = {n: mx.stack([fetched[e][n] for e in group]) for n in names}
+                mx.eval(w)
+                del fetched  # what the cache did not take is freed here: only the stacked copy stays
+                s.prefill_release(pending)
+                pending = None
+                if i + 1 < len(groups):
+                    pending = s.prefill_start(layer, groups[i + 1])
+                    stacked = sum(s.store.nbytes(layer, e) for e in group)
+                    if s.prefill_room is None or stacked + pending.miss_bytes <= s.prefill_room:
+                        s.prefill_submit(pending)
+                        s.prefill_overlapped += 1
+                t1 = time.perf_counter()
+                s.fetch_s += t1 - t0
+                lo = int(np.searchsorted(flat, first, side="left"))
+                hi = int(np.searchsorted(flat, first + len(group), side="left"))
+                idx = mx.array((flat[lo:hi] - first).astype(np.uint32))
+                q = s.store.quant(layer, group[0])
+                y = _experts_out(x[lo:hi], w, q, idx, True, self.activation, self.glu)
+                mx.eval(y)  # before the stacked weights go: the next group's reads need their room
+                del w
+                s.compute_s += time.perf_counter() - t1
+                parts.append(y)
+                first += len(group)  # a next group that did not fit beside this one is read by prefill_wait
+        finally:
+            if pending is not None:
+                s.prefill_release(pending)
+        y = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
+        return _scatter_unsort(y, inv_order, indices.shape)
+
     def _whole_layer(self, x, indices, w, q):
         """Exactly mlx-lm's SwitchGLU / SwitchMLP path, on the layer's stacked tensors."""
         t0 = time.perf_counter()
@@ -266,10 +463,17 @@ class StreamingSwitchGLU(nn.Module):
         self.streamer.sync_s += time.perf_counter() - t0
         self.streamer.calls += 1
         experts = np.unique(routed)
+        prefill = _is_prefill(routed)
+        if prefill and self.streamer.prefill_routed is not None:
+            self.streamer.prefill_routed.update((self.layer, e) for e in experts.tolist())
         whole = self.streamer.whole.get(self.layer)
         if whole is not None:
             self.streamer.cache.record_hits(len(experts))
             return self._whole_layer(x, indices, *whole)
+        if prefill and self.streamer.prefill_pipeline:
+            y = self._prefill(x, indices, routed, experts)
+            self.streamer.consolidate(self.layer)
+            return y.squeeze(-2)
         groups = self.streamer.groups(self.layer, experts)
         if len(groups) == 1:
             # Same path as mlx-lm's SwitchGLU, on just the routed experts (renumbered 0..n-1).
