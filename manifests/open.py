@@ -14,8 +14,8 @@ from .bundle import (
     BundleError,
     ExpertExtent,
     check_extent,
-    fast_checksum,
     file_sha256,
+    parse_fast_checksum,
     read_bundle_json,
     read_json,
     safe_path,
@@ -169,7 +169,7 @@ def verify_bundle(bundle: Bundle, progress=None) -> None:
                 f.seek(e.offset)
                 data = f.read(e.nbytes)
                 if len(data) != e.nbytes or sha256_hex(data) != e.checksum or (
-                        e.fast_checksum is not None and fast_checksum(data) != e.fast_checksum):
+                        e.fast_checksum is not None and not parse_fast_checksum(e.fast_checksum, e.nbytes).matches(data)):
                     raise BundleError(f"{LAYOUT_FILE}: checksum mismatch for {e.label}")
         if progress:
             progress(file)

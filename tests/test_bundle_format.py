@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -519,3 +520,51 @@ def test_an_error_quoting_a_huge_value_stays_a_readable_line(bundle, capsys):
     assert main(["inspect", str(bundle)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and len(err) < MAX_ERROR_CHARS + 200 and "more characters" in err
+
+
+def test_whole_extent_fast_checksums_are_still_checked(bundle):
+    """The first format 2 bundles carry one xxh3 digest per extent (not per MiB block): still read,
+    and still checked on every read."""
+    import mlx.core as mx
+    import xxhash
+
+    def whole(extents):
+        out = []
+        for e in extents:
+            with open(bundle / e.file, "rb") as f:
+                f.seek(e.offset)
+                out.append(dataclasses.replace(e, fast_checksum=f"xxh3_64:{xxhash.xxh3_64_hexdigest(f.read(e.nbytes))}"))
+        return out
+
+    _rewrite_layout(bundle, whole)
+    open_bundle(bundle, verify=True)
+    with moestream.load(bundle) as (model, _):
+        mx.eval(model(mx.array([[3, 17, 42, 7]])))
+    for expert in range(16):
+        _flip_byte(bundle, 1, expert, at=100 + expert)
+    with moestream.load(bundle) as (model, _):
+        with pytest.raises(BundleError, match=r"layer 1 expert \d+ .*do not match the extent's checksum"):
+            mx.eval(model(mx.array([[3, 17, 42, 7, 99, 5, 23, 64]])))
+
+
+@pytest.mark.parametrize("value,match", [
+    ("md5:00", "is not 'xxh3_64/1MiB:<hex>'"),
+    ("xxh3_64/1MiB:abc", r"1 digest\(s\) of 16 lowercase hex digits expected"),
+    ("xxh3_64/1MiB:" + "g" * 16, "lowercase hex"),
+])
+def test_a_malformed_fast_checksum_is_refused_naming_the_row(bundle, value, match):
+    _rewrite_layout(bundle, lambda extents: [dataclasses.replace(e, fast_checksum=value) if i == 5 else e
+                                             for i, e in enumerate(extents)])
+    with pytest.raises(BundleError, match=rf"layout.parquet row 5 \(layer \d+, expert \d+\): fast_checksum .*{match}"):
+        open_bundle(bundle)
+
+
+def test_fast_checksum_has_one_digest_per_mib_block():
+    from moestream.manifests.bundle import fast_checksum, parse_fast_checksum
+
+    data = bytearray(random.Random(0).randbytes((5 << 20) // 2))  # 2.5 MiB: blocks of 1, 1 and 0.5 MiB
+    sums = parse_fast_checksum(fast_checksum(data), len(data))
+    assert sums.block_bytes == 1 << 20 and len(sums.digests) == 3 and sums.matches(data)
+    data[(2 << 20) + 7] ^= 1
+    assert not sums.matches(data)
+    assert [sums.block_matches(k, data[k << 20 : (k + 1) << 20]) for k in range(3)] == [True, True, False]

@@ -1,3 +1,4 @@
+import dataclasses
 import errno
 import fcntl
 import mmap
@@ -462,3 +463,63 @@ def test_many_small_extents_are_not_split_but_spread_over_the_pool(disk_dir):
         assert r.stats()["reads"] == 30, "one read per group: none is worth cutting"
     for q, v in zip(reqs, views, strict=True):
         assert bytes(v) == data[q.offset : q.offset + q.nbytes]
+
+
+class _BlockCheck:
+    """Records each block the reader hands over and compares it with the file's bytes."""
+
+    def __init__(self, data: bytes, req: ReadRequest, block_bytes: int, bad_block: int | None = None):
+        import threading
+
+        self.want, self.block_bytes, self.bad_block = data[req.offset : req.offset + req.nbytes], block_bytes, bad_block
+        self.seen, self.threads = [], set()
+        self._lock = threading.Lock()
+
+    def check(self, index, view):
+        import threading
+
+        with self._lock:
+            self.seen.append(index)
+            self.threads.add(threading.current_thread().name)
+        start = index * self.block_bytes
+        assert bytes(view) == self.want[start : start + self.block_bytes]
+        if index == self.bad_block:
+            raise ValueError(f"block {index} does not match")
+
+
+@pytest.mark.parametrize("mode,targets", [("direct", False), ("buffered", False), ("direct", True)])
+def test_every_block_is_checked_once_as_its_bytes_arrive(disk_dir, mode, targets):
+    """Blocks that a thread's share cuts in two are checked by whichever thread completes them,
+    blocks inside one share by the thread that read them: each exactly once, over its own bytes,
+    with reads split across threads and extents starting off the alignment."""
+    f = disk_dir / "blocks.bin"
+    data = _write(f, 8 << 20, seed=9)
+    reqs = [_req(f, off, n, f"expert {k}") for k, (off, n) in enumerate([(12_345, 3_000_000), (3 << 20, 2_500_000),
+                                                                          (6 << 20, 100)])]
+    checks = [_BlockCheck(data, q, 300_000) for q in reqs]
+    reqs = [dataclasses.replace(q, check=c) for q, c in zip(reqs, checks, strict=True)]
+    kept = []
+
+    def into(needs):
+        kept.extend(_aligned_targets(needs))
+        return kept[-len(needs):]
+
+    with ExtentReader(mode, threads=4, split_min_bytes=256 << 10) as r:
+        views = r.read(reqs, into=into if targets else None)
+        assert r.stats()["reads"] >= 4
+    for q, v, c in zip(reqs, views, checks, strict=True):
+        assert bytes(v) == data[q.offset : q.offset + q.nbytes]
+        assert sorted(c.seen) == list(range(-(-q.nbytes // c.block_bytes)))
+
+
+def test_a_failed_block_check_fails_the_read_and_converts_nothing(disk_dir):
+    f = disk_dir / "bad_block.bin"
+    data = _write(f, 4 << 20, seed=10)
+    req = _req(f, 0, 3_000_000, "expert 3")
+    check = _BlockCheck(data, req, 1 << 20, bad_block=1)
+    converted = []
+    with ExtentReader("direct", threads=4, split_min_bytes=256 << 10) as r:
+        with pytest.raises(ValueError, match="block 1 does not match"):
+            r.read([dataclasses.replace(req, check=check)], lambda i, v: converted.append(i))
+        assert r.read([req]) and True  # the reader stays usable
+    assert converted == []

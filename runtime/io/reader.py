@@ -83,6 +83,9 @@ class ReadRequest:
     offset: int
     nbytes: int
     label: str = ""  # names the extent in errors, e.g. "layer 3 expert 17 (experts/layer_003.bin)"
+    # Checked as the bytes arrive: an object with `block_bytes` and `check(index, view)` (raises
+    # on a mismatch); each block of the request is checked by the thread that completes it.
+    check: object | None = None
 
 
 class ReadError(MoestreamError, IOError):
@@ -125,6 +128,8 @@ class _Group:
     scratch: list[mmap.mmap] = field(default_factory=list)  # gaps between targets, discarded
     pieces: int = 0  # pieces not yet read
     got: list[tuple[int, int, int]] = field(default_factory=list)  # (start, start + got, end) per piece read
+    # bytes not yet read of each checked block: (member, block) -> bytes
+    unread: dict[tuple[int, int], int] = field(default_factory=dict)
     failed: bool = False
     finished: bool = False
 
@@ -409,7 +414,12 @@ class ExtentReader:
         for path, start, end, members in plan_reads(spans, self.coalesce_gap, self.max_read_bytes, separate):
             g = _Group(path, start, end)
             for m in members:
-                g.members.append((live[m], requests[live[m]]))
+                r = requests[live[m]]
+                if r.check is not None:
+                    block = r.check.block_bytes
+                    for k in range(-(-r.nbytes // block)):
+                        g.unread[(len(g.members), k)] = min(block, r.nbytes - k * block)
+                g.members.append((live[m], r))
                 g.spans.append(spans[m][1:])
             groups.append(g)
         return groups
@@ -486,11 +496,47 @@ class ExtentReader:
                 raise
             with self._lock:
                 g.got.append((a, a + got, b))
+                complete = self._completed_blocks(g, a, a + got) if g.unread else []
+            try:
+                for k, lo, hi in complete:
+                    check = g.members[k][1].check
+                    check.check((lo - g.members[k][1].offset) // check.block_bytes, self._bytes(g, k, lo, hi))
+            except BaseException:
+                with self._lock:
+                    g.failed = True
+                raise
+            with self._lock:  # counted once its blocks are checked: the group finishes after every check
                 g.pieces -= 1
                 last = g.pieces == 0 and not g.failed
             if last:
                 out.extend(self._finish(g, convert))
         return out
+
+    @staticmethod
+    def _completed_blocks(g: _Group, a: int, b: int) -> list[tuple[int, int, int]]:
+        """Count the file range [a, b) as read; the checked blocks it completes, as (member,
+        start, end) file ranges. Called under the lock."""
+        done = []
+        for k, (_, r) in enumerate(g.members):
+            lo, hi = max(a, r.offset), min(b, r.offset + r.nbytes)
+            if r.check is None or lo >= hi:
+                continue
+            block = r.check.block_bytes
+            for index in range((lo - r.offset) // block, (hi - 1 - r.offset) // block + 1):
+                start = r.offset + index * block
+                end = min(start + block, r.offset + r.nbytes)
+                g.unread[(k, index)] -= min(hi, end) - max(lo, start)
+                if g.unread[(k, index)] == 0:
+                    done.append((k, start, end))
+        return done
+
+    @staticmethod
+    def _bytes(g: _Group, k: int, lo: int, hi: int) -> memoryview:
+        """Member k's bytes at file range [lo, hi), where they were read to."""
+        if g.buffer is not None:
+            return memoryview(g.buffer)[lo - g.start : hi - g.start]
+        start = g.spans[k][0]
+        return g.targets[k][lo - start : hi - start]
 
     def _read_piece(self, g: _Group, a: int, b: int) -> int:
         bufs = []

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from ...manifests.bundle import BundleError, ExpertExtent, TensorEntry, extent_views, fast_checksum, unpack_extent
+from ...manifests.bundle import (
+    BlockChecksums,
+    BundleError,
+    ExpertExtent,
+    TensorEntry,
+    extent_views,
+    parse_fast_checksum,
+    unpack_extent,
+)
 from ...manifests.checkpoint import SourceCheckpoint, finish_slice
 from ...manifests.open import Bundle
 from ...manifests.tensors import DTYPES
@@ -46,6 +54,19 @@ def _entry_nbytes(t: TensorEntry, dtype: mx.Dtype | None) -> int:
 READ_INTO = ("arrays", "host")
 
 
+class ExtentCheck:
+    """An extent's per-block fast checksums, in the form the reader checks as blocks arrive."""
+
+    def __init__(self, label: str, sums: BlockChecksums):
+        self.label, self.sums, self.block_bytes = label, sums, sums.block_bytes
+
+    def check(self, index: int, data) -> None:
+        if not self.sums.block_matches(index, data):
+            raise BundleError(f"{self.label}: the bytes read do not match the extent's checksum (block {index} "
+                              f"of {self.block_bytes} bytes): the bundle's expert file is damaged; "
+                              "`moestream verify` checks every extent")
+
+
 class BundleStore:
     """Experts of a prepared bundle.
 
@@ -69,6 +90,7 @@ class BundleStore:
         # every extent's fast checksum (format 2) on every read from disk: a damaged expert is an
         # error naming it, never a wrong token
         self.check_reads = check_reads
+        self._checks: dict = {}
         self.staging = StagingPool(DEFAULT_POOL_BYTES)
         self._quant: dict = {}  # per-call lookups, computed once per expert
         self._nbytes: dict = {}
@@ -97,17 +119,22 @@ class BundleStore:
 
     def read(self, layer: int, experts: list[int]) -> dict[int, dict[str, mx.array]]:
         extents: list[ExpertExtent] = sorted((self.bundle.extent(layer, e) for e in experts), key=lambda x: (x.file, x.offset))
-        requests = [ReadRequest(str(self.bundle.path(x.file)), x.offset, x.nbytes, x.label) for x in extents]
+        requests = [ReadRequest(str(self.bundle.path(x.file)), x.offset, x.nbytes, x.label, self._check(x))
+                    for x in extents]
         if self.read_into == "host" or any(x.codec != "none" for x in extents):
             return self._read_host(extents, requests)
         if self.stage_on_device:
             return self._read_staged(extents, requests)
         return self._read_arrays(extents, requests)
 
-    def _check(self, x: ExpertExtent, data) -> None:
-        if self.check_reads and x.fast_checksum is not None and fast_checksum(data) != x.fast_checksum:
-            raise BundleError(f"{x.label}: the bytes read do not match the extent's checksum ({x.fast_checksum}): "
-                              "the bundle's expert file is damaged; `moestream verify` checks every extent")
+    def _check(self, x: ExpertExtent) -> ExtentCheck | None:
+        """What the reader checks an extent's bytes against as they arrive (None: not checked)."""
+        if not self.check_reads or x.fast_checksum is None:
+            return None
+        key = (x.layer, x.expert)
+        if key not in self._checks:
+            self._checks[key] = ExtentCheck(x.label, parse_fast_checksum(x.fast_checksum, x.nbytes))
+        return self._checks[key]
 
     def _finish(self, arrays: dict[str, mx.array]) -> dict[str, mx.array]:
         arrays = cast_floats(arrays, self.dtype)
@@ -127,7 +154,6 @@ class BundleStore:
 
         def convert(i: int, buf) -> dict[str, mx.array]:  # runs in the I/O thread that finished it
             x = extents[i]
-            self._check(x, buf)
             with mx.stream(mx.cpu):  # views only: no data moves
                 arrays = extent_views(bytes_at(targets.pop(i), buf, x.nbytes), 0, x.tensors)
             return self._finish(arrays)
@@ -150,7 +176,6 @@ class BundleStore:
         def convert(i: int, buf) -> dict[str, mx.array]:
             x, slot = extents[i], slots.pop(i)
             try:
-                self._check(x, buf)
                 staged = bytes_at(slot, buf, x.nbytes) + mx.array(0, mx.uint8)  # the copy
                 mx.eval(staged)
             finally:
@@ -170,7 +195,6 @@ class BundleStore:
 
         def convert(i: int, buf) -> dict[str, mx.array]:
             x = extents[i]
-            self._check(x, buf)
             if x.codec == "zstd":
                 buf = _unzstd(x, buf)
             arrays = unpack_extent(buf, x.tensors)
