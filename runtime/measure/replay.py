@@ -28,7 +28,7 @@ from ..io.pagecache import evict_page_cache
 from ..io.reader import ExtentReader, ReadRequest
 from ..io.stores import BundleStore
 from ..model.budget import layer_bytes
-from ..model.streaming import ExpertStreamer
+from ..model.streaming import PREFILL_ADMISSION, ExpertStreamer
 
 DEFAULT_BUDGETS = (0.05, 0.10, 0.25, 0.50)
 DEFAULT_POLICIES = ("lru", "lfu", "hot", "prior", "lrfu")
@@ -209,4 +209,136 @@ def format_table(rows: list[dict]) -> str:
             f"{r['reads_per_token']:>9.2f} {r['mean_read_bytes'] / 1e6:>8.3f} {r['read_gbps']:>6.2f} {r['time_s']:>7.2f}"
             + (" (clamped)" if r["clamped"] else "")
         )
+    return "\n".join(lines)
+
+
+# ---- prefill admission: what a long prompt leaves of the decode's hit rate
+
+
+def decode_call(streamer: ExpertStreamer, layer: int, experts) -> None:
+    """One decode call's distinct experts, as the streaming layer fetches them (no compute)."""
+    for group in streamer.groups(layer, np.asarray(sorted(experts))):
+        streamer.acquire(layer, group)
+        streamer.release(layer, group)
+
+
+def prefill_call(streamer: ExpertStreamer, layer: int, experts) -> None:
+    """One prefill call's distinct experts through the streamer's prefill path: groups in layout
+    order, what misses read, admitted by the streamer's prefill_admission rule (no compute)."""
+    for group in streamer.prefill_groups(layer, streamer.layout_order(layer, experts)):
+        r = streamer.prefill_start(layer, group)
+        try:
+            streamer.prefill_wait(r)
+        finally:
+            streamer.prefill_release(r)
+
+
+def token_steps(t: TraceArrays) -> list[list[tuple[int, list[int]]]]:
+    """Per token (in trace order, sequences one after another): (layer, distinct experts) per layer."""
+    keys = t.token_keys()
+    out: list[list[tuple[int, list[int]]]] = []
+    last = None
+    for key, layer, row in zip(keys.tolist(), t.layer.tolist(), t.experts.tolist(), strict=True):
+        if key != last:
+            out.append([])
+            last = key
+        out[-1].append((layer, sorted(set(row))))
+    return out
+
+
+def _prefill_tokens(streamer: ExpertStreamer, tokens: list[list[tuple[int, list[int]]]], chunk: int) -> None:
+    """A prompt prefilled in chunks: per chunk, layer by layer, the union of its tokens' experts."""
+    for start in range(0, len(tokens), chunk):
+        per_layer: dict[int, set[int]] = {}
+        for token in tokens[start : start + chunk]:
+            for layer, experts in token:
+                per_layer.setdefault(layer, set()).update(experts)
+        for layer in sorted(per_layer):
+            if len(tokens[start : start + chunk]) > 1:
+                prefill_call(streamer, layer, sorted(per_layer[layer]))
+            else:
+                decode_call(streamer, layer, sorted(per_layer[layer]))
+
+
+def prefill_admission_replay(
+    bundle: str | Path | Bundle,
+    trace,
+    rules: Iterable[str] = PREFILL_ADMISSION,
+    budgets: Iterable[float] = (0.10, 0.25),
+    policies: Iterable[str] = ("lru",),
+    prompt_tokens: Iterable[int] = (16, 512),
+    decode_tokens: int = 32,
+    requests: int = 8,
+    chunk: int = 2048,
+    io_mode: str = "buffered",
+    *,
+    profile=None,
+) -> list[dict]:
+    """Decode hit rate after a prompt, per admission rule, policy, budget and prompt length.
+
+    The trace's tokens are one stream. Each of `requests` windows decodes the same `decode_tokens`
+    tokens after a prompt of each length (the tokens just before them), from a "cold" cache (empty)
+    and a "warm" one (after an earlier request: a short prompt and `decode_tokens` decoded, just
+    before the longest prompt). The hit rate counts the decode's lookups only; a rule that keeps the
+    decode's experts gives the same after a long prompt as after a short one."""
+    b = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
+    steps = token_steps(trace_arrays(trace))
+    lengths = sorted(prompt_tokens)
+    short, longest = lengths[0], lengths[-1]
+    span = short + decode_tokens + longest + decode_tokens  # warm request, prompt, decode
+    if len(steps) < span:
+        raise ValueError(f"the trace has {len(steps)} tokens; a request window needs {span}")
+    starts = np.linspace(0, len(steps) - span, num=max(1, requests)).astype(int).tolist()
+    sizer = BundleStore(b, None)
+    sizes = {key: sizer.nbytes(*key) for key in b.extents}
+    total, min_layer = sum(sizes.values()), layer_bytes(sizes, b.experts_per_token)
+    rows = []
+    with ExtentReader(io_mode=io_mode) as reader:
+        store = ReplayStore(b, reader)
+        for budget in budgets:
+            capacity = max(int(budget * total), min_layer)
+            for policy_name in policies:
+                for rule in rules:
+                    for warm in (False, True):
+                        for n in lengths:
+                            hits = lookups = 0
+                            for s0 in starts:
+                                policy = make_policy(policy_name, profile)
+                                configure_policy(policy, capacity, lambda key: sizes[key], min_layer)
+                                streamer = ExpertStreamer(store, ExpertCache(capacity, policy))
+                                streamer.prefill_admission, streamer.prefill_room = rule, capacity
+                                streamer.prefill_min_group_bytes = 0
+                                decode_at = s0 + short + decode_tokens + longest
+                                if warm:  # the same earlier request before every prompt: short prompt, its decode
+                                    _prefill_tokens(streamer, steps[s0 : s0 + short], chunk)
+                                    for token in steps[s0 + short : s0 + short + decode_tokens]:
+                                        _prefill_tokens(streamer, [token], 1)
+                                _prefill_tokens(streamer, steps[decode_at - n : decode_at], chunk)
+                                c0 = streamer.cache.stats()
+                                for token in steps[decode_at : decode_at + decode_tokens]:
+                                    _prefill_tokens(streamer, [token], 1)
+                                c1 = streamer.cache.stats()
+                                hits += c1["cache_hits"] - c0["cache_hits"]
+                                lookups += c1["cache_hits"] + c1["cache_misses"] - c0["cache_hits"] - c0["cache_misses"]
+                            rows.append({"budget": budget, "policy": policy_name, "rule": rule,
+                                         "start": "warm" if warm else "cold", "prompt_tokens": n,
+                                         "decode_tokens": decode_tokens, "requests": len(starts),
+                                         "capacity_bytes": capacity, "decode_hit_rate": hits / max(lookups, 1)})
+    return rows
+
+
+def format_admission_table(rows: list[dict]) -> str:
+    """Decode hit rate per rule: after each prompt length, cold and warm, and long minus short."""
+    lengths = sorted({r["prompt_tokens"] for r in rows})
+    short, longest = lengths[0], lengths[-1]
+    by = {(r["budget"], r["policy"], r["rule"], r["start"], r["prompt_tokens"]): r["decode_hit_rate"] for r in rows}
+    head = f"{'budget':>6} {'policy':>6} {'rule':>5} " + " ".join(
+        f"{start + ' ' + str(n):>10}" for start in ("cold", "warm") for n in lengths) + f" {'cold diff':>9} {'warm diff':>9}"
+    lines = [head]
+    for budget, policy, rule in dict.fromkeys((r["budget"], r["policy"], r["rule"]) for r in rows):
+        cells = [by[(budget, policy, rule, start, n)] for start in ("cold", "warm") for n in lengths]
+        diffs = [(by[(budget, policy, rule, start, longest)] - by[(budget, policy, rule, start, short)]) * 100
+                 for start in ("cold", "warm")]
+        lines.append(f"{budget:>6.0%} {policy:>6} {rule:>5} " + " ".join(f"{c:>10.3f}" for c in cells)
+                     + "".join(f" {d:>+7.1f}pt" for d in diffs))
     return "\n".join(lines)

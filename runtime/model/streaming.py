@@ -151,7 +151,7 @@ class ExpertStreamer:
 
     def _prefetch_read(self, layer: int, experts: list[int]) -> None:
         try:
-            for e, tensors in self.store.read(layer, experts).items():
+            for e, tensors in self._read_evaluated(layer, experts).items():
                 try:
                     self.cache.put((layer, e), tensors, self.store.nbytes(layer, e))
                 except (CacheFullError, ValueError):
@@ -279,7 +279,14 @@ class ExpertStreamer:
         if r.missing and r.future is None:
             if self._prefill_pool is None:
                 self._prefill_pool = shared_pool(1, "moestream-prefill")
-            r.future = self._prefill_pool.submit(self.store.read, r.layer, r.missing)
+            r.future = self._prefill_pool.submit(self._read_evaluated, r.layer, r.missing)
+
+    def _read_evaluated(self, layer: int, experts: list[int]) -> dict:
+        """store.read, its arrays evaluated here: MLX streams belong to the thread that made them,
+        and a store may hand out arrays with work left (a checkpoint's casts and slices)."""
+        out = self.store.read(layer, experts)
+        mx.eval([a for tensors in out.values() if isinstance(tensors, dict) for a in tensors.values()])
+        return out
 
     def prefill_wait(self, r: _PrefillRead) -> dict[int, dict[str, mx.array]]:
         """Every expert of the group: the misses once read (read here if never submitted),
@@ -464,7 +471,7 @@ class StreamingSwitchGLU(nn.Module):
         self.streamer.calls += 1
         experts = np.unique(routed)
         prefill = _is_prefill(routed)
-        if prefill and self.streamer.prefill_routed is not None:
+        if self.streamer.prefill_routed is not None and routed.ndim >= 2 and routed.shape[-2] > 1:
             self.streamer.prefill_routed.update((self.layer, e) for e in experts.tolist())
         whole = self.streamer.whole.get(self.layer)
         if whole is not None:
