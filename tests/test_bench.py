@@ -21,8 +21,10 @@ def test_bench_cli_reports_ceiling_roofline_and_comparisons(tmp_path, bundle_dir
     assert r["ceiling"]["gb_per_s"] > 0 and r["ceiling"]["direct"]
     for run in ("cold", "warm", "buffered_cold", "host_warm", "policy_lfu_warm"):
         for key in ("ttft_s", "tokens_per_s", "p50_token_ms", "p99_token_ms", "bytes_read_per_token", "hit_rate",
-                    "read_gb_per_s_during_io", "io_efficiency", "roofline_tokens_per_s", "share_of_roofline"):
+                    "read_gb_per_s_during_io", "io_efficiency", "roofline_tokens_per_s", "share_of_roofline",
+                    "prefill_read_floor_s", "ttft_over_floor", "prefill_hit_rate", "prefill_expert_bytes"):
             assert key in r[run], (run, key)
+        assert r[run]["prefill_distinct_experts"] > 0 and r[run]["prefill_read_floor_s"] > 0, run
     assert r["cold"]["bytes_read"] > 0, "a 25% budget must read experts while decoding"
     assert r["naive"]["reads"] > r["cold"]["reads"], "the naive loader reads tensor by tensor"
     assert r["budget"]["expert_cache_bytes"] < r["budget"]["expert_bytes_in_memory"]
@@ -35,7 +37,7 @@ def test_bench_cli_reports_ceiling_roofline_and_comparisons(tmp_path, bundle_dir
     assert all(v > 0 for v in phases.values()) and "route_sync (attention + router, host sync)" in r["warm"]["per_layer_ms"]
     assert plot.stat().st_size > 0
     text = capsys.readouterr().out
-    assert "roof" in text and "ceiling" in text
+    assert "roof" in text and "ceiling" in text and "TTFT/floor" in text
     assert "SCALED" not in text, "scaling to the layers it has is no figure"
     assert "{'" not in text, "no raw dicts in the report"
     from moestream.runtime.measure.bench import table_runs

@@ -21,7 +21,9 @@ def add_arguments(p) -> None:
     p.add_argument("--compare", default="", help="comma list, each run cold and warm: naive, prefetch, buffered "
                    "(the OS page cache on equal memory: see --page-cache), host (read into host buffers + copy), "
                    "stage / nostage (GPU staging copy), nocheck (no per-read checksum), default (the first run "
-                   "again), policy:NAME, threads:N")
+                   "again), policy:NAME, threads:N, plainprefill (each prefill group read, then computed, and cached "
+                   "like the decode's: the runtime before prefill overlapped), admission:free|all|tail|none (what a "
+                   "prefill caches of what it reads)")
     p.add_argument("--streams", type=positive_int, default=1,
                    help="also decode this many streams at once (mlx-lm's batching, as the server does): aggregate "
                         "and per-stream tok/s, the batch roofline, how many experts the streams shared")

@@ -28,6 +28,7 @@ from ..io import staging
 from ..io.pagecache import evict_page_cache
 from ..io.stores import cast_floats
 from ..model.load import IOOptions, load, plan_memory, runtime_of
+from ..model.streaming import PREFILL_ADMISSION
 from .ceiling import read_ceiling
 from .memhold import Held, leave_available
 
@@ -44,13 +45,23 @@ def decode(model, prompt: list[int], gen_tokens: int) -> dict:
 
     rt = runtime_of(model, required=False)
     streaming = rt is not None
+    options = {}
     if streaming:
         rt.reset_stats()
+        # the prompt in the chunks the memory plan sizes (as generate and chat do); every expert
+        # the prefill routes to is collected, for its read floor
+        options["prefill_step_size"] = rt.plan.prefill_tokens_for(len(prompt))
+        rt.streamer.prefill_routed = routed = set()
     times, start, after_prefill = [], time.perf_counter(), None
-    for _ in generate_step(mx.array(prompt), model, max_tokens=gen_tokens):
-        times.append(time.perf_counter())
-        if streaming and after_prefill is None:
-            after_prefill = rt.stats()  # prefill + first token: kept out of decode figures
+    try:
+        for _ in generate_step(mx.array(prompt), model, max_tokens=gen_tokens, **options):
+            times.append(time.perf_counter())
+            if streaming and after_prefill is None:
+                after_prefill = rt.stats()  # prefill + first token: kept out of decode figures
+                rt.streamer.prefill_routed = None
+    finally:
+        if streaming:
+            rt.streamer.prefill_routed = None
     gaps = np.diff(np.array(times))
     decode_s = times[-1] - times[0]
     out = {
@@ -63,6 +74,12 @@ def decode(model, prompt: list[int], gen_tokens: int) -> dict:
     if streaming:
         s, p = rt.stats(), after_prefill
         out["prefill_bytes_read"] = p["bytes_read"]
+        out["prefill_step_size"] = options["prefill_step_size"]
+        prefill_lookups = p["cache_hits"] + p["cache_misses"]
+        out["prefill_hit_rate"] = p["cache_hits"] / prefill_lookups if prefill_lookups else 0.0
+        out["prefill_distinct_experts"] = len(routed)
+        out["prefill_expert_bytes"] = sum(_disk_bytes(rt.store, *key) for key in routed)
+        out["prefill_admission"] = rt.streamer.prefill_admission if rt.streamer.prefill_pipeline else "plain path"
         for k in ("bytes_read", "reads", "io_wait_s", "moe_calls", "route_sync_s", "attention_s", "expert_fetch_s", "expert_compute_s",
                   "cache_hits", "cache_misses"):
             out[k] = s[k] - p[k]  # decode only
@@ -72,6 +89,12 @@ def decode(model, prompt: list[int], gen_tokens: int) -> dict:
         out["decode_tokens"] = len(times) - 1
         out.update({k: s[k] for k in ("expert_cache_peak_bytes", "cache_capacity_bytes", "io_mode")})
     return out
+
+
+def _disk_bytes(store, layer: int, expert: int) -> int:
+    """The bytes an expert's read takes from disk: its extent (a bundle), else its size in memory."""
+    bundle = getattr(store, "bundle", None)
+    return bundle.extent(layer, expert).nbytes if bundle is not None else store.nbytes(layer, expert)
 
 
 def decode_streams(model, prompts: list[list[int]], gen_tokens: int, ceiling_gbs: float) -> dict:
@@ -201,6 +224,15 @@ def print_report(r: dict) -> None:
         print(f"{name:<18}{x['ttft_s']:>8.2f}{x['tokens_per_s']:>8.2f}{x['p50_token_ms']:>8.0f}{x['p99_token_ms']:>8.0f}"
               f"{x['bytes_read_per_token'] / 1e6:>8.1f}{x['hit_rate']:>7.1%}{x['read_gb_per_s_during_io']:>9.2f}"
               f"{x['io_efficiency']:>6.2f}{x['roofline_tokens_per_s']:>8.2f}{x['share_of_roofline']:>7.2f}")
+    print(f"\n== prefill ({r['args']['prompt_tokens']} tokens; floor: each distinct expert it routes to read once at "
+          f"the ceiling) ==")
+    print(f"{'run':<18}{'TTFT s':>8}{'floor s':>9}{'TTFT/floor':>11}{'experts':>9}{'MB':>9}{'chunk':>7}{'pf hit':>8}"
+          f"{'dec hit':>8}  admission")
+    for name in table_runs(r):
+        x = r[name]
+        print(f"{name:<18}{x['ttft_s']:>8.2f}{x['prefill_read_floor_s']:>9.3f}{x['ttft_over_floor']:>11.2f}"
+              f"{x['prefill_distinct_experts']:>9}{x['prefill_expert_bytes'] / 1e6:>9.1f}{x['prefill_step_size']:>7}"
+              f"{x['prefill_hit_rate']:>8.1%}{x['hit_rate']:>8.1%}  {x['prefill_admission']}")
     for name, settings in r.items():
         pc = settings.get("page_cache") if name.endswith("settings") and isinstance(settings, dict) else None
         if pc:
@@ -239,6 +271,10 @@ def print_report(r: dict) -> None:
 
 
 def _derive(run: dict, ceiling_gbs: float, n_moe: int, full_layers: int) -> None:
+    # TTFT against reading every distinct expert of the prefill once at the disk's ceiling: what
+    # no prefill that reads them can beat (a warm run reads fewer: its floor is still this one)
+    run["prefill_read_floor_s"] = run["prefill_expert_bytes"] / (ceiling_gbs * 1e9)
+    run["ttft_over_floor"] = run["ttft_s"] / max(run["prefill_read_floor_s"], 1e-12)
     run["bytes_read_per_token"] = run["bytes_read"] / max(run["decode_tokens"], 1)
     run["read_gb_per_s_during_io"] = run["bytes_read"] / max(run["io_wait_s"], 1e-9) / 1e9
     run["io_efficiency"] = run["read_gb_per_s_during_io"] / ceiling_gbs
@@ -285,6 +321,11 @@ VARIANTS = {
 def _variant(name: str) -> dict | None:
     if name.startswith("policy:"):
         return {"cache_policy": name.split(":", 1)[1]}
+    if name.startswith("admission:"):  # what the prefill caches of what it reads (streaming.PREFILL_ADMISSION)
+        rule = name.split(":", 1)[1]
+        return {"_streamer": {"prefill_admission": rule}} if rule in PREFILL_ADMISSION else None
+    if name == "plainprefill":  # a prefill as the decode runs it: read every group, then compute it, all cached
+        return {"_streamer": {"prefill_pipeline": False}}
     if name == "noadvice":  # staging without cudaMemAdvise (see runtime/io/staging.py)
         return {"io": {"stage_on_device": True}, "_no_cuda_advice": True}
     if name.startswith("threads:"):
@@ -306,6 +347,8 @@ def _settings(model) -> dict:
             "coalesce_gap": r.coalesce_gap, "read_into": getattr(rt.store, "read_into", "host"),
             "stage_on_device": getattr(rt.store, "stage_on_device", False), "cache_policy": type(rt.cache.policy).__name__,
             "prefetch": rt.streamer.prefetching, "dtype": rt.dtype,
+            "prefill_pipeline": rt.streamer.prefill_pipeline, "prefill_admission": rt.streamer.prefill_admission,
+            "prefill_room_bytes": rt.streamer.prefill_room,
             "staging_slots_advised": getattr(getattr(rt.store, "staging", None), "advised", 0),
             "cuda_advice": _advice_state()}
 
@@ -338,7 +381,8 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
         raise OptionsError(f"page_cache must be 'equal' or 'all', got {page_cache!r}")
     unknown = [c for c in compare if c != "naive" and _variant(c) is None]
     if unknown:
-        raise OptionsError(f"unknown --compare entries {unknown}; known: naive, {', '.join(VARIANTS)}, policy:NAME, threads:N")
+        raise OptionsError(f"unknown --compare entries {unknown}; known: naive, {', '.join(VARIANTS)}, policy:NAME, "
+                           f"threads:N, plainprefill, admission:{'|'.join(PREFILL_ADMISSION)}")
     bundle_path = Path(bundle_path)
     bundle = open_bundle(bundle_path)
     extents = list(bundle.extents.values())
@@ -369,12 +413,15 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
         if variant.pop("_no_cuda_advice", False):
             os.environ["MOESTREAM_CUDA_ADVICE"] = "0"
         race = variant.pop("_page_cache_race", False)
+        streamer_settings = variant.pop("_streamer", {})
         staging._advice = None  # decided anew from the environment
         try:
             loaded = load(bundle_path, memory_budget=plan.minimum_bytes if race else budget, **_options(base, variant))
         finally:
             os.environ.pop("MOESTREAM_CUDA_ADVICE", None)
         with loaded as (model, _), _page_cache_memory(race, page_cache, budget - plan.minimum_bytes) as held:
+            for key, value in streamer_settings.items():
+                setattr(runtime_of(model).streamer, key, value)
             evict_page_cache(files)
             report[f"{name}cold"] = decode(model, prompt, gen_tokens)
             report[f"{name}warm"] = decode(model, prompt, gen_tokens)
