@@ -47,6 +47,8 @@ DEFAULT_MAX_OPEN_FILES = 64
 # A batch is split across the threads in shares of at least this size: below it, one more
 # syscall costs more than the parallelism wins.
 DEFAULT_SPLIT_MIN_BYTES = 1 << 20
+# Reads of checked extents are issued in pieces of this size, each checked as soon as it is in.
+CHECKED_READ_BYTES = 1 << 20
 _IOV_MAX = 512  # buffers per preadv (Linux allows 1024)
 # Idle read buffers kept for reuse. Counted in the memory budget ("buffers"); about two layers of
 # 8 routed 7 MB experts.
@@ -488,23 +490,32 @@ class ExtentReader:
         """Read this thread's pieces; finish (views, convert) each group whose last piece it read."""
         out = []
         for g, a, b in pieces:
-            try:
-                got = self._read_piece(g, a, b)
-            except BaseException:
+            # A checked piece is read in sub-reads of CHECKED_READ_BYTES, each checked at once: the
+            # thread's hashing then trails its last sub-read, not its whole share.
+            step = CHECKED_READ_BYTES if g.unread else b - a
+            lo = a
+            while lo < b:
+                hi = min(b, lo + step)
+                try:
+                    got = self._read_piece(g, lo, hi)
+                except BaseException:
+                    with self._lock:
+                        g.failed = True
+                    raise
                 with self._lock:
-                    g.failed = True
-                raise
-            with self._lock:
-                g.got.append((a, a + got, b))
-                complete = self._completed_blocks(g, a, a + got) if g.unread else []
-            try:
-                for k, lo, hi in complete:
-                    check = g.members[k][1].check
-                    check.check((lo - g.members[k][1].offset) // check.block_bytes, self._bytes(g, k, lo, hi))
-            except BaseException:
-                with self._lock:
-                    g.failed = True
-                raise
+                    g.got.append((lo, lo + got, hi))
+                    complete = self._completed_blocks(g, lo, lo + got) if g.unread else []
+                try:
+                    for k, start, end in complete:
+                        check = g.members[k][1].check
+                        check.check((start - g.members[k][1].offset) // check.block_bytes, self._bytes(g, k, start, end))
+                except BaseException:
+                    with self._lock:
+                        g.failed = True
+                    raise
+                if got < hi - lo:
+                    break  # the file ended: the group's finish reports the short read
+                lo = hi
             with self._lock:  # counted once its blocks are checked: the group finishes after every check
                 g.pieces -= 1
                 last = g.pieces == 0 and not g.failed
