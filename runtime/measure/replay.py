@@ -28,7 +28,7 @@ from ..io.pagecache import evict_page_cache
 from ..io.reader import ExtentReader, ReadRequest
 from ..io.stores import BundleStore
 from ..model.budget import layer_bytes
-from ..model.streaming import PREFILL_ADMISSION, ExpertStreamer
+from ..model.streaming import PREFILL_ADMISSION, PREFILL_MIN_PAIRS, ExpertStreamer
 
 DEFAULT_BUDGETS = (0.05, 0.10, 0.25, 0.50)
 DEFAULT_POLICIES = ("lru", "lfu", "hot", "prior", "lrfu")
@@ -253,8 +253,13 @@ def _prefill_tokens(streamer: ExpertStreamer, tokens: list[list[tuple[int, list[
         for token in tokens[start : start + chunk]:
             for layer, experts in token:
                 per_layer.setdefault(layer, set()).update(experts)
+        part = tokens[start : start + chunk]
+        pairs = {layer: 0 for layer in per_layer}  # (token, expert) pairs per layer, as the layer routes them
+        for token in part:
+            for layer, experts in token:
+                pairs[layer] += len(experts)
         for layer in sorted(per_layer):
-            if len(tokens[start : start + chunk]) > 1:
+            if len(part) > 1 and pairs[layer] >= PREFILL_MIN_PAIRS:  # where the layer takes its prefill path
                 prefill_call(streamer, layer, sorted(per_layer[layer]))
             else:
                 decode_call(streamer, layer, sorted(per_layer[layer]))
@@ -278,9 +283,10 @@ def prefill_admission_replay(
 
     The trace's tokens are one stream. Each of `requests` windows decodes the same `decode_tokens`
     tokens after a prompt of each length (the tokens just before them), from a "cold" cache (empty)
-    and a "warm" one (after an earlier request: a short prompt and `decode_tokens` decoded, just
-    before the longest prompt). The hit rate counts the decode's lookups only; a rule that keeps the
-    decode's experts gives the same after a long prompt as after a short one."""
+    and a "warm" one (after the same request once: as `moestream bench` runs cold, then warm, and as
+    a conversation's next turn finds the experts of the last). The hit rate counts the decode's
+    lookups only; a rule that keeps the decode's experts gives the same after a long prompt as after
+    a short one."""
     b = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
     steps = token_steps(trace_arrays(trace))
     lengths = sorted(prompt_tokens)
@@ -309,9 +315,9 @@ def prefill_admission_replay(
                                 streamer.prefill_admission, streamer.prefill_room = rule, capacity
                                 streamer.prefill_min_group_bytes = 0
                                 decode_at = s0 + short + decode_tokens + longest
-                                if warm:  # the same earlier request before every prompt: short prompt, its decode
-                                    _prefill_tokens(streamer, steps[s0 : s0 + short], chunk)
-                                    for token in steps[s0 + short : s0 + short + decode_tokens]:
+                                if warm:  # the same request before (as `moestream bench` runs cold, then warm)
+                                    _prefill_tokens(streamer, steps[decode_at - n : decode_at], chunk)
+                                    for token in steps[decode_at : decode_at + decode_tokens]:
                                         _prefill_tokens(streamer, [token], 1)
                                 _prefill_tokens(streamer, steps[decode_at - n : decode_at], chunk)
                                 c0 = streamer.cache.stats()
