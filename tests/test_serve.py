@@ -207,6 +207,41 @@ def test_concurrent_requests(served):
         assert reply["usage"]["completion_tokens"] == alone["usage"]["completion_tokens"]
 
 
+def test_stats_show_concurrent_requests_decoded_in_one_batch(served):
+    """mlx_lm.server batches our model (its KV caches merge), and GET /moestream/stats shows it: the
+    generation thread's token times of two requests in flight together overlap. Each request is
+    longer than mlx-lm's 0.5 s scheduling window, so the second joins the first's batch however
+    late its handler queues it."""
+    import moestream
+
+    handle, model, tokenizer = served
+    assert handle.generator.model_provider.is_batchable
+    before = get(handle.url + "/moestream/stats")
+    no_eos = {str(t): -100 for t in tokenizer.eos_token_ids}
+    replies, errors = [], []
+
+    def ask(i):
+        try:
+            replies.append(post(handle.url, {"messages": [{"role": "user", "content": f"Story {i}"}],
+                                             "max_tokens": 300, "logit_bias": no_eos}))
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert not errors and [r["usage"]["completion_tokens"] for r in replies] == [300, 300]
+    after = get(handle.url + "/moestream/stats")
+    assert after["clock"] == "monotonic" and after["requests_finished"] == before["requests_finished"] + 2
+    a, b = sorted(after["requests"][-2:], key=lambda r: r["first_token"])
+    assert a["tokens"] == b["tokens"] == 300
+    assert a["first_token"] <= a["last_token"] and b["first_token"] < a["last_token"]  # decoded together
+    assert after["model"]["bytes_read"] >= before["model"]["bytes_read"] > 0
+    assert after["model"]["budget_bytes"] == moestream.stats(model)["budget_bytes"]
+
+
 def test_shutdown_frees_the_port(bundle_dir):
     import socket
 

@@ -42,6 +42,11 @@ budget (mlx-lm's handler, generator and batching are otherwise used as they are)
   as text content, markup and all, as the model wrote it; a reply whose tool calls all failed
   ends with `finish_reason: "stop"` (or "length" where max_tokens cut it). A text completion
   (/v1/completions) has no tool calls in OpenAI's API: its tool-call markup stays in its text.
+- `GET /moestream/stats`: the model's I/O and cache counters (`moestream.stats`) and, for the
+  latest requests that finished, when the generation thread produced their first and last token
+  (monotonic seconds) and how many tokens: whether concurrent requests were decoded together (in
+  one batch) or one after another shows there, measured where the tokens are made rather than
+  where a client reads them (`bench/serve_load.py` reads it).
 - Listening: a port in use, an address that cannot be bound or resolved, a port outside
   0-65535 are a `ServeError` (a MoestreamError and an OSError) in one line naming host:port.
 """
@@ -56,6 +61,7 @@ import math
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from queue import Empty as QueueEmpty
@@ -76,6 +82,9 @@ POLL_S = 0.2
 MIN_BODY_CAP = 16 << 20
 BODY_BYTES_PER_TOKEN = 64
 MAX_TOKENS_HEADER = "X-Moestream-Max-Tokens"
+# How many finished requests' token times GET /moestream/stats keeps.
+KEPT_SPANS = 4096
+STATS_PATH = "/moestream/stats"
 
 
 class ServeError(MoestreamError, OSError):
@@ -416,6 +425,8 @@ class Ticket:
         self._ctx = None
         self._lock = threading.Lock()
         self._checked = 0.0
+        self.first_token = self.last_token = None  # time.monotonic() when the generation thread made them
+        self.tokens = 0
         self.generated: list[str] = []  # the reply's text as the model wrote it (markup included)
         self.unparsed: list[str] = []  # tool-call bodies that did not parse, not yet put back in the text
         self.tool_calls_sent = 0
@@ -479,16 +490,44 @@ class Ticket:
             raise ClientGone()
 
 
-class _ResponseQueue(Queue):
-    """A request's response queue, which hands its GenerationContext to the ticket as it passes."""
+class TokenSpans:
+    """When the generation thread made the first and last token of the latest finished requests."""
 
-    def __init__(self, ticket: Ticket):
+    def __init__(self, keep: int = KEPT_SPANS):
+        self._spans: deque = deque(maxlen=keep)
+        self._lock = threading.Lock()
+        self.finished = 0
+
+    def add(self, first: float, last: float, tokens: int) -> None:
+        with self._lock:
+            self._spans.append((first, last, tokens))
+            self.finished += 1
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            spans, finished = list(self._spans), self.finished
+        return {"clock": "monotonic", "now": time.monotonic(), "requests_finished": finished,
+                "requests": [{"first_token": a, "last_token": b, "tokens": n} for a, b, n in spans]}
+
+
+class _ResponseQueue(Queue):
+    """A request's response queue, which hands its GenerationContext to the ticket as it passes and
+    notes when the generation thread puts each token on it (`spans` gets the request's first and last
+    token times once it finishes)."""
+
+    def __init__(self, ticket: Ticket, spans: TokenSpans | None = None):
         super().__init__()
-        self.ticket = ticket
+        self.ticket, self.spans = ticket, spans
 
     def put(self, item, block=True, timeout=None):
         if isinstance(item, mlx_server.GenerationContext):
             self.ticket.attach(item)
+        elif isinstance(item, mlx_server.Response):
+            ticket, now = self.ticket, time.monotonic()
+            ticket.first_token = ticket.first_token or now
+            ticket.last_token, ticket.tokens = now, ticket.tokens + 1
+            if item.finish_reason is not None and self.spans is not None:
+                self.spans.add(ticket.first_token, now, ticket.tokens)
         super().put(item, block, timeout)
 
 
@@ -504,7 +543,13 @@ class StreamingResponseGenerator(mlx_server.ResponseGenerator):
         # two bytes of text per byte of the longest token: room for normalizers that compose characters
         self.bytes_per_token = None if token_bytes is None else 2 * token_bytes
         self.max_body_bytes = max(MIN_BODY_CAP, BODY_BYTES_PER_TOKEN * limit.tokens)
+        self.model, self.spans = model, TokenSpans()
         super().__init__(StreamingModelProvider(model, tokenizer, cli_args), LRUPromptCache(cli_args.prompt_cache_size))
+
+    def stats(self) -> dict:
+        """What GET /moestream/stats answers (see the module docstring)."""
+        rt = runtime_of(self.model, required=False)
+        return {"model": rt.stats() if rt is not None else None, **self.spans.snapshot()}
 
     # -- the handler's side
 
@@ -554,7 +599,7 @@ class StreamingResponseGenerator(mlx_server.ResponseGenerator):
         """mlx-lm's `generate`, with a response queue that records the request's GenerationContext
         and waits that look at the client's connection."""
         ticket = getattr(request, "moestream_ticket", None) or Ticket()
-        response_queue = _ResponseQueue(ticket)
+        response_queue = _ResponseQueue(ticket, self.spans)
         if not self.generation_available():
             raise _Respond(_unavailable())
         self.requests.put((response_queue, request, generation_args))
@@ -699,6 +744,8 @@ class StreamingAPIHandler(mlx_server.APIHandler):
         self._guarded(self._get)
 
     def _get(self):
+        if self.path == STATS_PATH:
+            return self._send_json(200, self.response_generator.stats())
         if not (self.path.startswith("/v1/models") or self.path == "/health"):
             raise RequestError(f"Unknown request URL: GET {self.path}.", 404, code="unknown_url")
         super().do_GET()
