@@ -523,3 +523,16 @@ def test_a_failed_block_check_fails_the_read_and_converts_nothing(disk_dir):
             r.read([dataclasses.replace(req, check=check)], lambda i, v: converted.append(i))
         assert r.read([req]) and True  # the reader stays usable
     assert converted == []
+
+
+def test_check_time_and_its_tail_are_counted(disk_dir):
+    f = disk_dir / "timed.bin"
+    data = _write(f, 4 << 20, seed=11)
+    req = _req(f, 0, 3_000_000, "expert 4")
+    with ExtentReader("direct", threads=4, split_min_bytes=256 << 10) as r:
+        r.read([dataclasses.replace(req, check=_BlockCheck(data, req, 1 << 20))])
+        s = r.stats()
+        assert s["check_s"] > 0 and 0 < s["check_tail_s"] <= s["check_s"]
+        r.reset_stats()
+        r.read([req])  # unchecked
+        assert r.stats()["check_s"] == r.stats()["check_tail_s"] == 0

@@ -136,6 +136,15 @@ class _Group:
     finished: bool = False
 
 
+@dataclass
+class _CallTiming:
+    """When one read call's last read returned and its last check ended (perf_counter)."""
+
+    last_read_end: float = 0.0
+    last_check_end: float = 0.0
+    check_s: float = 0.0
+
+
 def plan_reads(spans: list[tuple[str, int, int]], coalesce_gap: int, max_read_bytes: int,
                separate: bool = False) -> list[tuple[str, int, int, list[int]]]:
     """How the reader turns byte ranges into reads: sorted by (file, offset), ranges that touch,
@@ -349,8 +358,10 @@ class ExtentReader:
         self._buffers.max_idle_bytes = nbytes
 
     def reset_stats(self) -> None:
+        # check_s: time spent checking blocks, summed over threads; check_tail_s: of that, the
+        # part after a call's last read returned (what checking adds to the call's time)
         self._stats = {"bytes_read": 0, "reads": 0, "io_wait_s": 0.0, "requested_bytes": 0,
-                       "requests": 0}
+                       "requests": 0, "check_s": 0.0, "check_tail_s": 0.0}
 
     def close(self) -> None:
         if self._closed:
@@ -384,12 +395,16 @@ class ExtentReader:
                     g.buffer = self._buffers.take(g.end - g.start)
                     g.segments = [(g.start, memoryview(g.buffer)[: g.end - g.start])]
             work = self._split(groups)
+            timing = _CallTiming()
             if len(work) == 1:  # no pool hand-off for a single worker's share
-                results = [self._work(work[0], convert)]
+                results = [self._work(work[0], convert, timing)]
             else:
-                futures = [self._pool.submit(self._work, w, convert) for w in work]
+                futures = [self._pool.submit(self._work, w, convert, timing) for w in work]
                 wait(futures)  # let every read finish before raising, so none outlives the call
                 results = [f.result() for f in futures]
+            with self._lock:
+                self._stats["check_s"] += timing.check_s
+                self._stats["check_tail_s"] += max(0.0, timing.last_check_end - timing.last_read_end)
         finally:
             for g in groups:
                 if not g.finished:  # failed or never read: its buffers are not handed out
@@ -486,7 +501,7 @@ class ExtentReader:
                 g.pieces += 1
         return [w for w in work if w]
 
-    def _work(self, pieces: list[tuple[_Group, int, int]], convert) -> list[tuple[int, object]]:
+    def _work(self, pieces: list[tuple[_Group, int, int]], convert, timing: _CallTiming) -> list[tuple[int, object]]:
         """Read this thread's pieces; finish (views, convert) each group whose last piece it read."""
         out = []
         for g, a, b in pieces:
@@ -502,9 +517,11 @@ class ExtentReader:
                     with self._lock:
                         g.failed = True
                     raise
+                t0 = time.perf_counter()
                 with self._lock:
                     g.got.append((lo, lo + got, hi))
                     complete = self._completed_blocks(g, lo, lo + got) if g.unread else []
+                    timing.last_read_end = max(timing.last_read_end, t0)
                 try:
                     for k, start, end in complete:
                         check = g.members[k][1].check
@@ -513,6 +530,11 @@ class ExtentReader:
                     with self._lock:
                         g.failed = True
                     raise
+                if complete:
+                    t1 = time.perf_counter()
+                    with self._lock:
+                        timing.check_s += t1 - t0
+                        timing.last_check_end = max(timing.last_check_end, t1)
                 if got < hi - lo:
                     break  # the file ended: the group's finish reports the short read
                 lo = hi

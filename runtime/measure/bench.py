@@ -81,7 +81,7 @@ def decode(model, prompt: list[int], gen_tokens: int) -> dict:
         out["prefill_expert_bytes"] = sum(_disk_bytes(rt.store, *key) for key in routed)
         out["prefill_admission"] = rt.streamer.prefill_admission if rt.streamer.prefill_pipeline else "plain path"
         for k in ("bytes_read", "reads", "io_wait_s", "moe_calls", "route_sync_s", "attention_s", "expert_fetch_s", "expert_compute_s",
-                  "cache_hits", "cache_misses"):
+                  "cache_hits", "cache_misses", "check_s", "check_tail_s"):
             out[k] = s[k] - p[k]  # decode only
         lookups = out["cache_hits"] + out["cache_misses"]
         out["hit_rate"] = out["cache_hits"] / lookups if lookups else 0.0
@@ -259,6 +259,8 @@ def print_report(r: dict) -> None:
     print(f"\n== per MoE layer, per call ({'warm pass with attention and routing timed apart' if 'phases' in r else 'warm'}) ==")
     for k, v in timed["per_layer_ms"].items():
         print(f"  {k:<58}{v:8.2f} ms")
+    for k, v in timed.get("checksum_ms", {}).items():
+        print(f"    {'of which checksums, ' + k:<56}{v:8.2f} ms")
     for k, v in timed.get("per_token_ms", {}).items():
         print(f"  {'per token, ' + k:<58}{v:8.2f} ms")
     s = r["warm"]["scaled"]
@@ -292,6 +294,9 @@ def _derive(run: dict, ceiling_gbs: float, n_moe: int, full_layers: int) -> None
         "expert fetch: cache, I/O wait, copy to device": run["expert_fetch_s"] / calls * 1e3,
         "expert compute": run["expert_compute_s"] / calls * 1e3,
     })
+    if run.get("check_s"):  # parts of the fetch: the per-read checksums
+        run["checksum_ms"] = {"summed over I/O threads": run["check_s"] / calls * 1e3,
+                              "after the layer's last read (adds to the fetch)": run["check_tail_s"] / calls * 1e3}
     per_token_ms = 1e3 / max(run["tokens_per_s"], 1e-9)
     run["per_token_ms"] = {"total": per_token_ms,
                            "outside MoE layers (embed, lm head, sampling)":

@@ -108,6 +108,8 @@ class StreamingRuntime:
             "reads": r["reads"],
             "mean_read_bytes": r["mean_read_bytes"],
             "io_wait_s": r["io_wait_s"],
+            "check_s": r["check_s"],
+            "check_tail_s": r["check_tail_s"],
             "io_mode": self.reader.io_mode_in_use,
             "cache_hits": c["cache_hits"],
             "cache_misses": c["cache_misses"],
