@@ -144,11 +144,15 @@ def test_buffered_comparison_races_the_page_cache_on_equal_memory(bundle_dir, mo
         return real(target)
 
     monkeypatch.setattr(bench, "leave_available", leave_available)
-    r = bench.bench_bundle(bundle_dir("qwen3_moe"), prompt_tokens=8, gen_tokens=4, compare=("buffered",),
+    r = bench.bench_bundle(bundle_dir("qwen3_moe"), prompt_tokens=8, gen_tokens=4, compare=("buffered", "buffered:cache"),
                           ceiling_seconds=0.3)
     pc = r["buffered_settings"]["page_cache"]
-    assert targets == [r["budget"]["budget_bytes"] - moestream_minimum(bundle_dir("qwen3_moe"))]
+    # equal: the same total memory as the budget; cache: what the budget gave the expert cache
+    assert targets == [r["budget"]["budget_bytes"] - moestream_minimum(bundle_dir("qwen3_moe")),
+                       r["budget"]["expert_cache_bytes"]]
+    assert targets[1] < targets[0]
     assert pc["memory"] == "equal" and pc["bytes"] == 64 << 20 and pc["target_bytes"] == targets[0]
+    assert r["buffered_cache_settings"]["page_cache"]["memory"] == "cache"
     assert r["buffered_settings"]["io_mode"] == "buffered"
     assert r["buffered_warm"]["bytes_read"] >= r["warm"]["bytes_read"], "the expert cache holds one layer only"
 

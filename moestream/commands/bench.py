@@ -19,7 +19,7 @@ def add_arguments(p) -> None:
     p.add_argument("--gen-tokens", type=positive_int, default=32, help="tokens to decode, greedy")
     p.add_argument("--io-mode", choices=("direct", "buffered"), default="direct", help="how experts are read")
     p.add_argument("--compare", default="", help="comma list, each run cold and warm: naive, prefetch, buffered "
-                   "(the OS page cache on equal memory: see --page-cache), host (read into host buffers + copy), "
+                   "(the OS page cache on equal memory: see --page-cache; buffered:cache etc. per run), host (read into host buffers + copy), "
                    "stage / nostage (GPU staging copy), nocheck (no per-read checksum), default (the first run "
                    "again), policy:NAME, threads:N, plainprefill (each prefill group read, then computed, and cached "
                    "like the decode's: the runtime before prefill overlapped), admission:free|all|tail|none (what a "
@@ -27,9 +27,11 @@ def add_arguments(p) -> None:
     p.add_argument("--streams", type=positive_int, default=1,
                    help="also decode this many streams at once (mlx-lm's batching, as the server does): aggregate "
                         "and per-stream tok/s, the batch roofline, how many experts the streams shared")
-    p.add_argument("--page-cache", choices=("equal", "all"), default="equal",
-                   help="for --compare buffered: equal holds the machine's other memory so that the OS page cache "
-                        "gets what the budget gives the expert cache; all lets it use every free byte")
+    p.add_argument("--page-cache", choices=("equal", "cache", "all"), default="equal",
+                   help="for --compare buffered, the OS page cache's memory (the machine's other memory is held): "
+                        "equal, the same total as the budget (the expert cache and the room for long prefill "
+                        "chunks); cache, only what the budget gives the expert cache; all, every free byte. "
+                        "buffered:MODE in --compare picks it per run")
     p.add_argument("--ceiling-seconds", type=float, default=3.0,
                    help="how long each of the four trials of the disk's read ceiling reads")
     p.add_argument("--io-threads", type=positive_int, default=None, help="reader threads (default: the runtime's)")

@@ -239,8 +239,11 @@ def print_report(r: dict) -> None:
             run = name[: -len("settings")].rstrip("_")
             how = (f"{fmt_bytes(pc['bytes'])} of other memory held ({'locked' if pc['locked'] else 'not locked'}), "
                    f"leaving {fmt_bytes(pc['available_during'])} available" if pc["bytes"] else f"nothing held: {pc['why_not']}")
+            what = {"equal": "the budget beyond the least budget: the same total memory",
+                    "cache": "what the budget gave the expert cache",
+                    "all": "every free byte"}[pc["memory"]]
             print(f"{run}: the OS page cache instead of the expert cache, on {fmt_bytes(pc['target_bytes'])} "
-                  f"(what the budget gave the expert cache): {how}")
+                  f"({what}): {how}")
     for name in ("streams_cold", "streams_warm"):
         if name in r:
             x = r[name]
@@ -312,8 +315,8 @@ def _derive(run: dict, ceiling_gbs: float, n_moe: int, full_layers: int) -> None
 # then warm)
 VARIANTS = {
     "default": {},  # the first run's settings again: with repeats, an A/B interleaved against the disk's drift
-    # the OS page cache instead of ours, on equal memory: the expert cache keeps only the one layer
-    # it needs to run, and the page cache gets what the budget gave ours (see memhold.py)
+    # the OS page cache instead of ours: the expert cache keeps only the one layer it needs to run,
+    # and the page cache gets the memory that --page-cache says (see memhold.py, PAGE_CACHE_MEMORY)
     "buffered": {"io": {"mode": "buffered"}, "_page_cache_race": True},
     "prefetch": {"prefetch": True},
     "host": {"io": {"read_into": "host", "stage_on_device": False}},  # host buffers, then mx.array copies
@@ -323,7 +326,17 @@ VARIANTS = {
 }
 
 
+# How much memory the page cache gets in a "buffered" run: "equal", the same total as the budget
+# (everything the budget gives beyond the least budget: the expert cache and the room for long
+# prefill chunks, which a decode leaves unused); "cache", only what the budget gives the expert
+# cache (the same bytes for the two caches); "all", every free byte of the machine.
+PAGE_CACHE_MEMORY = ("equal", "cache", "all")
+
+
 def _variant(name: str) -> dict | None:
+    if name.startswith("buffered:"):  # buffered:equal|cache|all: the page cache on that much memory
+        memory = name.split(":", 1)[1]
+        return {"io": {"mode": "buffered"}, "_page_cache_race": memory} if memory in PAGE_CACHE_MEMORY else None
     if name.startswith("policy:"):
         return {"cache_policy": name.split(":", 1)[1]}
     if name.startswith("admission:"):  # what the prefill caches of what it reads (streaming.PREFILL_ADMISSION)
@@ -366,11 +379,15 @@ def _advice_state() -> str:
 
 
 def _page_cache_memory(race: bool, page_cache: str, target: int):
-    """For a page-cache race with page_cache "equal": memory held so that `target` bytes stay
-    available; otherwise nothing held."""
-    if race and page_cache == "equal":
+    """For a page-cache race with page_cache "equal" or "cache": memory held so that `target` bytes
+    stay available; otherwise nothing held."""
+    if race and page_cache != "all":
         return leave_available(target)
     return nullcontext(Held(why_not="not asked (page_cache='all')" if race else "not a page-cache run"))
+
+
+def _page_cache_target(page_cache: str, plan) -> int:
+    return plan.cache_bytes if page_cache == "cache" else plan.budget_bytes - plan.minimum_bytes
 
 
 def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int = 16, gen_tokens: int = 24,
@@ -378,16 +395,17 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
                  full_layers: int | None = None, page_cache: str = "equal", streams: int = 1,
                  ceiling_seconds: float = 3.0) -> dict:
     """io: IOOptions fields for every run (e.g. {"mode": "buffered", "threads": 4}).
-    page_cache: for the "buffered" comparison, "equal" holds the machine's other memory so that
-    the page cache gets what the budget gives the expert cache; "all" lets it use every free byte.
+    page_cache: for the "buffered" comparison, how much memory the OS page cache gets (the rest of
+    the machine's is held): "equal", the same total as the budget; "cache", what the budget gives
+    the expert cache; "all", every free byte (PAGE_CACHE_MEMORY; "buffered:MODE" picks per run).
     streams: also decode this many streams at once (mlx-lm's batching), cold then warm.
     ceiling_seconds: how long each of the four read-ceiling trials reads."""
-    if page_cache not in ("equal", "all"):
-        raise OptionsError(f"page_cache must be 'equal' or 'all', got {page_cache!r}")
+    if page_cache not in PAGE_CACHE_MEMORY:
+        raise OptionsError(f"page_cache must be one of {PAGE_CACHE_MEMORY}, got {page_cache!r}")
     unknown = [c for c in compare if c != "naive" and _variant(c) is None]
     if unknown:
         raise OptionsError(f"unknown --compare entries {unknown}; known: naive, {', '.join(VARIANTS)}, policy:NAME, "
-                           f"threads:N, plainprefill, admission:{'|'.join(PREFILL_ADMISSION)}")
+                           f"threads:N, buffered:{'|'.join(PAGE_CACHE_MEMORY)}, plainprefill, admission:{'|'.join(PREFILL_ADMISSION)}")
     bundle_path = Path(bundle_path)
     bundle = open_bundle(bundle_path)
     extents = list(bundle.extents.values())
@@ -418,13 +436,15 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
         if variant.pop("_no_cuda_advice", False):
             os.environ["MOESTREAM_CUDA_ADVICE"] = "0"
         race = variant.pop("_page_cache_race", False)
+        memory = race if isinstance(race, str) else page_cache
         streamer_settings = variant.pop("_streamer", {})
         staging._advice = None  # decided anew from the environment
         try:
             loaded = load(bundle_path, memory_budget=plan.minimum_bytes if race else budget, **_options(base, variant))
         finally:
             os.environ.pop("MOESTREAM_CUDA_ADVICE", None)
-        with loaded as (model, _), _page_cache_memory(race, page_cache, budget - plan.minimum_bytes) as held:
+        target = _page_cache_target(memory, plan)
+        with loaded as (model, _), _page_cache_memory(bool(race), memory, target) as held:
             for key, value in streamer_settings.items():
                 setattr(runtime_of(model).streamer, key, value)
             evict_page_cache(files)
@@ -432,7 +452,7 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
             report[f"{name}warm"] = decode(model, prompt, gen_tokens)
             report[f"{name}settings"] = _settings(model)
             if race:
-                report[f"{name}settings"]["page_cache"] = {"memory": page_cache, "target_bytes": budget - plan.minimum_bytes,
+                report[f"{name}settings"]["page_cache"] = {"memory": memory, "target_bytes": target,
                                                             **held.as_dict()}
             rt = runtime_of(model)
             if phases:
