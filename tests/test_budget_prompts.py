@@ -117,3 +117,33 @@ def test_a_prompt_longer_than_the_kv_reserve(bundle_dir):
             generate_text(model, tokenizer, ids(100), max_tokens=4, out=None)
         _, report = generate_text(model, tokenizer, ids(60), max_tokens=10, out=None)
     assert report.max_tokens == 4 and report.generated_tokens <= 4
+
+
+def test_a_conversation_stays_inside_the_kv_reserve(bundle_dir):
+    """chat's cache is held to the budget's KV reserve as generate's is: rotating at max_kv_size
+    (as mlx_lm.chat --max-kv-size), or, for a model whose cache cannot rotate, the reply capped to
+    what is left and a turn past the reserve refused, naming the conversation, with the session kept."""
+    from moestream.runtime.frontends.chat import ChatSession
+    from mlx_lm.sample_utils import make_sampler
+
+    sampler = make_sampler(0.0)
+    bundle = bundle_dir("qwen3_moe")
+    budget = moestream.plan_memory(bundle, max_kv_size=64).minimum_bytes
+    with moestream.load(bundle, memory_budget=budget, max_kv_size=64) as (model, tokenizer):
+        session = ChatSession(model, tokenizer)
+        for turn in range(4):
+            list(session.reply("tell me more about the weather in " + "Paris " * 12 + str(turn), sampler, 8))
+        assert len(session.cached) > 64  # the conversation is longer than the reserve...
+        assert all(c.keys.shape[2] <= 64 for c in session.cache)  # ...and the cache holds at most 64 tokens
+
+    budget = moestream.plan_memory(bundle_dir("gpt_oss"), max_kv_size=160).minimum_bytes
+    with moestream.load(bundle_dir("gpt_oss"), memory_budget=budget, max_kv_size=160) as (model, tokenizer):
+        session = ChatSession(model, tokenizer)
+        session.messages.append({"role": "user", "content": "hello " * 20})
+        context = len(session.prompt_tokens())  # the template's own tokens and the message's
+        session.messages.pop()
+        replies = list(session.reply("hello " * 20, sampler, 400))
+        assert 0 < len(replies) <= 160 - context  # capped to what the reserve has left
+        with pytest.raises(BudgetError, match=r"the conversation has \d+ tokens.*holds 160.*/reset"):
+            list(session.reply("and " * 160, sampler, 8))
+        assert session.messages[-1]["role"] == "assistant"  # the refused turn is dropped, the session kept

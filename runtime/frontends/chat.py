@@ -31,12 +31,13 @@ from contextlib import closing
 
 import mlx.core as mx
 from mlx_lm.generate import stream_generate
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from ...common.errors import MoestreamError
 from ...common.units import fmt_bytes
 from ..model.load import runtime_of, stats
+from .generate import conversation_cache, conversation_limits
 from .prompt import apply_template, check_template_use, describe_tool_calls, find_tool_calls
 
 HELP = ("commands: q or /quit (or Ctrl-D) to exit, r or /reset for a new conversation, h or /help for this, "
@@ -67,7 +68,7 @@ class ChatSession:
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        self.cache = make_prompt_cache(self.model)
+        self.cache = conversation_cache(self.model)
         self.cached: list[int] = []
 
     def prompt_tokens(self) -> list[int]:
@@ -100,7 +101,7 @@ class ChatSession:
                 c.trim(offset - length)
             self.cached = self.cached[:length]
         else:
-            self.cache, self.cached = make_prompt_cache(self.model), []
+            self.cache, self.cached = conversation_cache(self.model), []
 
     def reply(self, text: str, sampler, max_tokens: int, should_stop=None, prefill_step_size: int | None = None):
         """Yields mlx-lm's GenerationResponse for each token of the reply to `text`. `should_stop()`
@@ -117,6 +118,11 @@ class ChatSession:
             raise
         new = self._new_tokens(prompt)
         start = len(self.cached)
+        try:
+            max_tokens = conversation_limits(self.model, start + len(new), max_tokens)
+        except BaseException:
+            self.messages.pop()
+            raise
         tokens, parts = [], []
         self.outcome, self.reply_text = DROPPED, ""
 

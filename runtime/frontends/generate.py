@@ -106,15 +106,43 @@ def generation_limits(model, n_prompt: int, max_tokens: int, prompt_cache=None,
     if not hasattr(model, "make_cache"):
         limits["max_kv_size"] = plan.kv_tokens  # mlx-lm's RotatingKVCache, as mlx_lm.generate --max-kv-size
         return limits
-    left = plan.kv_tokens - n_prompt
+    limits["max_tokens"] = _kv_room(plan, n_prompt, max_tokens, "the prompt", "or a shorter prompt")
+    return limits
+
+
+def _kv_room(plan, context: int, max_tokens: int | None, what: str, remedy: str) -> int | None:
+    """max_tokens capped to what a KV cache that cannot rotate has left of the plan's reserve after
+    `context` tokens; BudgetError when nothing is left."""
+    left = plan.kv_tokens - context
     if left < 1:
         raise BudgetError(
-            f"the prompt has {n_prompt} tokens, and the KV cache the memory budget reserves holds {plan.kv_tokens} "
-            f"(max_kv_size): this model's cache cannot rotate, so it needs a larger max_kv_size (and budget) or a "
-            f"shorter prompt")
+            f"{what} has {context} tokens, and the KV cache the memory budget reserves holds {plan.kv_tokens} "
+            f"(max_kv_size): this model's cache cannot rotate, so it needs a larger max_kv_size (and budget) {remedy}")
     if max_tokens is not None and (max_tokens < 0 or max_tokens > left):
-        limits["max_tokens"] = left
-    return limits
+        return left
+    return max_tokens
+
+
+def conversation_cache(model) -> list:
+    """The prompt cache of a conversation held to the memory budget's KV reserve: rotating at the
+    plan's kv_tokens where mlx-lm can bound the model's cache (as mlx_lm.chat --max-kv-size), else
+    mlx-lm's own, whose growth conversation_limits stops at the reserve."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    rt = runtime_of(model, required=False)
+    if rt is None or rt.plan.budget_bytes is None or hasattr(model, "make_cache"):
+        return make_prompt_cache(model)
+    return make_prompt_cache(model, max_kv_size=rt.plan.kv_tokens)
+
+
+def conversation_limits(model, context_tokens: int, max_tokens: int | None) -> int | None:
+    """max_tokens for the next reply of a conversation whose cache conversation_cache made, with
+    `context_tokens` in it once the new turn is added: capped, or BudgetError, where the cache
+    cannot rotate and the reserve runs out."""
+    rt = runtime_of(model, required=False)
+    if rt is None or rt.plan.budget_bytes is None or not hasattr(model, "make_cache"):
+        return max_tokens
+    return _kv_room(rt.plan, context_tokens, max_tokens, "the conversation", "or a new conversation (/reset)")
 
 
 def generate_text(model, tokenizer, prompt, max_tokens=256, temp=0.0, top_p=1.0, seed=None, out=sys.stdout,
