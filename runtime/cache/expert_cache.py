@@ -10,6 +10,10 @@ a hot set from the profile) can pin the same expert. A key may be pinned before 
 A policy only orders keys; the cache owns values, sizes, pins and the byte accounting. Policies
 (LRU, LFU and those that use a routing profile) are in policies.py.
 
+The capacity may change while items are cached (`set_capacity`): shrinking it evicts, as a put
+would, until what is cached fits (the memory budget lends the cache a prefill's room while no
+prefill runs, and takes it back before one).
+
 Probation: an item put with `probation=True` (an expert a long prompt's prefill read once) is
 evicted before anything the policy orders, oldest first, until a lookup hits it; then it is an
 ordinary item. `free_bytes()` is the room left without evicting anything.
@@ -103,6 +107,22 @@ class ExpertCache:
             self._values[key], self._sizes[key] = value, nbytes
             self._account(key, nbytes - old)
 
+    def set_capacity(self, capacity_bytes: int | None) -> int:
+        """Change the byte bound (None: unbounded). Below what is cached, items are evicted first
+        (probation first, then by policy, never a pinned one) until the rest fits; CacheFullError,
+        with nothing changed, if the pinned items alone do not. Returns the bytes evicted."""
+        if capacity_bytes is not None and capacity_bytes < 0:
+            raise ValueError(f"capacity_bytes must be >= 0 or None, got {capacity_bytes}")
+        with self._lock:
+            before = self._bytes
+            if capacity_bytes is not None and self._bytes > capacity_bytes:
+                if self._pinned_bytes > capacity_bytes:
+                    raise CacheFullError(f"cannot shrink the cache to {capacity_bytes} bytes: {self._pinned_bytes} "
+                                         f"bytes of it are pinned")
+                self._evict_until(capacity_bytes, None)
+            self.capacity_bytes = capacity_bytes
+            return before - self._bytes
+
     def discard(self, key: Hashable) -> None:
         """Drop a key if present (not counted as an eviction)."""
         with self._lock:
@@ -127,7 +147,12 @@ class ExpertCache:
                 f"pinned {self._pinned_bytes}; everything evictable is not enough - the memory "
                 f"budget is too small for the pinned experts (unpin or raise the budget)"
             )
-        while self._bytes + extra > cap:
+        self._evict_until(cap - extra, key)
+
+    def _evict_until(self, limit: int, key: Hashable | None) -> None:
+        """Evict (probation first, then by policy; never `key` or a pinned item) until at most
+        `limit` bytes are cached. The caller checked that the unpinned items suffice."""
+        while self._bytes > limit:
             victim = next((k for k in self._probation if k != key and not self._pins[k]), None)
             if victim is None:
                 victim = self.policy.victim(lambda k: k != key and not self._pins[k])

@@ -13,6 +13,13 @@ chunks (mlx-lm's `prefill_step_size`) and the plan picks the chunk: `Activations
 sizes what a chunk allocates from the config, and `MemoryPlan.prefill_tokens` is the largest chunk
 (up to mlx-lm's default) that fits what the budget leaves besides the expert cache, never taking
 more than the cache gets.
+
+That room for a prefill chunk (its activations and stacked experts) sits idle while the model
+decodes, so the expert cache borrows it: `MemoryPlan.cache_bytes_for(tokens)` is the cache a forward
+pass of that many tokens leaves room for, `MemoryPlan.decode_cache_bytes` the one a decode step
+leaves (about everything the budget has beyond its minimum), and `cache_bytes` the one the plan's
+own prefill chunk leaves. The streaming layer resizes the cache before each forward pass computes
+anything, evicting the least valuable experts where the pass needs their room.
 """
 
 from __future__ import annotations
@@ -136,6 +143,37 @@ class MemoryPlan:
         return self.needs.prefill_tokens_for(prompt_tokens, self.prefill_tokens, self.cache_bytes)
 
     @property
+    def decode_cache_bytes(self) -> int | None:
+        """What the expert cache holds while no prefill runs (None: unbounded): cache_bytes plus the
+        room the plan keeps for a prefill chunk's activations and stacked experts
+        (activation_bytes), as the cache counts bytes (held_ratio); a prefill chunk takes its room
+        back (cache_bytes_for)."""
+        return self.cache_bytes_for(1)
+
+    def cache_bytes_for(self, tokens: int | None) -> int | None:
+        """The expert cache's capacity during a forward pass of `tokens` tokens (every sequence's,
+        together; None: the plan's own chunk): the largest cache whose bytes, as held, fit beside
+        that pass's activations and stacked experts in what the budget has beyond its minimum, so
+        at least cache_bytes. A decode step (1 token) gets decode_cache_bytes; a chunk larger than
+        prefill_tokens (one that uses KV reserve a short prompt leaves unused, see
+        prefill_tokens_for) gets cache_bytes, which its sizing assumes."""
+        if self.cache_bytes is None or self.needs is None or self.budget_bytes is None:
+            return self.cache_bytes
+        if tokens is None or tokens >= self.prefill_tokens:
+            return self.cache_bytes
+        cache = self.needs.largest_cache(max(int(tokens), 1), self.budget_bytes - self.minimum_bytes)
+        return max(self.cache_bytes, min(cache or 0, self.expert_bytes))  # never more than every expert
+
+    def prefill_room_for(self, tokens: int | None) -> int | None:
+        """prefill_room_bytes for a forward pass of `tokens` tokens, beside cache_bytes_for(tokens)
+        (None tokens: the plan's own chunk)."""
+        if self.needs is None or self.cache_bytes is None:
+            return None
+        if tokens is None or tokens >= self.prefill_tokens:
+            return self.prefill_room_bytes
+        return self.needs.prefill_room(max(int(tokens), 1), self.cache_bytes_for(tokens))
+
+    @property
     def prefill_room_bytes(self) -> int | None:
         """Bytes of routed experts (as the cache counts them) a prefill chunk may hold outside the
         expert cache at once (None: unbounded); see MemoryNeeds.prefill_room."""
@@ -145,7 +183,8 @@ class MemoryPlan:
 
     def as_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "needs"}
-        return {**d, "minimum_bytes": self.minimum_bytes, "cache_share": self.cache_share}
+        return {**d, "minimum_bytes": self.minimum_bytes, "cache_share": self.cache_share,
+                "decode_cache_bytes": self.decode_cache_bytes}
 
 
 @dataclass(frozen=True)
@@ -204,10 +243,12 @@ class MemoryNeeds:
         """Budget the cache takes beyond one layer's experts (which the minimum holds)."""
         return self._held(cache - self.layer_bytes)
 
-    def _largest_cache(self, tokens: int, spare: int) -> int | None:
-        """The largest cache whose cost and stacked experts fit `spare` beside a chunk of
-        `tokens` (None if not even the minimum cache does)."""
-        room = spare - self._extra(tokens)
+    def largest_cache(self, tokens: int, spare: int) -> int | None:
+        """The largest cache whose cost and stacked experts fit `spare` (the budget beyond its
+        minimum) beside a forward pass of `tokens` tokens (None if not even the minimum cache
+        does). A pass of fewer than MIN_PREFILL_TOKENS tokens takes no more activations than the
+        buffers hold."""
+        room = spare - max(0, self._extra(tokens))
         if room < 0:
             return None
         lo, hi = self.layer_bytes, self.layer_bytes + room + 1  # costs are at least their bytes
@@ -278,11 +319,11 @@ class MemoryNeeds:
         spare = budget - self.minimum_bytes
 
         def fits(tokens: int) -> bool:
-            cache = self._largest_cache(tokens, spare)
+            cache = self.largest_cache(tokens, spare)
             return cache is not None and self._extra(tokens) <= cache
 
         tokens = self._largest_chunk(fits)
-        cache = self._largest_cache(tokens, spare)
+        cache = self.largest_cache(tokens, spare)
         return MemoryPlan(cache_bytes=cache, prefill_tokens=tokens,
                           activation_bytes=self._extra(tokens) + self._stacked(tokens, cache),
                           held_extra_bytes=self._cache_cost(cache) - (cache - self.layer_bytes), **parts)
