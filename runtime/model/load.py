@@ -118,7 +118,11 @@ class StreamingRuntime:
             "expert_cache_peak_bytes": c["expert_cache_peak_bytes"],
             "evictions": c.get("evictions", 0),
             "budget_bytes": self.plan.budget_bytes,
-            "cache_capacity_bytes": self.plan.cache_bytes,
+            # the most the cache holds (while decoding; lent the prefill's room), and the least (during
+            # the plan's prefill chunk): the plan's cache_bytes
+            "cache_capacity_bytes": self.plan.decode_cache_bytes if s.lend_prefill_room else self.plan.cache_bytes,
+            "prefill_cache_capacity_bytes": self.plan.cache_bytes,
+            "cache_shrinks": s.cache_shrinks,
             "resident_bytes": self.plan.resident_bytes,
             "kv_reserve_bytes": self.plan.kv_reserve_bytes,
             "experts_per_token": self.experts_per_token,
@@ -256,7 +260,8 @@ def plan_memory(
 ) -> MemoryPlan:
     """How `load` with these options would split memory, without loading the model.
 
-    expert_cache_share: the budget whose expert cache holds this share of all experts (e.g. 0.25);
+    expert_cache_share: the budget whose expert cache holds this share of all experts (e.g. 0.25)
+    during a prompt's prefill chunks (while decoding it holds `decode_cache_bytes`, more);
     memory_budget: a budget to check and split (BudgetError if too small). With neither, the plan
     is unbounded; its `minimum_bytes` is the smallest budget that runs. Pass the plan's
     `budget_bytes` to `load(memory_budget=...)`.
@@ -301,7 +306,8 @@ def load(
 
     memory_budget: bytes or a string like "6GB" covering resident weights, the KV cache reserve,
         read buffers, the activations of a prefill chunk and the expert cache (None: no limit,
-        every expert stays once read). Too small a budget is refused with the minimum it needs;
+        every expert stays once read). The expert cache gets the plan's `cache_bytes` during a
+        prefill chunk and `decode_cache_bytes` (the chunk's room too) while decoding. Too small a budget is refused with the minimum it needs;
         `plan_memory` sizes one from a share of the experts without loading. The plan's
         `prefill_tokens` is the prefill chunk (mlx-lm's prefill_step_size) the budget holds;
         `generate_text` uses it.
@@ -365,6 +371,8 @@ def _load(path, reader, memory_budget, experts_per_token, cache_policy, prefetch
     plan = _needs(store, num_experts, k, resident, config, compute_dtype, max_kv_size).plan(budget)
     cache.capacity_bytes = plan.cache_bytes
     streamer.prefill_room = plan.prefill_room_bytes
+    if plan.cache_bytes is not None:  # each forward pass sizes the cache for its tokens (see streaming.py)
+        streamer.sizes = lambda tokens: (plan.cache_bytes_for(tokens), plan.prefill_room_for(tokens))
     # idle read buffers (host buffers, staging arrays) are the read buffers the budget counts
     # (one layer's k experts; one kind is in use per read mode), plus each read's alignment
     idle = plan.min_layer_bytes + k * ALIGN

@@ -13,6 +13,13 @@ Its experts are held outside the expert cache, in the room the memory plan keeps
 group (`MemoryPlan.prefill_room_bytes`), and admitted into the cache by a rule
 (`PREFILL_ADMISSION`): by default only into free room, so that a long prompt does not evict the
 experts the decode keeps hot.
+
+The expert cache borrows the room a prefill chunk would use while none runs: before a forward pass
+computes anything (at its first MoE layer, before the host sync that evaluates it), the streamer
+sizes the cache and the prefill room for that pass's tokens (`MemoryPlan.cache_bytes_for`,
+`prefill_room_for`). A decode step lets the cache grow to `MemoryPlan.decode_cache_bytes`; a
+prefill chunk shrinks it to what the chunk leaves, evicting the least valuable experts by the
+policy, and returns MLX's freed buffers, so that the chunk's activations find their room.
 """
 
 from __future__ import annotations
@@ -101,6 +108,33 @@ class ExpertStreamer:
         # a set to collect every (layer, expert) that prefill calls route to (benchmarks); None: off
         self.prefill_routed: set | None = None
         self.prefill_calls = self.prefill_groups_run = self.prefill_overlapped = 0
+        # (capacity, prefill room) for a forward pass of n tokens, None n: the plan's own prefill
+        # chunk (MemoryPlan.cache_bytes_for, prefill_room_for): set by load; None: both stay as set
+        self.sizes = None
+        # lend the prefill's room to the cache while no prefill runs (False: the cache keeps the
+        # plan's cache_bytes whatever runs, as before the room was lent; for A/B runs)
+        self.lend_prefill_room = True
+        self._sized_for: object = ()
+        self._sizes_memo: dict = {}
+        self.cache_shrinks = 0  # forward passes that took room back from the cache
+
+    def size_for(self, tokens: int) -> None:
+        """Size the cache and the prefill room for a forward pass of `tokens` tokens (every
+        sequence's), before it computes anything. Where the cache holds more than the pass leaves
+        it, the least valuable experts go and MLX's freed buffers are returned to the system."""
+        if self.sizes is None:
+            return
+        n = int(tokens) if self.lend_prefill_room else None
+        if n == self._sized_for:
+            return
+        if n not in self._sizes_memo:
+            self._sizes_memo[n] = self.sizes(n)
+        capacity, room = self._sizes_memo[n]
+        if self.cache.set_capacity(capacity):
+            mx.clear_cache()
+            self.cache_shrinks += 1
+        self.prefill_room = room
+        self._sized_for = n
 
     def groups(self, layer: int, experts: np.ndarray) -> list[list[int]]:
         """Split sorted experts into runs that fit the cache together and share a quantization
@@ -127,7 +161,7 @@ class ExpertStreamer:
 
     def reset_stats(self) -> None:
         self.sync_s = self.fetch_s = self.compute_s = self.attention_s = 0.0
-        self.calls = self.prefill_calls = self.prefill_groups_run = self.prefill_overlapped = 0
+        self.calls = self.prefill_calls = self.prefill_groups_run = self.prefill_overlapped = self.cache_shrinks = 0
 
     def close(self) -> None:
         """Stop prefetching and drop every cached expert and whole layer."""
@@ -459,6 +493,9 @@ class StreamingSwitchGLU(nn.Module):
         return y.squeeze(-2)
 
     def __call__(self, x, indices) -> mx.array:
+        # nothing of this forward pass is evaluated yet (the host sync below is its first): the
+        # cache gives back the room this pass's activations need before they are made
+        self.streamer.size_for(indices.size // max(indices.shape[-1], 1) if indices.ndim else 1)
         for observe in self.streamer.observers:
             observe(self.layer, x, indices)
         object.__setattr__(self, "_x_in", x if self.lookahead is not None else None)
