@@ -20,8 +20,9 @@ def add_arguments(p) -> None:
     p.add_argument("--io-mode", choices=("direct", "buffered"), default="direct", help="how experts are read")
     p.add_argument("--compare", default="", help="comma list, each run cold and warm: naive, prefetch, buffered "
                    "(the OS page cache on equal memory: see --page-cache; buffered:cache etc. per run), host (read into host buffers + copy), "
-                   "stage / nostage (GPU staging copy), nocheck (no per-read checksum), default (the first run "
-                   "again), policy:NAME, threads:N, plainprefill (each prefill group read, then computed, and cached "
+                   "stage / nostage (GPU staging copy), nocheck (no per-read checksum), fixedcache (the expert cache "
+                   "keeps its prefill-time size while decoding too, instead of borrowing the prefill's room), default "
+                   "(the first run again), policy:NAME, threads:N, plainprefill (each prefill group read, then computed, and cached "
                    "like the decode's: the runtime before prefill overlapped), admission:free|all|tail|none (what a "
                    "prefill caches of what it reads)")
     p.add_argument("--streams", type=positive_int, default=1,

@@ -144,6 +144,7 @@ def naive_run(bundle_path: Path, prompt: list[int], gen_tokens: int, budget: int
     buffered reads, no cache to speak of (one layer's experts), no coalescing, no threads."""
     loaded = load(bundle_path, memory_budget=budget)
     model, rt = loaded.model, runtime_of(loaded.model)
+    rt.streamer.sizes = None  # the cache stays at one layer's experts, whatever runs
     rt.cache.capacity_bytes = rt.plan.min_layer_bytes
     store, counters = rt.store, {"bytes": 0, "reads": 0}
 
@@ -206,9 +207,11 @@ def print_report(r: dict) -> None:
     print(f"{b['family']}: {b['moe_layers']} MoE layers x {b['experts']} experts, top-{b['experts_per_token']}, "
           f"{bits} experts ({b['expert_bytes'] / 1e9:.2f} GB), resident {b['resident_bytes'] / 1e9:.2f} GB")
     bud = r["budget"]
+    decoding = bud.get("decode_cache_bytes") or bud["expert_cache_bytes"]
     print(f"budget {bud['budget_bytes'] / 1e9:.2f} GB (expert cache {bud['expert_cache_bytes'] / 1e9:.2f} GB = "
-          f"{bud['expert_cache_bytes'] / bud['expert_bytes_in_memory']:.0%} of experts); prompt {r['args']['prompt_tokens']} tok, "
-          f"greedy {r['args']['gen_tokens']} tok")
+          f"{bud['expert_cache_bytes'] / bud['expert_bytes_in_memory']:.0%} of experts during the plan's prefill chunk, "
+          f"{decoding / 1e9:.2f} GB = {decoding / bud['expert_bytes_in_memory']:.0%} while decoding); "
+          f"prompt {r['args']['prompt_tokens']} tok, greedy {r['args']['gen_tokens']} tok")
     p = r["platform"]
     print(f"platform: {p['machine']}, Python {p['python']}, MLX {p['mlx']}, {p['device']}")
     print(f"ceiling: {r['ceiling']['gb_per_s']:.2f} GB/s (O_DIRECT random reads, best of "
@@ -323,6 +326,9 @@ VARIANTS = {
     "stage": {"io": {"stage_on_device": True}},
     "nostage": {"io": {"stage_on_device": False}},
     "nocheck": {"io": {"check_reads": False}},  # no per-read checksum: what checking every read costs
+    # the expert cache keeps the plan's cache_bytes while decoding too, instead of borrowing the room
+    # the budget keeps for a prefill chunk (streaming.py: ExpertStreamer.lend_prefill_room)
+    "fixedcache": {"_streamer": {"lend_prefill_room": False}},
 }
 
 
@@ -367,6 +373,7 @@ def _settings(model) -> dict:
             "prefetch": rt.streamer.prefetching, "dtype": rt.dtype,
             "prefill_pipeline": rt.streamer.prefill_pipeline, "prefill_admission": rt.streamer.prefill_admission,
             "prefill_room_bytes": rt.streamer.prefill_room,
+            "lend_prefill_room": rt.streamer.lend_prefill_room,
             "staging_slots_advised": getattr(getattr(rt.store, "staging", None), "advised", 0),
             "cuda_advice": _advice_state()}
 
@@ -422,6 +429,7 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
     plan = plan_memory(bundle_path, expert_cache_share=budget_fraction)
     budget = plan.budget_bytes
     report["budget"] = {"budget_bytes": budget, "expert_cache_bytes": plan.cache_bytes,
+                        "decode_cache_bytes": plan.decode_cache_bytes,
                         "expert_bytes_in_memory": plan.expert_bytes, "resident_bytes": plan.resident_bytes}
 
     rng = np.random.default_rng(0)
