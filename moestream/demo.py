@@ -48,7 +48,8 @@ def run_demo(workdir: str | Path = "moestream-demo", family: str | None = None, 
           f"KV reserve {fmt_bytes(plan.kv_reserve_bytes)} + buffers {fmt_bytes(plan.buffer_bytes)} + prefill "
           f"activations {fmt_bytes(plan.activation_bytes)} + expert cache {fmt_bytes(cache)} ({plan.cache_share:.0%} "
           f"of the {fmt_bytes(plan.expert_bytes)} of experts) + what cached experts hold beyond their bytes "
-          f"{fmt_bytes(plan.held_extra_bytes)}")
+          f"{fmt_bytes(plan.held_extra_bytes)}; while decoding, the expert cache also takes the prefill's room: "
+          f"{fmt_bytes(plan.decode_cache_bytes)}")
     loaded = moestream.load(bundle, memory_budget=budget)
     model, tokenizer = loaded
     if trained:

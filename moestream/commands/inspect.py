@@ -32,9 +32,12 @@ def memory_budgets(path) -> dict:
     import moestream
 
     plan = moestream.plan_memory(path)
+    plans = {f"{share:.0%}": moestream.plan_memory(path, expert_cache_share=share) for share in SHARES}
     return {"dtype": plan_dtype(), "minimum_bytes": plan.minimum_bytes,
-            "for_cache_share": {f"{share:.0%}": moestream.plan_memory(path, expert_cache_share=share).budget_bytes
-                                for share in SHARES}}
+            "for_cache_share": {share: p.budget_bytes for share, p in plans.items()},
+            # while decoding the cache also holds the room the budget keeps for a prefill chunk
+            "decode_cache_share": {share: min(1.0, p.decode_cache_bytes / p.expert_bytes) if p.expert_bytes else 1.0
+                                   for share, p in plans.items()}}
 
 
 def plan_dtype() -> str:
@@ -55,7 +58,12 @@ def describe_text(info: dict) -> str:
     quant = f"{bits}-bit, group {info['group_size']}" if isinstance(bits, int) and bits < 16 else str(bits)
     per_expert = info["expert_bytes"] / max(1, info["moe_layers"] * info["experts"])
     mem = info["memory"]
-    budgets = ", ".join(f"{fmt_bytes(b)} caches {share}" for share, b in mem["for_cache_share"].items())
+    # a share is what the cache keeps during a prompt's prefill; while decoding it also takes the
+    # room the budget keeps for a prefill chunk
+    decoding = mem.get("decode_cache_share", {})
+    budgets = ", ".join(f"{fmt_bytes(b)} caches {share}" + (f" ({decoding[share]:.0%}" + (" while decoding)" if i == 0 else ")")
+                                                              if share in decoding else "")
+                        for i, (share, b) in enumerate(mem["for_cache_share"].items()))
     tools = ", ".join(f"{k} {v}" for k, v in sorted(info.get("tools", {}).items()))
     rows = [
         ("model", f"{info['family']} ({info['model_type']}), from {origin}"),

@@ -894,8 +894,9 @@ def serve(model, tokenizer, host: str = "127.0.0.1", port: int = 8080, model_id:
     handle = start_server(model, tokenizer, host, port, model_id=model_id, **mlx_options)
     plan, limit = runtime_of(model).plan, handle.generator.limit
     print(f"moestream serve: {handle.url}/v1 (OpenAI API; model id {handle.model_id})\n"
-          f"memory budget {fmt_bytes(plan.budget_bytes)} (expert cache {fmt_bytes(plan.cache_bytes)}, "
-          f"resident {fmt_bytes(plan.resident_bytes)}); context {limit.tokens} tokens per request "
+          f"memory budget {fmt_bytes(plan.budget_bytes)} (expert cache {fmt_bytes(plan.decode_cache_bytes)} while "
+          f"decoding, {fmt_bytes(plan.cache_bytes)} during a long prompt's prefill; resident "
+          f"{fmt_bytes(plan.resident_bytes)}); context {limit.tokens} tokens per request "
           f"({limit.describe()}); Ctrl-C stops", flush=True)
     try:
         while handle.thread.is_alive():
