@@ -91,3 +91,21 @@ def test_checksum_speed_runs(bench_path, capsys):
     assert module.main(["--size", "64KB", "--threads", "1,2", "--seconds", "0.05"]) == 0
     out = capsys.readouterr().out
     assert "xxh3_64" in out and "2 threads GB/s" in out
+
+
+def test_every_result_file_is_indexed_and_every_cited_one_exists():
+    """bench/results keeps what the README cites, each file listed in its index with the command
+    that made it; a citation of a removed file is caught here, not by a reader."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    results = root / "bench" / "results"
+    index = (results / "README.md").read_text()
+    files = [p.name for p in results.iterdir() if p.name != "README.md"]
+    unindexed = [f for f in files if f not in index and f"`{f.rsplit('.', 1)[0]}." not in index]
+    assert unindexed == [], f"bench/results files missing from bench/results/README.md: {unindexed}"
+    cited = set(re.findall(r"bench/results/([\w.\-]+\.\w+)", (root / "README.md").read_text()))
+    cited |= {m for m in re.findall(r"`(h200_[\w.\-]+\.(?:txt|json)|cpu_[\w.\-]+\.(?:txt|json))`",
+                                     (root / "README.md").read_text())}
+    missing = sorted(c for c in cited if not (results / c).exists())
+    assert missing == [], f"README.md cites result files that do not exist: {missing}"
