@@ -68,6 +68,8 @@ def run_prompts(name: str, bundle: Path, label: str, lengths: list[int], max_tok
     held = mx.get_active_memory()  # arrays of earlier runs not yet freed: not this model's
     with moestream.load(bundle, memory_budget=budget) as (model, tokenizer):
         plan = moestream.runtime_of(model).plan
+        print(f"  {name} {label}: expert cache {plan.cache_bytes / 1e6:.1f} MB during the plan's prefill chunk, "
+              f"{plan.decode_cache_bytes / 1e6:.1f} MB while decoding (it borrows the prefill's room)", flush=True)
         for n in lengths:
             mx.clear_cache()
             rss0, active0 = common.rss_bytes(), mx.get_active_memory()
@@ -81,7 +83,9 @@ def run_prompts(name: str, bundle: Path, label: str, lengths: list[int], max_tok
                          "ratio": peak / budget, "rss_growth_mb": (common.peak_rss_bytes() - rss0) / 1e6,
                          "mlx_growth_mb": (r.peak_memory_bytes - r.host_buffer_bytes - active0) / 1e6,
                          "ttft_s": r.ttft_s, "rotated": "yes" if r.kv_rotated else "",
-                         "plan_chunk": plan.prefill_tokens, "cache_mb": plan.cache_bytes / 1e6})
+                         "plan_chunk": plan.prefill_tokens, "cache_mb": plan.cache_bytes / 1e6,
+                         "decode_cache_mb": plan.decode_cache_bytes / 1e6,
+                         "cache_after_mb": moestream.runtime_of(model).cache.stats()["expert_cache_bytes"] / 1e6})
             print(f"  {name} {label} prompt {n}: peak {rows[-1]['peak_mb']:.1f} MB of {budget / 1e6:.1f} "
                   f"({rows[-1]['ratio']:.2f}), chunk {r.prefill_step_size}, TTFT {r.ttft_s:.1f} s", flush=True)
     return rows
@@ -163,7 +167,8 @@ def main(argv=None) -> None:
         print(common.table(rows, [("model", "model", ""), ("budget", "budget", ""), ("prompt", "prompt", "d"),
                                   ("chunk", "chunk", "d"), ("budget MB", "budget_mb", ".1f"), ("peak MB", "peak_mb", ".1f"),
                                   ("host MB", "host_mb", ".2f"),
-                                  ("peak/budget", "ratio", ".3f"), ("mlx+ MB", "mlx_growth_mb", ".1f"),
+                                  ("peak/budget", "ratio", ".3f"), ("cache after MB", "cache_after_mb", ".1f"),
+                                  ("mlx+ MB", "mlx_growth_mb", ".1f"),
                                   ("rss+ MB", "rss_growth_mb", ".1f"),
                                   ("TTFT s", "ttft_s", ".2f"), ("KV rotated", "rotated", "")]))
         worst = max(rows, key=lambda r: r["ratio"])
