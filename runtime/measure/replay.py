@@ -27,8 +27,8 @@ from ..cache.policies import configure_policy, make_policy
 from ..io.pagecache import evict_page_cache
 from ..io.reader import ExtentReader, ReadRequest
 from ..io.stores import BundleStore
-from ..model.budget import layer_bytes
-from ..model.streaming import PREFILL_ADMISSION, PREFILL_MIN_PAIRS, ExpertStreamer
+from ..model.budget import layer_bytes, prefill_path
+from ..model.streaming import PREFILL_ADMISSION, ExpertStreamer
 
 DEFAULT_BUDGETS = (0.05, 0.10, 0.25, 0.50)
 DEFAULT_POLICIES = ("lru", "lfu", "hot", "prior", "lrfu")
@@ -259,7 +259,7 @@ def _prefill_tokens(streamer: ExpertStreamer, tokens: list[list[tuple[int, list[
             for layer, experts in token:
                 pairs[layer] += len(experts)
         for layer in sorted(per_layer):
-            if len(part) > 1 and pairs[layer] >= PREFILL_MIN_PAIRS:  # where the layer takes its prefill path
+            if prefill_path(len(part), pairs[layer]):  # where the layer takes its prefill path
                 prefill_call(streamer, layer, sorted(per_layer[layer]))
             else:
                 decode_call(streamer, layer, sorted(per_layer[layer]))

@@ -14,6 +14,12 @@ sizes what a chunk allocates from the config, and `MemoryPlan.prefill_tokens` is
 (up to mlx-lm's default) that fits what the budget leaves besides the expert cache, never taking
 more than the cache gets.
 
+The routed experts a forward pass holds outside the expert cache are counted as the streaming
+layer holds them: a prefill chunk's pipeline holds two groups of its experts at once (one stacked
+for the matmul, the next one being read), each sized by `prefill_group_bytes` (the one rule, which
+the streaming layer uses to cut its groups); any other pass (a decode step, a batch of them, a few
+tokens) stacks its experts as the cache holds them (`MemoryNeeds._stacked`).
+
 That room for a prefill chunk (its activations and stacked experts) sits idle while the model
 decodes, so the expert cache borrows it: `MemoryPlan.cache_bytes_for(tokens)` is the cache a forward
 pass of that many tokens leaves room for, `MemoryPlan.decode_cache_bytes` the one a decode step
@@ -43,6 +49,32 @@ DEFAULT_PREFILL_TOKENS = 2048
 MIN_PREFILL_TOKENS = 16
 # mlx-lm's KVCache grows in steps of this many tokens (its RotatingKVCache never past max_size).
 KV_STEP = 256
+# The streaming layer's prefill pipeline (streaming.py): a call is a prefill when a sequence gives it
+# more than one token and it routes at least PREFILL_MIN_PAIRS (token, expert) pairs (where mlx-lm's
+# SwitchGLU sorts the rows by expert, as the pipeline does); its experts are split into about
+# PREFILL_GROUPS groups, of at least PREFILL_MIN_GROUP_BYTES each, so that reading one overlaps
+# computing another (see prefill_group_bytes).
+PREFILL_MIN_PAIRS = 64
+PREFILL_GROUPS = 8
+PREFILL_MIN_GROUP_BYTES = 64 << 20
+
+
+def prefill_path(tokens: int, pairs: int) -> bool:
+    """Whether a forward pass takes the streaming layer's prefill pipeline: `tokens` of one sequence
+    (more than one), `pairs` (token, expert) pairs routed in all."""
+    return tokens > 1 and pairs >= PREFILL_MIN_PAIRS
+
+
+def prefill_group_bytes(total: int, min_bytes: int | None = None) -> int:
+    """The most bytes (as the expert cache counts them) of one group of a prefill call whose distinct
+    routed experts take `total` bytes: about 1/PREFILL_GROUPS of them, so that reading one group
+    overlaps computing another; at least `min_bytes` (default PREFILL_MIN_GROUP_BYTES), so that reads
+    stay large; at most half of them, so that the two groups the pipeline holds at once (one stacked,
+    the next one read; or one read and its stacked copy) never take more than the call's experts. A
+    group is larger only as a single expert larger than this. The streaming layer cuts its groups by
+    this rule and the memory plan counts two of them (MemoryNeeds._stacked): one rule for both."""
+    floor = PREFILL_MIN_GROUP_BYTES if min_bytes is None else min_bytes
+    return min(max(-(-total // PREFILL_GROUPS), floor), total // 2)
 
 
 class BudgetError(OptionsError):
@@ -150,28 +182,41 @@ class MemoryPlan:
         back (cache_bytes_for)."""
         return self.cache_bytes_for(1)
 
-    def cache_bytes_for(self, tokens: int | None) -> int | None:
+    def cache_bytes_for(self, tokens: int | None, pipelined: bool | None = None) -> int | None:
         """The expert cache's capacity during a forward pass of `tokens` tokens (every sequence's,
         together; None: the plan's own chunk): the largest cache whose bytes, as held, fit beside
-        that pass's activations and stacked experts in what the budget has beyond its minimum, so
-        at least cache_bytes. A decode step (1 token) gets decode_cache_bytes; a chunk larger than
-        prefill_tokens (one that uses KV reserve a short prompt leaves unused, see
-        prefill_tokens_for) gets cache_bytes, which its sizing assumes."""
+        that pass's activations and the routed experts it holds outside the cache, in what the
+        budget has beyond its minimum. `pipelined`: whether the pass takes the streaming layer's
+        prefill pipeline (None: as `tokens` tokens of one sequence do, MemoryNeeds.pipelined; a
+        batch of decode steps, or a prefill with the pipeline off, does not). A decode step (1
+        token) gets decode_cache_bytes; a pass of at least prefill_tokens tokens that holds its
+        experts as the plan's chunk does gets cache_bytes (a larger chunk uses KV reserve a short
+        prompt leaves unused, see prefill_tokens_for); one that holds them otherwise gets the cache
+        whose cost, with what it holds, is what cache_bytes and the plan's way of holding them
+        take. A pass that holds more experts than the plan's chunk (a few tokens stacked at once
+        can) gets less than cache_bytes."""
         if self.cache_bytes is None or self.needs is None or self.budget_bytes is None:
             return self.cache_bytes
-        if tokens is None or tokens >= self.prefill_tokens:
-            return self.cache_bytes
-        cache = self.needs.largest_cache(max(int(tokens), 1), self.budget_bytes - self.minimum_bytes)
-        return max(self.cache_bytes, min(cache or 0, self.expert_bytes))  # never more than every expert
+        needs = self.needs
+        n = self.prefill_tokens if tokens is None else max(int(tokens), 1)
+        if pipelined is None:
+            pipelined = needs.pipelined(n)
+        if n >= self.prefill_tokens:
+            if pipelined == needs.pipelined(n):
+                return self.cache_bytes
+            room = needs._cache_cost(self.cache_bytes) + needs._stacked(n, self.cache_bytes)
+            cache = needs.largest_cache(n, room, pipelined, activations=False)
+        else:
+            cache = needs.largest_cache(n, self.budget_bytes - self.minimum_bytes, pipelined)
+        return min(max(cache or 0, self.min_layer_bytes), self.expert_bytes)  # never more than every expert
 
-    def prefill_room_for(self, tokens: int | None) -> int | None:
-        """prefill_room_bytes for a forward pass of `tokens` tokens, beside cache_bytes_for(tokens)
-        (None tokens: the plan's own chunk)."""
+    def prefill_room_for(self, tokens: int | None, pipelined: bool | None = None) -> int | None:
+        """prefill_room_bytes for a forward pass of `tokens` tokens, beside cache_bytes_for(tokens,
+        pipelined) (None tokens: the plan's own chunk)."""
         if self.needs is None or self.cache_bytes is None:
             return None
-        if tokens is None or tokens >= self.prefill_tokens:
-            return self.prefill_room_bytes
-        return self.needs.prefill_room(max(int(tokens), 1), self.cache_bytes_for(tokens))
+        n = self.prefill_tokens if tokens is None else max(int(tokens), 1)
+        return self.needs.prefill_room(n, self.cache_bytes_for(n, pipelined), pipelined)
 
     @property
     def prefill_room_bytes(self) -> int | None:
@@ -217,12 +262,24 @@ class MemoryNeeds:
             return 0
         return self.activations.transient_bytes(tokens, self.kv_tokens + tokens if keys is None else keys)
 
-    def _stacked(self, tokens: int, cache: int | None) -> int:
-        """The routed experts a chunk stacks beyond one layer's k (which the buffers hold): the
-        streaming layer stacks as many as the cache holds at once, up to every expert routed."""
+    def pipelined(self, tokens: int) -> bool:
+        """Whether a forward pass of `tokens` tokens of one sequence takes the streaming layer's
+        prefill pipeline (prefill_path)."""
+        k = self.activations.experts_per_token if self.activations is not None else 1
+        return prefill_path(tokens, tokens * k)
+
+    def _stacked(self, tokens: int, cache: int | None, pipelined: bool | None = None) -> int:
+        """The routed experts a pass of `tokens` tokens holds outside the expert cache beyond one
+        layer's k (which the buffers hold), as held, at most as many as the cache holds (cache: its
+        capacity). A prefill's pipeline (pipelined, default: as one sequence's tokens take it) holds
+        two groups of prefill_group_bytes of the most its experts can take (or of one expert, if
+        larger), and cuts them to half the room the plan gives it (prefill_room) where that is
+        less; any other pass stacks every expert it routes to, in groups the cache holds."""
         if not self.routed_bytes or self.activations is None:
             return 0
         routed = self.routed_bytes[min(len(self.routed_bytes), tokens * self.activations.experts_per_token) - 1]
+        if self.pipelined(tokens) if pipelined is None else pipelined:
+            routed = 2 * max(prefill_group_bytes(routed), self.routed_bytes[0])
         group = routed if cache is None else min(routed, cache)
         return self._held(max(0, group - self.layer_bytes))
 
@@ -243,18 +300,20 @@ class MemoryNeeds:
         """Budget the cache takes beyond one layer's experts (which the minimum holds)."""
         return self._held(cache - self.layer_bytes)
 
-    def largest_cache(self, tokens: int, spare: int) -> int | None:
-        """The largest cache whose cost and stacked experts fit `spare` (the budget beyond its
-        minimum) beside a forward pass of `tokens` tokens (None if not even the minimum cache
-        does). A pass of fewer than MIN_PREFILL_TOKENS tokens takes no more activations than the
-        buffers hold."""
-        room = spare - max(0, self._extra(tokens))
+    def largest_cache(self, tokens: int, spare: int, pipelined: bool | None = None,
+                      activations: bool = True) -> int | None:
+        """The largest cache whose cost and the experts a pass of `tokens` tokens holds outside it
+        (_stacked, pipelined) fit `spare` (the budget beyond its minimum) beside that pass's
+        activations (activations=False: spare has already left them out), None if not even the
+        minimum cache does. A pass of fewer than MIN_PREFILL_TOKENS tokens takes no more
+        activations than the buffers hold."""
+        room = spare - (max(0, self._extra(tokens)) if activations else 0)
         if room < 0:
             return None
         lo, hi = self.layer_bytes, self.layer_bytes + room + 1  # costs are at least their bytes
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if self._cache_cost(mid) + self._stacked(tokens, mid) <= room:
+            if self._cache_cost(mid) + self._stacked(tokens, mid, pipelined) <= room:
                 lo = mid
             else:
                 hi = mid
@@ -272,21 +331,22 @@ class MemoryNeeds:
                 hi = mid
         return lo
 
-    def chunk_bytes(self, tokens: int, keys: int, cache: int | None) -> int:
+    def chunk_bytes(self, tokens: int, keys: int, cache: int | None, pipelined: bool | None = None) -> int:
         """What one forward pass of `tokens` tokens over `keys` keys allocates at its peak beyond the
         resident weights, the expert cache's contents and the KV cache it started with: its
-        activations, one layer's routed experts in flight and the larger group the streaming layer
-        stacks when the cache holds more (what bench/budget_prompts.py --check-formula measures)."""
-        return self._transient(tokens, keys) + self._held(self.layer_bytes) + self._stacked(tokens, cache)
+        activations, one layer's routed experts in flight and the routed experts the streaming
+        layer holds beyond them (_stacked; what bench/budget_prompts.py --check-formula measures)."""
+        return (self._transient(tokens, keys) + self._held(self.layer_bytes)
+                + self._stacked(tokens, cache, pipelined))
 
-    def prefill_room(self, tokens: int, cache: int) -> int:
-        """Bytes of routed experts, as the cache counts them, that a prefill chunk of `tokens` may
-        hold outside the expert cache at once: the room the plan keeps for the group the
-        streaming layer stacks (beyond one layer's k) and for one layer's experts in flight. The
-        streaming layer's prefill holds there the experts it reads without caching them and the
-        stacked copy of the group it computes (so that a long prompt need not evict the decode's
-        experts to make room)."""
-        return int((self._stacked(tokens, cache) + self._held(self.layer_bytes)) / self.held_ratio)
+    def prefill_room(self, tokens: int, cache: int, pipelined: bool | None = None) -> int:
+        """Bytes of routed experts, as the cache counts them, that a pass of `tokens` may hold
+        outside the expert cache at once: the room the plan keeps for what the streaming layer
+        holds there (_stacked, beyond one layer's k) and for one layer's experts in flight. A
+        prefill's pipeline holds there the experts it reads without caching them and the stacked
+        copy of the group it computes (so that a long prompt need not evict the decode's experts
+        to make room), and cuts its groups to half of it."""
+        return int((self._stacked(tokens, cache, pipelined) + self._held(self.layer_bytes)) / self.held_ratio)
 
     # ---- plans
 
@@ -336,9 +396,18 @@ class MemoryNeeds:
         room = self._transient(planned) + self._stacked(planned, cache)
         unused = self.kv_bytes_per_token * max(0, self.kv_tokens - prompt_tokens)
 
-        def fits(tokens: int) -> bool:
+        def holds(tokens: int) -> bool:
             keys = min(prompt_tokens, self.kv_tokens + tokens)
             return self._transient(tokens, keys) + self._stacked(tokens, cache) <= room + unused
+
+        # a prompt's last chunk may be any chunk up to this one: what a chunk holds grows with it on
+        # each path, but a few tokens that skip the pipeline (the most that do: `plain`) may hold
+        # more than more tokens that take it
+        k = self.activations.experts_per_token if self.activations is not None else 1
+        plain = (PREFILL_MIN_PAIRS - 1) // max(k, 1)
+
+        def fits(tokens: int) -> bool:
+            return holds(tokens) and (not planned < plain < tokens or holds(plain))
 
         tokens = max(planned, self._largest_chunk(fits))
         return min(tokens, prompt_tokens)

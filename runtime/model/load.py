@@ -372,7 +372,8 @@ def _load(path, reader, memory_budget, experts_per_token, cache_policy, prefetch
     cache.capacity_bytes = plan.cache_bytes
     streamer.prefill_room = plan.prefill_room_bytes
     if plan.cache_bytes is not None:  # each forward pass sizes the cache for its tokens (see streaming.py)
-        streamer.sizes = lambda tokens: (plan.cache_bytes_for(tokens), plan.prefill_room_for(tokens))
+        streamer.sizes = lambda tokens, pipelined: (plan.cache_bytes_for(tokens, pipelined),
+                                                    plan.prefill_room_for(tokens, pipelined))
     # idle read buffers (host buffers, staging arrays) are the read buffers the budget counts
     # (one layer's k experts; one kind is in use per read mode), plus each read's alignment
     idle = plan.min_layer_bytes + k * ALIGN

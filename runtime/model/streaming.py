@@ -9,17 +9,19 @@ mlx-lm's with the same weights fully in memory.
 A prefill (a call over many tokens of a sequence) takes another path: its distinct experts are
 split into groups in layout order (file, offset: experts that fire together sit side by side, so
 a group's reads coalesce), and group i+1 is read on a background thread while group i computes.
-Its experts are held outside the expert cache, in the room the memory plan keeps for the stacked
-group (`MemoryPlan.prefill_room_bytes`), and admitted into the cache by a rule
+Its experts are held outside the expert cache, in the room the memory plan keeps for them
+(`MemoryPlan.prefill_room_bytes`): groups of `budget.prefill_group_bytes`, the rule by which the plan
+counts two of them, never more than half that room each; and admitted into the cache by a rule
 (`PREFILL_ADMISSION`): by default only into free room, so that a long prompt does not evict the
 experts the decode keeps hot.
 
 The expert cache borrows the room a prefill chunk would use while none runs: before a forward pass
 computes anything (at its first MoE layer, before the host sync that evaluates it), the streamer
-sizes the cache and the prefill room for that pass's tokens (`MemoryPlan.cache_bytes_for`,
-`prefill_room_for`). A decode step lets the cache grow to `MemoryPlan.decode_cache_bytes`; a
-prefill chunk shrinks it to what the chunk leaves, evicting the least valuable experts by the
-policy, and returns MLX's freed buffers, so that the chunk's activations find their room.
+sizes the cache and the prefill room for that pass's tokens and the path it takes (the pipeline
+or not: `MemoryPlan.cache_bytes_for`, `prefill_room_for`). A decode step lets the cache grow to
+`MemoryPlan.decode_cache_bytes`; a prefill chunk shrinks it to what the chunk leaves, evicting the
+least valuable experts by the policy, and returns MLX's freed buffers, so that the chunk's
+activations and the experts it holds find their room.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from mlx_lm.models.switch_layers import _gather_sort, _scatter_unsort
 from ..cache.expert_cache import CacheFullError, ExpertCache
 from ..io.reader import shared_pool
 from ..io.stores import ProjectionQuant
-
+from .budget import prefill_group_bytes, prefill_path  # the pipeline's rules: the plan counts by them
 
 # What becomes of the experts a prefill reads (experts it finds cached are used and stay):
 # "free"  cached only where the cache has free room (never evicting anything): the default. A long
@@ -51,13 +53,6 @@ from ..io.stores import ProjectionQuant
 # "tail"  cached on probation: evicted before anything else until a lookup hits it.
 # "none"  never cached.
 PREFILL_ADMISSION = ("free", "all", "tail", "none")
-# A prefill's experts are split into about this many groups (when they fill more than
-# PREFILL_MIN_GROUP_BYTES each), so that reading one overlaps computing another.
-PREFILL_GROUPS = 8
-PREFILL_MIN_GROUP_BYTES = 64 << 20
-# A call is a prefill when a sequence gives it more than one token and it routes at least this many
-# (token, expert) pairs: where mlx-lm's SwitchGLU sorts the rows by expert, as this path does.
-PREFILL_MIN_PAIRS = 64
 
 
 class _PrefillRead:
@@ -103,13 +98,15 @@ class ExpertStreamer:
         # bytes of experts (as the cache counts them) a prefill may hold outside the cache at once:
         # the group being computed (stacked) and the next one's reads (None: unbounded)
         self.prefill_room: int | None = None
-        self.prefill_min_group_bytes = PREFILL_MIN_GROUP_BYTES
+        # the least bytes of a group (None: budget.PREFILL_MIN_GROUP_BYTES, as the plan counts them)
+        self.prefill_min_group_bytes: int | None = None
         self._prefill_pool: ThreadPoolExecutor | None = None
         # a set to collect every (layer, expert) that prefill calls route to (benchmarks); None: off
         self.prefill_routed: set | None = None
         self.prefill_calls = self.prefill_groups_run = self.prefill_overlapped = 0
-        # (capacity, prefill room) for a forward pass of n tokens, None n: the plan's own prefill
-        # chunk (MemoryPlan.cache_bytes_for, prefill_room_for): set by load; None: both stay as set
+        # (capacity, prefill room) for a forward pass of n tokens (None: the plan's own prefill
+        # chunk) that takes the prefill pipeline or not (MemoryPlan.cache_bytes_for,
+        # prefill_room_for): set by load; None: both stay as set
         self.sizes = None
         # lend the prefill's room to the cache while no prefill runs (False: the cache keeps the
         # plan's cache_bytes whatever runs, as before the room was lent; for A/B runs)
@@ -118,23 +115,25 @@ class ExpertStreamer:
         self._sizes_memo: dict = {}
         self.cache_shrinks = 0  # forward passes that took room back from the cache
 
-    def size_for(self, tokens: int) -> None:
+    def size_for(self, tokens: int, pipelined: bool = False) -> None:
         """Size the cache and the prefill room for a forward pass of `tokens` tokens (every
-        sequence's), before it computes anything. Where the cache holds more than the pass leaves
-        it, the least valuable experts go and MLX's freed buffers are returned to the system."""
+        sequence's) that takes the prefill pipeline or not, before it computes anything. Where the
+        cache holds more than the pass leaves it, the least valuable experts go and MLX's freed
+        buffers are returned to the system. Without lending, every pass is sized as the plan's own
+        chunk, run on this streamer's path."""
         if self.sizes is None:
             return
-        n = int(tokens) if self.lend_prefill_room else None
-        if n == self._sized_for:
+        key = (int(tokens), bool(pipelined)) if self.lend_prefill_room else (None, self.prefill_pipeline)
+        if key == self._sized_for:
             return
-        if n not in self._sizes_memo:
-            self._sizes_memo[n] = self.sizes(n)
-        capacity, room = self._sizes_memo[n]
+        if key not in self._sizes_memo:
+            self._sizes_memo[key] = self.sizes(*key)
+        capacity, room = self._sizes_memo[key]
         if self.cache.set_capacity(capacity):
             mx.clear_cache()
             self.cache_shrinks += 1
         self.prefill_room = room
-        self._sized_for = n
+        self._sized_for = key
 
     def groups(self, layer: int, experts: np.ndarray) -> list[list[int]]:
         """Split sorted experts into runs that fit the cache together and share a quantization
@@ -286,11 +285,11 @@ class ExpertStreamer:
         return sorted(experts, key=where)
 
     def prefill_groups(self, layer: int, experts: list[int]) -> list[list[int]]:
-        """Cut experts (in layout order) into runs that share a quantization, of about
-        1/PREFILL_GROUPS of their bytes (at least prefill_min_group_bytes) and at most half the
-        prefill room, so that one group stacked and the next one read fit in it together."""
+        """Cut experts (in layout order) into runs that share a quantization, of at most
+        budget.prefill_group_bytes of their bytes (the rule the memory plan counts) and at most half
+        the prefill room, so that one group stacked and the next one read fit in it together."""
         sizes = [self.store.nbytes(layer, e) for e in experts]
-        limit = max(-(-sum(sizes) // PREFILL_GROUPS), self.prefill_min_group_bytes)
+        limit = prefill_group_bytes(sum(sizes), self.prefill_min_group_bytes)
         if self.prefill_room is not None:
             limit = min(limit, self.prefill_room // 2)
         cap = self.cache.capacity_bytes
@@ -386,11 +385,11 @@ def _experts_out(x, w, q, idx, sorted_indices: bool, activation, glu: bool):
     return _projection(h, w, "fc2", q["fc2"], idx, sorted_indices)
 
 
-def _is_prefill(routed: np.ndarray) -> bool:
+def _is_prefill(routed) -> bool:
     """More than one token of a sequence ([..., tokens, k]; [tokens, k] for a flattened call),
-    and enough (token, expert) pairs that the rows are sorted by expert."""
-    tokens = routed.shape[-2] if routed.ndim >= 2 else 1
-    return tokens > 1 and routed.size >= PREFILL_MIN_PAIRS
+    and enough (token, expert) pairs that the rows are sorted by expert (budget.prefill_path).
+    From the shape alone: an array not yet evaluated will do."""
+    return prefill_path(routed.shape[-2] if routed.ndim >= 2 else 1, routed.size)
 
 
 class StreamingSwitchGLU(nn.Module):
@@ -494,8 +493,9 @@ class StreamingSwitchGLU(nn.Module):
 
     def __call__(self, x, indices) -> mx.array:
         # nothing of this forward pass is evaluated yet (the host sync below is its first): the
-        # cache gives back the room this pass's activations need before they are made
-        self.streamer.size_for(indices.size // max(indices.shape[-1], 1) if indices.ndim else 1)
+        # cache gives back the room this pass's activations and routed experts need before they are made
+        self.streamer.size_for(indices.size // max(indices.shape[-1], 1) if indices.ndim else 1,
+                               self.streamer.prefill_pipeline and _is_prefill(indices))
         for observe in self.streamer.observers:
             observe(self.layer, x, indices)
         object.__setattr__(self, "_x_in", x if self.lookahead is not None else None)
