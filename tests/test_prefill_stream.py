@@ -4,6 +4,8 @@ that keeps the decode's hot set cached through it."""
 
 from __future__ import annotations
 
+import gc
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -108,3 +110,68 @@ def test_the_default_admission_keeps_the_decodes_hot_set_through_a_long_prompt(b
         assert hit[("free", start, 64)] >= hit[("free", start, 1)] - 0.02, start
     assert hit[("free", "warm", 64)] == pytest.approx(1.0)
     assert hit[("all", "warm", 64)] < hit[("all", "warm", 1)] - 0.05, "the old rule flushes the hot set"
+
+
+def test_the_plan_counts_the_groups_a_prefill_holds(bundle_dir, monkeypatch):
+    """What the plan counts for a prefill chunk's routed experts outside the cache is what the
+    pipeline holds: two groups cut by budget.prefill_group_bytes (one rule for both). With its floor
+    lowered to three experts, the tiny bundle's layers split as a 397B layer's do (a short prompt's
+    160 experts in groups of ~140 MB): every group fits half the room the plan gave that pass, which
+    two groups nearly fill, and a short prompt's cache is larger than the plan gives a pass that
+    stacks every routed expert at once (what it counted for a prefill before). The budget holds."""
+    from moestream.runtime.frontends.generate import generate_text
+    from moestream.runtime.model import budget
+
+    bundle = bundle_dir("qwen3_moe")
+    expert = moestream.plan_memory(bundle).needs.routed_bytes[0]
+    monkeypatch.setattr(budget, "PREFILL_MIN_GROUP_BYTES", 3 * expert)
+    plan = moestream.plan_memory(bundle, expert_cache_share=0.5)
+    assert plan.cache_bytes_for(16) > plan.cache_bytes_for(16, pipelined=False) + 4 * expert
+    assert plan.prefill_room_for(16) < plan.prefill_room_for(16, pipelined=False)
+    gc.collect()
+    before = mx.get_active_memory()
+    with moestream.load(bundle, memory_budget=plan.budget_bytes) as (model, tokenizer):
+        rt = moestream.runtime_of(model)
+        s = rt.streamer
+        seen, cut = [], s.prefill_groups
+
+        def prefill_groups(layer, experts):
+            groups = cut(layer, experts)
+            sizes = [sum(rt.store.nbytes(layer, e) for e in g) for g in groups]
+            total = sum(rt.store.nbytes(layer, e) for e in experts)
+            seen.append((s._sized_for, s.cache.capacity_bytes, s.prefill_room, total, sizes))
+            return groups
+
+        s.prefill_groups = prefill_groups
+        generate_text(model, tokenizer, ids(4), max_tokens=8, out=None)  # the cache at its decode size
+        for n in (17, plan.prefill_tokens * 2 + 5):  # a short prompt; one of several chunks
+            _, r = generate_text(model, tokenizer, ids(n), max_tokens=4, out=None, prefill_step_size=plan.prefill_tokens)
+            assert r.peak_memory_bytes - before <= plan.budget_bytes, (n, r.peak_memory_bytes, before, plan.budget_bytes)
+    assert {key for key, *_ in seen} >= {(16, True), (plan.prefill_tokens, True)}
+    for (tokens, pipelined), capacity, room, total, sizes in seen:
+        assert pipelined and capacity == plan.cache_bytes_for(tokens) and room == plan.prefill_room_for(tokens)
+        assert budget.prefill_group_bytes(total) <= room // 2, "the plan counted the rule's groups"
+        assert 2 * max(sizes) <= room < 2 * max(sizes) + 2 * expert, "and about no more than two of them"
+
+
+def test_a_397b_shaped_short_prompt_holds_two_groups():
+    """Qwen3.5-397B's shapes (512 experts of 7.08 MB a layer, top-10; from the synth preset, no
+    weights): a 16-token chunk routes up to 160 experts (1.13 GB) and its pipeline holds two groups
+    of ~1/8 of them; the plan keeps that room, not all 160, so at the budget whose cache holds 25%
+    a short prompt leaves the cache ~0.85 GB more than a plan that counted all of them."""
+    from moestream.runtime.model.budget import memory_needs, prefill_group_bytes
+    from moestream.stages.synth import plan_checkpoint
+
+    p = plan_checkpoint("qwen3_5_moe", "a397b", layers=2)
+    d = p.dims
+    expert = 3 * (d.hidden * d.moe_intermediate // 2 + 2 * 2 * (d.hidden * d.moe_intermediate // 64))  # 4-bit, g64
+    assert expert == 7_077_888
+    sizes = {(layer, e): expert for layer in range(d.layers) for e in range(d.experts)}
+    needs = memory_needs(sizes, d.top_k, sum(t.nbytes for t in p.tensors if not t.expert), p.config, 2)
+    plan = needs.plan(needs.budget_for_share(0.25))
+    routed = 16 * d.top_k * expert
+    assert plan.prefill_room_for(16) == 2 * prefill_group_bytes(routed) == 2 * -(-routed // 8)
+    assert plan.prefill_room_for(16, pipelined=False) == routed
+    gained = plan.cache_bytes_for(16) - plan.cache_bytes_for(16, pipelined=False)
+    assert gained == pytest.approx(routed - plan.prefill_room_for(16), rel=0.01)
+    assert gained > 0.8e9
