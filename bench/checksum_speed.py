@@ -16,7 +16,6 @@ import time
 import zlib
 
 import common
-
 from moestream.common.units import parse_bytes
 
 

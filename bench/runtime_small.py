@@ -52,8 +52,8 @@ def decode_with_cpu(model, prompt: list[int], n: int) -> dict:
 def all_cached_vs_mlx_lm(inputs: common.Inputs, max_tokens: int, rounds: int) -> dict:
     """Part 1: moestream with every expert cached against mlx-lm fully in memory, alternating."""
     import moestream
-    from moestream.runtime.frontends.generate import format_prompt
     from moestream.manifests.open import open_bundle
+    from moestream.runtime.frontends.generate import format_prompt
     from moestream.runtime.measure.bench import expert_quantization, reference_model
 
     with moestream.load(inputs.bundle) as (model, tokenizer):

@@ -279,7 +279,7 @@ def check_extent(extent: ExpertExtent) -> str | None:
         if problem:
             return problem
     spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in extent.tensors)
-    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:], strict=False):
         if start < end:
             return f"tensors {first!r} and {second!r} overlap"
     return check_quantized_shapes(extent)

@@ -87,7 +87,7 @@ def parse_header(path: Path, header: bytes, size: int) -> dict[str, TensorInfo]:
         out[name] = TensorInfo(name, path, dtype, shape, base + begin, end - begin)
         ranges.append((begin, end, name))
     ranges.sort()
-    for (_, end, first), (begin, _, second) in zip(ranges, ranges[1:]):
+    for (_, end, first), (begin, _, second) in zip(ranges, ranges[1:], strict=False):
         if begin < end:
             raise CheckpointError(f"{path}: tensors {first!r} and {second!r} overlap in the data")
     return out

@@ -196,7 +196,7 @@ def _check_group_size(options: PrepareOptions, ckpt: SourceCheckpoint, recipe: E
     if recipe.bits in (16, "source") and options.expert_bits != "auto" and options.bits_plan is None:
         return
     for target in ckpt.arch.targets.values():
-        for proj, (_, _, in_dim) in zip(target.projections, target.shapes):
+        for proj, (_, _, in_dim) in zip(target.projections, target.shapes, strict=True):
             if in_dim % options.group_size:
                 fits = [g for g in (128, 64, 32) if in_dim % g == 0]
                 hint = f"--group-size {fits[0]}" if fits else "--expert-bits 16 (no group size divides it)"

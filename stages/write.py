@@ -4,7 +4,6 @@ layout, bundle.json), verify it, and only then rename it into place."""
 from __future__ import annotations
 
 import copy
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 

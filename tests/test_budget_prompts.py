@@ -123,8 +123,9 @@ def test_a_conversation_stays_inside_the_kv_reserve(bundle_dir):
     """chat's cache is held to the budget's KV reserve as generate's is: rotating at max_kv_size
     (as mlx_lm.chat --max-kv-size), or, for a model whose cache cannot rotate, the reply capped to
     what is left and a turn past the reserve refused, naming the conversation, with the session kept."""
-    from moestream.runtime.frontends.chat import ChatSession
     from mlx_lm.sample_utils import make_sampler
+
+    from moestream.runtime.frontends.chat import ChatSession
 
     sampler = make_sampler(0.0)
     bundle = bundle_dir("qwen3_moe")

@@ -370,7 +370,6 @@ def test_resident_header_is_checked_before_mlx_reads_it(bundle):
 def test_profile_rows_must_be_experts_of_the_bundle(tmp_path, synth_dir):
     import pyarrow as pa
     import pyarrow.parquet as pq
-
     from conftest import build_bundle
 
     b = build_bundle(synth_dir("qwen3_moe"), tmp_path / "profiled", profile=True, profile_tokens=256)
