@@ -45,6 +45,7 @@ def test_bench_cli_reports_ceiling_roofline_and_comparisons(tmp_path, bundle_dir
     assert {"cold", "warm", "phases", "buffered_cold", "host_warm", "policy_lfu_warm"} <= set(table_runs(r))
 
 
+@pytest.mark.slow  # over 3 s here: the fast suite leaves it to CI
 def test_bench_io_only_replays_a_trace(tmp_path, synth_dir, bundle_dir, capsys):
     prof = tmp_path / "prof"
     assert main(["profile", str(synth_dir("qwen3_moe")), "--out", str(prof), "--max-tokens", "256"]) == 0
@@ -129,6 +130,7 @@ def test_memory_holder_takes_what_it_is_asked_and_gives_it_back():
     assert not Path(f"/proc/{held.pid}").exists(), "and given back when the block ends"
 
 
+@pytest.mark.slow  # over 3 s here: the fast suite leaves it to CI
 def test_buffered_comparison_races_the_page_cache_on_equal_memory(bundle_dir, monkeypatch):
     """The buffered run keeps only the expert cache's minimum and holds the rest of the machine's
     memory but what the budget gave the expert cache (a pretend machine with 300 MB more than

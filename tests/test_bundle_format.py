@@ -344,6 +344,7 @@ def test_layout_rows_must_be_what_the_model_holds(bundle):
     _gate(bundle, r"layer \d+ expert \d+: no gate_proj.weight")
 
 
+@pytest.mark.slow  # over 3 s here: the fast suite leaves it to CI
 def test_a_layout_with_too_many_rows_is_refused_before_it_is_read(bundle):
     import time
 
@@ -382,6 +383,7 @@ def test_profile_rows_must_be_experts_of_the_bundle(tmp_path, synth_dir):
     _gate(b, "profile/frequency.parquet row 0")
 
 
+@pytest.mark.slow  # over 3 s here: the fast suite leaves it to CI
 def test_a_template_that_never_finishes_is_refused_at_load(bundle):
     import time
 

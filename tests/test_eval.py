@@ -14,6 +14,7 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
     "required": ["city"], "additionalProperties": False}}}
 
 
+@pytest.mark.slow  # over 3 s here: the fast suite leaves it to CI
 def test_source_precision_bundle_matches_reference_and_2bit_does_not(tmp_path, synth_dir):
     src = synth_dir("qwen3_moe")
     exact = evaluate(build_bundle(src, tmp_path / "b16", bits=16), src, suites=("kl", "perplexity"), text=TEXT)["text"]
@@ -54,6 +55,7 @@ def test_unknown_suite_and_missing_inputs(tmp_path, synth_dir, bundle_dir):
         evaluate(bundle_dir("qwen3_moe"), synth_dir("qwen3_moe"), suites=("kl",))
 
 
+@pytest.mark.slow  # over 3 s here: the fast suite leaves it to CI
 def test_sweep_table_plot_and_card_rows(tmp_path, synth_dir):
     import json
 

@@ -48,6 +48,7 @@ def fixture_tokenizer():
 # --- generate ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # over 3 s here: the fast suite leaves it to CI
 def test_generate_reads_stdin_and_puts_system_prompt_and_tools_through_the_template(tools_file, fixture_tokenizer,
                                                                                     tmp_path):
     stats = tmp_path / "stats.json"
@@ -229,6 +230,7 @@ def test_chat_history_with_arrow_keys_and_ctrl_d_exits(terminal):
     assert "Traceback" not in t.seen
 
 
+@pytest.mark.slow  # over 3 s here: the fast suite leaves it to CI
 def test_ctrl_c_stops_the_answer_and_the_session_goes_on(terminal):
     """~4 s: a long answer (the fixture rambles after a Python prompt) is stopped by SIGINT to
     the chat's process group; the next question is answered in the same conversation; Ctrl-C at the

@@ -140,6 +140,7 @@ def test_a_second_ctrl_c_exits_at_once():
     assert time.monotonic() - start < 2
 
 
+@pytest.mark.slow  # over 3 s here: the fast suite leaves it to CI
 def test_plain_prepare_in_a_terminal_then_piped(tmp_path, synth_dir):
     """In a terminal: the redrawn line, then the summary and what to run next. Into a pipe whose reader
     is gone: the bundle is still made, and the command ends quietly (141, as a shell reports SIGPIPE)."""

@@ -415,6 +415,7 @@ def test_a_busy_port_is_one_line(bundle_dir, served):
         "there: stop it, choose another --port, or --port 0 for any free one)"]
 
 
+@pytest.mark.slow  # over 3 s here: the fast suite leaves it to CI
 def test_serve_command_end_to_end_with_the_trained_fixture():
     """`moestream serve` in its own process, spoken to over HTTP: the fixture's model id, a real
     tool call from the trained model, Ctrl-C stops it with exit code 0."""

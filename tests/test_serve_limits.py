@@ -193,6 +193,7 @@ def test_client_disconnect_stops_generation(served, stream):
     assert status == 200 and reply["usage"]["completion_tokens"] >= 1
 
 
+@pytest.mark.slow  # over 3 s here: the fast suite leaves it to CI
 def test_queued_request_of_a_departed_client_never_runs(served, monkeypatch):
     """Requests with a seed are served one at a time (mlx-lm's unbatched path): a second one waits
     in the queue behind the first. Its client leaves while it waits: when the generation thread

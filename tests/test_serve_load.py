@@ -14,6 +14,7 @@ KEYS = {"aggregate_tok_s", "one_stream_tok_s", "ratio", "per_stream_tok_s_p50", 
         "overlap_from", "concurrency", "phases", "server", "setup"}
 
 
+@pytest.mark.slow  # over 3 s here: the fast suite leaves it to CI
 @pytest.mark.usefixtures("bench_path")
 def test_serve_load_two_streams(bundle_dir, tmp_path, capsys):
     module = load_script(BENCH / "serve_load.py")
