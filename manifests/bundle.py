@@ -92,10 +92,13 @@ def fast_checksum(data) -> str:
     of a layer's experts, and each block is hashed by the thread that completes it, right after its
     read, instead of one thread hashing whole experts after the last share arrives (on the H200 that
     tail cost 5-9% of decode speed)."""
+    return f"{BLOCK_CHECKSUM}:{''.join(_block_digests(data, CHECK_BLOCK_BYTES))}"
+
+
+def _block_digests(data, block: int) -> list[str]:
+    """The xxh3-64 hex digest of each `block` bytes of data (one, of nothing, for no data)."""
     view = memoryview(data).cast("B")
-    digests = [xxhash.xxh3_64_hexdigest(view[a : a + CHECK_BLOCK_BYTES])
-               for a in range(0, max(len(view), 1), CHECK_BLOCK_BYTES)]
-    return f"{BLOCK_CHECKSUM}:{''.join(digests)}"
+    return [xxhash.xxh3_64_hexdigest(view[a : a + block]) for a in range(0, max(len(view), 1), block)]
 
 
 @dataclass(frozen=True)
@@ -110,10 +113,7 @@ class BlockChecksums:
         return xxhash.xxh3_64_hexdigest(data) == self.digests[index]
 
     def matches(self, data) -> bool:
-        view = memoryview(data).cast("B")
-        starts = range(0, max(len(view), 1), self.block_bytes)
-        return len(starts) == len(self.digests) and all(
-            self.block_matches(k, view[a : a + self.block_bytes]) for k, a in enumerate(starts))
+        return tuple(_block_digests(data, self.block_bytes)) == self.digests
 
 
 def parse_fast_checksum(value: str, nbytes: int) -> BlockChecksums:

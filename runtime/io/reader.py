@@ -513,19 +513,13 @@ class ExtentReader:
                 hi = min(b, lo + step)
                 try:
                     got = self._read_piece(g, lo, hi)
-                except BaseException:
+                    t0 = time.perf_counter()
                     with self._lock:
-                        g.failed = True
-                    raise
-                t0 = time.perf_counter()
-                with self._lock:
-                    g.got.append((lo, lo + got, hi))
-                    complete = self._completed_blocks(g, lo, lo + got) if g.unread else []
-                    timing.last_read_end = max(timing.last_read_end, t0)
-                try:
-                    for k, start, end in complete:
-                        check = g.members[k][1].check
-                        check.check((start - g.members[k][1].offset) // check.block_bytes, self._bytes(g, k, start, end))
+                        g.got.append((lo, lo + got, hi))
+                        complete = self._completed_blocks(g, lo, lo + got) if g.unread else []
+                        timing.last_read_end = max(timing.last_read_end, t0)
+                    for k, index, start, end in complete:
+                        g.members[k][1].check.check(index, self._bytes(g, k, start, end))
                 except BaseException:
                     with self._lock:
                         g.failed = True
@@ -546,9 +540,9 @@ class ExtentReader:
         return out
 
     @staticmethod
-    def _completed_blocks(g: _Group, a: int, b: int) -> list[tuple[int, int, int]]:
-        """Count the file range [a, b) as read; the checked blocks it completes, as (member,
-        start, end) file ranges. Called under the lock."""
+    def _completed_blocks(g: _Group, a: int, b: int) -> list[tuple[int, int, int, int]]:
+        """Count the file range [a, b) as read; the checked blocks it completes, as (member, block
+        index, start, end) with file ranges. Called under the lock."""
         done = []
         for k, (_, r) in enumerate(g.members):
             lo, hi = max(a, r.offset), min(b, r.offset + r.nbytes)
@@ -560,7 +554,7 @@ class ExtentReader:
                 end = min(start + block, r.offset + r.nbytes)
                 g.unread[(k, index)] -= min(hi, end) - max(lo, start)
                 if g.unread[(k, index)] == 0:
-                    done.append((k, start, end))
+                    done.append((k, index, start, end))
         return done
 
     @staticmethod
