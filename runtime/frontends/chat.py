@@ -36,8 +36,8 @@ from mlx_lm.sample_utils import make_sampler
 
 from ...common.errors import MoestreamError
 from ...common.units import fmt_bytes
-from ..model.load import runtime_of, stats
-from .generate import conversation_cache, conversation_limits
+from ..model.load import stats
+from .generate import conversation_cache, conversation_limits, generation_limits
 from .prompt import apply_template, check_template_use, describe_tool_calls, find_tool_calls
 
 HELP = ("commands: q or /quit (or Ctrl-D) to exit, r or /reset for a new conversation, h or /help for this, "
@@ -112,14 +112,10 @@ class ChatSession:
         should_stop = should_stop or (lambda: False)
         self.messages.append({"role": "user", "content": text})
         try:
-            prompt = self.prompt_tokens()
-        except BaseException:
-            self.messages.pop()
-            raise
-        new = self._new_tokens(prompt)
-        start = len(self.cached)
-        try:
-            max_tokens = conversation_limits(self.model, start + len(new), max_tokens)
+            new = self._new_tokens(self.prompt_tokens())
+            start = len(self.cached)
+            limits = generation_limits(self.model, len(new), max_tokens, self.cache, prefill_step_size)
+            limits["max_tokens"] = conversation_limits(self.model, start + len(new), limits["max_tokens"])
         except BaseException:
             self.messages.pop()
             raise
@@ -130,10 +126,8 @@ class ChatSession:
             if done < total and should_stop():
                 raise StopAnswer()
 
-        step = prefill_step_size or _planned_prefill_step(self.model, start + len(new))
-        options = {"prefill_step_size": step} if step else {}
-        generation = stream_generate(self.model, self.tokenizer, new, max_tokens=max_tokens, sampler=sampler,
-                                     prompt_cache=self.cache, prompt_progress_callback=progress, **options)
+        generation = stream_generate(self.model, self.tokenizer, new, sampler=sampler, prompt_cache=self.cache,
+                                     prompt_progress_callback=progress, **limits)
         try:
             for response in generation:
                 tokens.append(response.token)
@@ -173,14 +167,6 @@ class ChatSession:
         else:  # the detokenizer may still hold the end of the last word
             self.reply_text = self.tokenizer.decode(tokens)
         self.messages.append({"role": "assistant", "content": self.reply_text})
-
-
-def _planned_prefill_step(model, context_tokens: int) -> int | None:
-    """The prefill chunk the memory plan sizes for a context this long (as generate_text uses it),
-    or None (mlx-lm's default) for a model without one."""
-    plan = getattr(runtime_of(model, required=False), "plan", None)
-    chunk = getattr(plan, "prefill_tokens_for", None)
-    return chunk(context_tokens) if callable(chunk) else None
 
 
 def _stats_line(n: int, tps: float, before: dict, after: dict) -> str:
