@@ -221,10 +221,8 @@ class MemoryPlan:
     @property
     def prefill_room_bytes(self) -> int | None:
         """Bytes of routed experts (as the cache counts them) a prefill chunk may hold outside the
-        expert cache at once (None: unbounded); see MemoryNeeds.prefill_room."""
-        if self.needs is None or self.cache_bytes is None:
-            return None
-        return self.needs.prefill_room(self.prefill_tokens, self.cache_bytes)
+        expert cache at once (None: unbounded) during the plan's own chunk; see MemoryNeeds.prefill_room."""
+        return self.prefill_room_for(None)
 
     def as_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "needs"}

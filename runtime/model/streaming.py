@@ -494,8 +494,8 @@ class StreamingSwitchGLU(nn.Module):
     def __call__(self, x, indices) -> mx.array:
         # nothing of this forward pass is evaluated yet (the host sync below is its first): the
         # cache gives back the room this pass's activations and routed experts need before they are made
-        self.streamer.size_for(indices.size // max(indices.shape[-1], 1) if indices.ndim else 1,
-                               self.streamer.prefill_pipeline and _is_prefill(indices))
+        pipelined = self.streamer.prefill_pipeline and _is_prefill(indices)
+        self.streamer.size_for(indices.size // max(indices.shape[-1], 1) if indices.ndim else 1, pipelined)
         for observe in self.streamer.observers:
             observe(self.layer, x, indices)
         object.__setattr__(self, "_x_in", x if self.lookahead is not None else None)
@@ -511,14 +511,13 @@ class StreamingSwitchGLU(nn.Module):
         self.streamer.sync_s += time.perf_counter() - t0
         self.streamer.calls += 1
         experts = np.unique(routed)
-        prefill = _is_prefill(routed)
         if self.streamer.prefill_routed is not None and routed.ndim >= 2 and routed.shape[-2] > 1:
             self.streamer.prefill_routed.update((self.layer, e) for e in experts.tolist())
         whole = self.streamer.whole.get(self.layer)
         if whole is not None:
             self.streamer.cache.record_hits(len(experts))
             return self._whole_layer(x, indices, *whole)
-        if prefill and self.streamer.prefill_pipeline:
+        if pipelined:
             y = self._prefill(x, indices, routed, experts)
             self.streamer.consolidate(self.layer)
             return y.squeeze(-2)
