@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import common
+from moestream.common.files import tree_bytes
 
 REPO = "bench/synth-moe"
 VARIANTS = {"keep": False, "drop": True}  # variant -> drop_source_shards
@@ -76,10 +77,6 @@ def child(args) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     patch.undo()
     return row
-
-
-def tree_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
 def main(argv=None) -> int:

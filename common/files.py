@@ -101,3 +101,16 @@ def replace_dir(new: Path, out: Path) -> None:
         os.replace(new, out)
         shutil.rmtree(old, ignore_errors=True)
     fsync_dir(out.parent)
+
+
+def tree_bytes(path: str | Path) -> int:
+    """Bytes of the files under `path` now, links counted as links (an HF cache snapshot's links to
+    its blobs are not the blobs twice); files removed meanwhile count as nothing."""
+    total = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except FileNotFoundError:
+                pass
+    return total

@@ -10,13 +10,13 @@ an interrupted run kept are counted the way a rerun finds them.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import threading
 import time
 from pathlib import Path
 
+from .common.files import tree_bytes
 from .common.units import fmt_bytes
 
 # step -> what the display says while it runs (any other step is shown by its name)
@@ -53,18 +53,6 @@ def staging_of(out: str | Path) -> Path:
     from .stages.write import staging_dir
 
     return staging_dir(Path(out))
-
-
-def folder_bytes(folder: Path) -> int:
-    """Bytes of the files under `folder` now (files that vanish meanwhile count as nothing)."""
-    total = 0
-    for root, _, names in os.walk(folder):
-        for name in names:
-            try:
-                total += os.stat(os.path.join(root, name)).st_size
-            except FileNotFoundError:
-                pass
-    return total
 
 
 def kept_layers(staging: Path) -> int:
@@ -120,7 +108,7 @@ class PrepareProgress:
         self.layers = total
         if self.pack_start is None:  # done == 0, or an executor that reports finished items only
             kept = kept_layers(self.staging)
-            self.pack_start = (self.clock(), kept, folder_bytes(self.staging))
+            self.pack_start = (self.clock(), kept, tree_bytes(self.staging))
             if kept:
                 self.say(f"resuming: {kept} of {total} layers were kept in {self.staging} by an earlier run")
         if done and not self.tty:
@@ -146,7 +134,7 @@ class PrepareProgress:
         """Bytes written, the rate since packing started, and the time left at that pace."""
         now = self.clock()
         start, kept, start_bytes = self.pack_start
-        written = folder_bytes(self.staging)
+        written = tree_bytes(self.staging)
         parts = [f"{fmt_bytes(written)} written"]
         elapsed = now - start
         if elapsed >= 0.5 and written > start_bytes:

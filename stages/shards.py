@@ -24,7 +24,6 @@ processes (Dask workers) count too; the preparation reports the largest sample.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,7 +33,7 @@ from filelock import FileLock
 from huggingface_hub import constants
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
-from ..common.files import atomic_path, write_json_atomic
+from ..common.files import atomic_path, tree_bytes, write_json_atomic
 from ..common.hub import explain, is_transient, redact
 from ..manifests.checkpoint import SourceCheckpoint
 from ..manifests.safetensors_index import CheckpointError, TensorInfo, header_length
@@ -267,17 +266,6 @@ def resident_view(ckpt: SourceCheckpoint, hub: HubShards, work: Path) -> tuple[S
 
 
 # ----------------------------------------------------------------------------- disk use
-
-
-def tree_bytes(path: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except FileNotFoundError:  # removed while we looked
-                pass
-    return total
 
 
 def shard_bytes(hub: HubShards) -> int:
