@@ -68,6 +68,24 @@ def post(url, body):
         raise AssertionError("the stream ended without [DONE]")
 
 
+def in_threads(ask, n: int) -> list[Exception]:
+    """ask(0..n-1), each in its own thread, all at once; the exceptions they raised."""
+    errors = []
+
+    def run(i):
+        try:
+            ask(i)
+        except Exception as e:  # returned to the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    return errors
+
+
 class ForceTokens:
     """A logits processor that leaves one token possible at each step: `ids`, then repeats the last."""
 
@@ -184,22 +202,15 @@ def test_concurrent_requests(served):
     """Requests in flight together go through mlx-lm's batched decoding ([B, L, k] routed indices
     through the streaming layers) and give what each gives alone (a seed: the unbatched path)."""
     handle, _, _ = served
-    results, errors = {}, []
+    results = {}
 
     def body(i, **extra):
         return {"messages": [{"role": "user", "content": f"Question {i}"}], "max_tokens": 12, **extra}
 
     def ask(i):
-        try:
-            results[i] = post(handle.url, body(i))
-        except Exception as e:  # reported below
-            errors.append(e)
+        results[i] = post(handle.url, body(i))
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(TIMEOUT)
+    errors = in_threads(ask, 3)
     assert not errors and len(results) == 3
     for i, reply in results.items():
         alone = post(handle.url, body(i, seed=0))
@@ -218,20 +229,13 @@ def test_stats_show_concurrent_requests_decoded_in_one_batch(served):
     assert handle.generator.model_provider.is_batchable
     before = get(handle.url + "/moestream/stats")
     no_eos = {str(t): -100 for t in tokenizer.eos_token_ids}
-    replies, errors = [], []
+    replies = []
 
     def ask(i):
-        try:
-            replies.append(post(handle.url, {"messages": [{"role": "user", "content": f"Story {i}"}],
-                                             "max_tokens": 300, "logit_bias": no_eos}))
-        except Exception as e:  # reported below
-            errors.append(e)
+        replies.append(post(handle.url, {"messages": [{"role": "user", "content": f"Story {i}"}],
+                                         "max_tokens": 300, "logit_bias": no_eos}))
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(TIMEOUT)
+    errors = in_threads(ask, 2)
     assert not errors and [r["usage"]["completion_tokens"] for r in replies] == [300, 300]
     after = get(handle.url + "/moestream/stats")
     assert after["clock"] == "monotonic" and after["requests_finished"] == before["requests_finished"] + 2
