@@ -175,3 +175,28 @@ def test_a_397b_shaped_short_prompt_holds_two_groups():
     gained = plan.cache_bytes_for(16) - plan.cache_bytes_for(16, pipelined=False)
     assert gained == pytest.approx(routed - plan.prefill_room_for(16), rel=0.01)
     assert gained > 0.8e9
+
+
+def test_a_prefill_reuses_its_staging_slots_group_after_group(bundle_dir):
+    """Staged reads (MLX's CUDA path; here on the CPU, without the CUDA advice): while a prefill
+    runs, each group's reads take the slots the group before gave back instead of making new ones,
+    and a decode step keeps no more than one layer's k experts' slots. (The budget's own limit for
+    idle read buffers is set to nothing here: this tiny model's groups would fit in it.)"""
+    from moestream.runtime.model.load import IOOptions
+
+    bundle = bundle_dir("qwen3_moe")
+    budget = moestream.plan_memory(bundle, expert_cache_share=0.3).budget_bytes
+    with moestream.load(bundle, memory_budget=budget, io=IOOptions(stage_on_device=True)) as (model, _):
+        rt = moestream.runtime_of(model)
+        s, staging = rt.streamer, rt.store.staging
+        rt.store.limit_idle_buffers(0)
+        s.prefill_min_group_bytes = 0
+        mx.eval(model(mx.array([ids(96)])))
+        sizes = [rt.store.nbytes(layer, e) for layer in rt.store.layers for e in range(rt.num_experts)]
+        group_slots = (s.prefill_room // 2) // min(sizes)
+        read = rt.stats()["cache_misses"]
+        assert s.prefill_groups_run >= 4 * s.prefill_calls > 0 and read >= 3 * group_slots
+        # the slots of the largest group, made once (the first group); every later group reuses them
+        assert 0 < staging.allocations <= group_slots, (staging.allocations, group_slots, read)
+        mx.eval(model(mx.array([[7]])))  # a decode step: its largest read is one layer's k experts
+        assert 0 < staging._idle <= rt.plan.min_layer_bytes

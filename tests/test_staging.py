@@ -71,3 +71,19 @@ def test_staging_slots_are_aligned_writable_and_reused():
     big, _ = pool.take(2 << 20)
     pool.give(big)  # over the idle cap: dropped
     assert pool.allocations == 2 and sum(s[1].nbytes for s in pool._free) <= 1 << 20
+
+
+def test_a_lower_idle_limit_drops_the_slots_beyond_it():
+    pool = StagingPool(max_idle_bytes=0)
+    pool.limit_idle(1 << 20)  # a forward pass whose reads are larger: its slots are kept
+    slots = [pool.take(200_000)[0] for _ in range(4)]
+    for slot in slots:
+        pool.give(slot)
+    assert pool._idle == 4 * 200_704 and pool.allocations == 4
+    for _ in range(2):
+        slots = [pool.take(200_000)[0] for _ in range(4)]
+        for slot in slots:
+            pool.give(slot)
+    assert pool.allocations == 4  # reused
+    pool.limit_idle(450_000)  # back to a smaller read: the slots beyond it go
+    assert pool._idle == 2 * 200_704 == sum(s[1].nbytes for s in pool._free)

@@ -150,7 +150,11 @@ class StagingPool:
 
     take(n) -> (slot, aligned writable view of n bytes); give(slot) once the bytes have been copied
     out (the GPU copy evaluated). At most `max_idle_bytes` of idle slots are kept; more are made
-    when several batches are in flight (prefetch) and dropped when given back.
+    when a read needs more at once (a prefill group, several batches in flight) and dropped when
+    given back. Making a slot is not free: fresh memory is zero-filled and faulted in (on CUDA,
+    managed memory, then advised), in the thread that starts the read, before any byte of it is
+    read; so a caller that knows its reads will be larger for a while raises the limit for that
+    while (limit_idle).
     """
 
     def __init__(self, max_idle_bytes: int):
@@ -175,6 +179,14 @@ class StagingPool:
         if cuda_advice().host_resident(slot[1].ctypes.data, size):
             self.advised += 1
         return slot, memoryview(slot[1])[:n]
+
+    def limit_idle(self, nbytes: int) -> None:
+        """Keep at most nbytes of idle slots from now on, dropping the largest idle ones beyond it."""
+        with self._lock:
+            self.max_idle_bytes = nbytes
+            self._free.sort(key=lambda s: s[1].nbytes)
+            while self._free and self._idle > nbytes:
+                self._idle -= self._free.pop()[1].nbytes
 
     def close(self) -> None:
         """Drop the idle slots and keep none from now on."""

@@ -92,6 +92,7 @@ class BundleStore:
         self.check_reads = check_reads
         self._checks: dict = {}
         self.staging = StagingPool(DEFAULT_POOL_BYTES)
+        self._idle_bytes = DEFAULT_POOL_BYTES
         self._quant: dict = {}  # per-call lookups, computed once per expert
         self._nbytes: dict = {}
 
@@ -101,6 +102,20 @@ class BundleStore:
 
     def close(self) -> None:
         self.staging.close()
+
+    def limit_idle_buffers(self, nbytes: int) -> None:
+        """Keep at most nbytes of idle read buffers (host buffers, staging slots) between reads:
+        what a memory budget counts for them."""
+        self._idle_bytes = nbytes
+        self.reader.limit_idle_buffers(nbytes)
+        self.staging.limit_idle(nbytes)
+
+    def keep_buffers_for(self, nbytes: int) -> None:
+        """Keep idle staging slots for reads of up to nbytes at once (at least limit_idle_buffers'
+        bytes): while a forward pass reads more than one layer's experts at a time (a prefill's
+        groups, a batch's misses), each read takes the slots the one before gave back instead of
+        making new ones. A smaller nbytes drops what is beyond it."""
+        self.staging.limit_idle(max(self._idle_bytes, nbytes))
 
     def quant(self, layer: int, expert: int) -> dict[str, ProjectionQuant]:
         key = (layer, expert)

@@ -52,6 +52,7 @@ def decode(model, prompt: list[int], gen_tokens: int) -> dict:
         # the prefill routes to is collected, for its read floor
         options["prefill_step_size"] = rt.plan.prefill_tokens_for(len(prompt))
         rt.streamer.prefill_routed = routed = set()
+        before = rt.stats()
     times, start, after_prefill = [], time.perf_counter(), None
     try:
         for _ in generate_step(mx.array(prompt), model, max_tokens=gen_tokens, **options):
@@ -80,6 +81,10 @@ def decode(model, prompt: list[int], gen_tokens: int) -> dict:
         out["prefill_distinct_experts"] = len(routed)
         out["prefill_expert_bytes"] = sum(_disk_bytes(rt.store, *key) for key in routed)
         out["prefill_admission"] = rt.streamer.prefill_admission if rt.streamer.prefill_pipeline else "plain path"
+        # the pipeline's reads (one group at a time: the disk's busy time) and the layers' waits for them
+        out.update({k: p[k] for k in ("prefill_read_s", "prefill_wait_s", "prefill_read_bytes")})
+        out["prefill_staging_allocations"] = p["staging_allocations"] - before["staging_allocations"]
+        out["staging_allocations"] = s["staging_allocations"] - p["staging_allocations"]  # decode only
         for k in ("bytes_read", "reads", "io_wait_s", "moe_calls", "route_sync_s", "attention_s", "expert_fetch_s", "expert_compute_s",
                   "cache_hits", "cache_misses", "check_s", "check_tail_s"):
             out[k] = s[k] - p[k]  # decode only
@@ -125,7 +130,8 @@ def decode_streams(model, prompts: list[list[int]], gen_tokens: int, ceiling_gbs
     gaps = np.concatenate([np.diff(np.array(t)) for t in stamps.values()])
     decode_s = max(t[-1] for t in stamps.values()) - min(firsts)
     tokens = sum(len(t) - 1 for t in stamps.values())
-    d = {k: s[k] - p[k] for k in ("bytes_read", "reads", "io_wait_s", "moe_calls", "cache_hits", "cache_misses")}
+    d = {k: s[k] - p[k] for k in ("bytes_read", "reads", "io_wait_s", "moe_calls", "cache_hits", "cache_misses",
+                                  "staging_allocations")}
     lookups = d["cache_hits"] + d["cache_misses"]
     per_step = d["bytes_read"] / max(steps, 1)
     roofline = ceiling_gbs * 1e9 / max(per_step, 1) * n
@@ -230,12 +236,16 @@ def print_report(r: dict) -> None:
     print(f"\n== prefill ({r['args']['prompt_tokens']} tokens; floor: each distinct expert it routes to read once at "
           f"the ceiling) ==")
     print(f"{'run':<18}{'TTFT s':>8}{'floor s':>9}{'TTFT/floor':>11}{'experts':>9}{'MB':>9}{'chunk':>7}{'pf hit':>8}"
-          f"{'dec hit':>8}  admission")
+          f"{'dec hit':>8}{'read s':>8}{'GB/s':>6}{'wait s':>8}{'allocs':>7}  admission")
     for name in table_runs(r):
         x = r[name]
+        rate = x.get("prefill_read_bytes", 0) / max(x.get("prefill_read_s", 0), 1e-9) / 1e9
         print(f"{name:<18}{x['ttft_s']:>8.2f}{x['prefill_read_floor_s']:>9.3f}{x['ttft_over_floor']:>11.2f}"
               f"{x['prefill_distinct_experts']:>9}{x['prefill_expert_bytes'] / 1e6:>9.1f}{x['prefill_step_size']:>7}"
-              f"{x['prefill_hit_rate']:>8.1%}{x['hit_rate']:>8.1%}  {x['prefill_admission']}")
+              f"{x['prefill_hit_rate']:>8.1%}{x['hit_rate']:>8.1%}{x.get('prefill_read_s', 0):>8.2f}{rate:>6.2f}"
+              f"{x.get('prefill_wait_s', 0):>8.2f}{x.get('prefill_staging_allocations', 0):>7}  {x['prefill_admission']}")
+    print("(read s: the prefill pipeline's reads, one group at a time, i.e. the disk busy for it; GB/s: their rate; "
+          "wait s: the layers waiting for them; allocs: staging slots made)")
     for name, settings in r.items():
         pc = settings.get("page_cache") if name.endswith("settings") and isinstance(settings, dict) else None
         if pc:
@@ -254,7 +264,8 @@ def print_report(r: dict) -> None:
                   f"({x['per_stream_tokens_per_s']:.2f} each; p50 {x['p50_token_ms']:.0f} ms, p99 {x['p99_token_ms']:.0f} ms), "
                   f"{x['bytes_read_per_step'] / 1e6:.1f} MB read per step, hit {x['hit_rate']:.1%}; batch roofline "
                   f"{x['batch_roofline_tokens_per_s']:.2f}, share {x['share_of_batch_roofline']:.2f}; "
-                  f"{x['distinct_experts_per_layer_step']:.1f} distinct experts per layer step (sharing {x['sharing']:.2f})"
+                  f"{x['distinct_experts_per_layer_step']:.1f} distinct experts per layer step (sharing {x['sharing']:.2f}); "
+                  f"{x.get('staging_allocations', 0)} staging slots made"
                   + (f"; {x['aggregate_over_one_stream']:.2f}x one stream" if "aggregate_over_one_stream" in x else ""))
     if "naive" in r:
         print(f"naive loader (per-tensor buffered reads, no cache): {r['naive']['tokens_per_s']:.2f} tok/s; "

@@ -133,6 +133,10 @@ class StreamingRuntime:
             "attention_s": s.attention_s,
             "expert_fetch_s": s.fetch_s,
             "expert_compute_s": s.compute_s,
+            "prefill_read_s": s.prefill_read_s,
+            "prefill_wait_s": s.prefill_wait_s,
+            "prefill_read_bytes": s.prefill_read_bytes,
+            "staging_allocations": getattr(getattr(self.store, "staging", None), "allocations", 0),
             **s.prefetch_stats(),
         }
 
@@ -377,9 +381,10 @@ def _load(path, reader, memory_budget, experts_per_token, cache_policy, prefetch
     # idle read buffers (host buffers, staging arrays) are the read buffers the budget counts
     # (one layer's k experts; one kind is in use per read mode), plus each read's alignment
     idle = plan.min_layer_bytes + k * ALIGN
-    reader.limit_idle_buffers(idle)
-    if hasattr(store, "staging"):
-        store.staging.max_idle_bytes = idle
+    if hasattr(store, "limit_idle_buffers"):
+        store.limit_idle_buffers(idle)
+    else:
+        reader.limit_idle_buffers(idle)
     configure_policy(cache.policy, plan.cache_bytes, lambda key: store.nbytes(*key), plan.min_layer_bytes)
     model._moestream = StreamingRuntime(
         path, kind, store, reader, cache, streamer, plan, k, str(compute_dtype or "source").replace("mlx.core.", ""), io

@@ -104,6 +104,10 @@ class ExpertStreamer:
         # a set to collect every (layer, expert) that prefill calls route to (benchmarks); None: off
         self.prefill_routed: set | None = None
         self.prefill_calls = self.prefill_groups_run = self.prefill_overlapped = 0
+        # prefill reads: seconds spent reading (on the prefill thread, one group at a time: the time
+        # the disk was busy for the prefill), their bytes, and the seconds the layer waited for them
+        self.prefill_read_s = self.prefill_wait_s = 0.0
+        self.prefill_read_bytes = 0
         # (capacity, prefill room) for a forward pass of n tokens (None: the plan's own prefill
         # chunk) that takes the prefill pipeline or not (MemoryPlan.cache_bytes_for,
         # prefill_room_for): set by load; None: both stay as set
@@ -133,6 +137,11 @@ class ExpertStreamer:
             mx.clear_cache()
             self.cache_shrinks += 1
         self.prefill_room = room
+        keep = getattr(self.store, "keep_buffers_for", None)
+        if keep is not None and room is not None:
+            # the pass's largest read (a prefill group: at most half the room; else every expert it
+            # routes to) reuses the staging slots the read before it gave back
+            keep(room // 2 if key[1] else room)
         self._sized_for = key
 
     def groups(self, layer: int, experts: np.ndarray) -> list[list[int]]:
@@ -161,6 +170,8 @@ class ExpertStreamer:
     def reset_stats(self) -> None:
         self.sync_s = self.fetch_s = self.compute_s = self.attention_s = 0.0
         self.calls = self.prefill_calls = self.prefill_groups_run = self.prefill_overlapped = self.cache_shrinks = 0
+        self.prefill_read_s = self.prefill_wait_s = 0.0
+        self.prefill_read_bytes = 0
 
     def close(self) -> None:
         """Stop prefetching and drop every cached expert and whole layer."""
@@ -316,7 +327,15 @@ class ExpertStreamer:
         if r.missing and r.future is None:
             if self._prefill_pool is None:
                 self._prefill_pool = shared_pool(1, "moestream-prefill")
-            r.future = self._prefill_pool.submit(self._read_evaluated, r.layer, r.missing)
+            r.future = self._prefill_pool.submit(self._prefill_read, r)
+
+    def _prefill_read(self, r: _PrefillRead) -> dict:
+        t0 = time.perf_counter()
+        out = self._read_evaluated(r.layer, r.missing)
+        with self._lock:
+            self.prefill_read_s += time.perf_counter() - t0
+            self.prefill_read_bytes += r.miss_bytes
+        return out
 
     def _read_evaluated(self, layer: int, experts: list[int]) -> dict:
         """store.read, its arrays evaluated here: MLX streams belong to the thread that made them,
@@ -328,10 +347,12 @@ class ExpertStreamer:
     def prefill_wait(self, r: _PrefillRead) -> dict[int, dict[str, mx.array]]:
         """Every expert of the group: the misses once read (read here if never submitted),
         admitted into the cache by the prefill_admission rule."""
+        t0 = time.perf_counter()
         if r.future is not None:
             read = r.future.result()
         else:
-            read = self.store.read(r.layer, r.missing) if r.missing else {}
+            read = self._prefill_read(r) if r.missing else {}
+        self.prefill_wait_s += time.perf_counter() - t0
         rule = self.prefill_admission
         for e, tensors in read.items():
             n = self.store.nbytes(r.layer, e)
