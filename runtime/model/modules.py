@@ -51,6 +51,7 @@ def install_streaming(model: nn.Module, layers: dict[int, str], streamer: Expert
             raise TypeError(f"{path} is a {type(old).__name__}, expected mlx-lm's SwitchGLU or SwitchMLP")
         module = StreamingSwitchGLU(streamer, layer, old.activation, glu=isinstance(old, SwitchGLU))
         object.__setattr__(module, "next_layer", after)
+        object.__setattr__(module, "first", layer == ordered[0])
         setattr(parent, name, module)
 
 

@@ -17,7 +17,8 @@ experts the decode keeps hot. Where a layer's prefill routed to most of its expe
 (SPECULATE_COVERAGE), the next MoE layer's first group in layout order is read before that layer's
 routing is known, while this layer's last group computes and the next layer's attention runs: a
 long prompt routes to nearly every expert, so the read is rarely wasted, and the disk does not
-wait for the routing.
+wait for the routing. The model's first MoE layer does the same for itself, before its routing,
+where the prompt is long enough that uniform routing would reach most experts.
 
 The expert cache borrows the room a prefill chunk would use while none runs: before a forward pass
 computes anything (at its first MoE layer, before the host sync that evaluates it), the streamer
@@ -498,6 +499,7 @@ class StreamingSwitchGLU(nn.Module):
         # plain attributes, not module state (nn.Module would treat arrays and tuples as parameters)
         object.__setattr__(self, "lookahead", None)  # (next MoE layer, its router x -> top-k), to prefetch
         object.__setattr__(self, "next_layer", None)  # the next streamed MoE layer (set by load), to read ahead
+        object.__setattr__(self, "first", False)  # the model's first streamed MoE layer (set by load)
         object.__setattr__(self, "_x_in", None)
 
     def _mlp(self, x, experts: list[int], idx, sorted_indices: bool):
@@ -593,6 +595,24 @@ class StreamingSwitchGLU(nn.Module):
             limit = min(limit, s.prefill_room // 2, s.prefill_room - stacked)
         s.speculate(nxt, limit)
 
+    def _read_first_group_ahead(self, tokens: int, k: int) -> None:
+        """The model's first MoE layer, in a prefill of `tokens` tokens: no layer before it measured
+        how many experts the pass routes to, so it reads its first group ahead of its own routing
+        (which waits for the embedding and the attention) where tokens picking k experts uniformly
+        would route to most of them."""
+        s = self.streamer
+        n = s.num_experts
+        if not s.prefill_speculate or not n or self.layer in s.whole:
+            return
+        coverage = 1.0 - (1.0 - min(k, n) / n) ** tokens
+        if coverage < SPECULATE_COVERAGE:
+            return
+        total = sum(s.store.nbytes(self.layer, e) for e in range(n)) * coverage
+        limit = prefill_group_bytes(int(total), s.prefill_min_group_bytes)
+        if s.prefill_room is not None:
+            limit = min(limit, s.prefill_room // 2)
+        s.speculate(self.layer, limit)
+
     def _whole_layer(self, x, indices, w, q):
         """Exactly mlx-lm's SwitchGLU / SwitchMLP path, on the layer's stacked tensors."""
         t0 = time.perf_counter()
@@ -610,7 +630,10 @@ class StreamingSwitchGLU(nn.Module):
         # nothing of this forward pass is evaluated yet (the host sync below is its first): the
         # cache gives back the room this pass's activations and routed experts need before they are made
         pipelined = self.streamer.prefill_pipeline and _is_prefill(indices)
-        self.streamer.size_for(indices.size // max(indices.shape[-1], 1) if indices.ndim else 1, pipelined)
+        tokens = indices.size // max(indices.shape[-1], 1) if indices.ndim else 1
+        self.streamer.size_for(tokens, pipelined)
+        if pipelined and self.first:
+            self._read_first_group_ahead(indices.shape[-2], indices.shape[-1])
         for observe in self.streamer.observers:
             observe(self.layer, x, indices)
         object.__setattr__(self, "_x_in", x if self.lookahead is not None else None)
