@@ -200,4 +200,6 @@ def test_streams_decode_together_and_read_each_expert_once_per_layer_step(bundle
         assert x["streams"] == 3 and x["decode_tokens"] == 3 * 4 and x["decode_steps"] == 4
         assert 0 < x["sharing"] <= 1 and x["distinct_experts_per_layer_step"] <= 3 * k
         assert x["aggregate_tokens_per_s"] > 0 and x["batch_roofline_tokens_per_s"] > 0
-    assert r["streams_warm"]["aggregate_over_one_stream"] > 0
+    for run in ("cold", "warm"):
+        x = r[f"streams_{run}"]
+        assert x["aggregate_over_one_stream"] == x["aggregate_tokens_per_s"] / r[run]["tokens_per_s"]
