@@ -82,8 +82,7 @@ def decode(model, prompt: list[int], gen_tokens: int) -> dict:
         out["prefill_expert_bytes"] = sum(_disk_bytes(rt.store, *key) for key in routed)
         out["prefill_admission"] = rt.streamer.prefill_admission if rt.streamer.prefill_pipeline else "plain path"
         # the pipeline's reads (one group at a time: the disk's busy time) and the layers' waits for them
-        out.update({k: p[k] for k in ("prefill_read_s", "prefill_wait_s", "prefill_read_bytes", "experts_read_ahead",
-                                      "experts_read_ahead_unused")})
+        out.update({k: p[k] for k in ("prefill_read_s", "prefill_wait_s", "prefill_read_bytes")})
         out["prefill_staging_allocations"] = p["staging_allocations"] - before["staging_allocations"]
         out["staging_allocations"] = s["staging_allocations"] - p["staging_allocations"]  # decode only
         for k in ("bytes_read", "reads", "io_wait_s", "moe_calls", "route_sync_s", "attention_s", "expert_fetch_s", "expert_compute_s",
@@ -237,18 +236,16 @@ def print_report(r: dict) -> None:
     print(f"\n== prefill ({r['args']['prompt_tokens']} tokens; floor: each distinct expert it routes to read once at "
           f"the ceiling) ==")
     print(f"{'run':<18}{'TTFT s':>8}{'floor s':>9}{'TTFT/floor':>11}{'experts':>9}{'MB':>9}{'chunk':>7}{'pf hit':>8}"
-          f"{'dec hit':>8}{'read s':>8}{'GB/s':>6}{'wait s':>8}{'allocs':>7}{'ahead':>9}  admission")
+          f"{'dec hit':>8}{'read s':>8}{'GB/s':>6}{'wait s':>8}{'allocs':>7}  admission")
     for name in table_runs(r):
         x = r[name]
         rate = x.get("prefill_read_bytes", 0) / max(x.get("prefill_read_s", 0), 1e-9) / 1e9
         print(f"{name:<18}{x['ttft_s']:>8.2f}{x['prefill_read_floor_s']:>9.3f}{x['ttft_over_floor']:>11.2f}"
               f"{x['prefill_distinct_experts']:>9}{x['prefill_expert_bytes'] / 1e6:>9.1f}{x['prefill_step_size']:>7}"
               f"{x['prefill_hit_rate']:>8.1%}{x['hit_rate']:>8.1%}{x.get('prefill_read_s', 0):>8.2f}{rate:>6.2f}"
-              f"{x.get('prefill_wait_s', 0):>8.2f}{x.get('prefill_staging_allocations', 0):>7}"
-              f"{x.get('experts_read_ahead', 0):>5}/{x.get('experts_read_ahead_unused', 0):<3}  {x['prefill_admission']}")
+              f"{x.get('prefill_wait_s', 0):>8.2f}{x.get('prefill_staging_allocations', 0):>7}  {x['prefill_admission']}")
     print("(read s: the prefill pipeline's reads, one group at a time, i.e. the disk busy for it; GB/s: their rate; "
-          "wait s: the layers waiting for them; allocs: staging slots made; ahead: experts read before their "
-          "layer's routing / of them not routed to)")
+          "wait s: the layers waiting for them; allocs: staging slots made)")
     for name, settings in r.items():
         pc = settings.get("page_cache") if name.endswith("settings") and isinstance(settings, dict) else None
         if pc:
@@ -365,8 +362,6 @@ def _variant(name: str) -> dict | None:
         return {"_streamer": {"prefill_admission": rule}} if rule in PREFILL_ADMISSION else None
     if name == "plainprefill":  # a prefill as the decode runs it: read every group, then compute it, all cached
         return {"_streamer": {"prefill_pipeline": False}}
-    if name == "noreadahead":  # a prefill reads no layer's first group before that layer's routing
-        return {"_streamer": {"prefill_speculate": False}}
     if name == "noadvice":  # staging without cudaMemAdvise (see runtime/io/staging.py)
         return {"io": {"stage_on_device": True}, "_no_cuda_advice": True}
     if name.startswith("threads:"):
@@ -429,7 +424,7 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
     unknown = [c for c in compare if c != "naive" and _variant(c) is None]
     if unknown:
         raise OptionsError(f"unknown --compare entries {unknown}; known: naive, {', '.join(VARIANTS)}, policy:NAME, "
-                           f"threads:N, buffered:{'|'.join(PAGE_CACHE_MEMORY)}, plainprefill, noreadahead, admission:{'|'.join(PREFILL_ADMISSION)}")
+                           f"threads:N, buffered:{'|'.join(PAGE_CACHE_MEMORY)}, plainprefill, admission:{'|'.join(PREFILL_ADMISSION)}")
     bundle_path = Path(bundle_path)
     bundle = open_bundle(bundle_path)
     extents = list(bundle.extents.values())

@@ -136,8 +136,6 @@ class StreamingRuntime:
             "prefill_read_s": s.prefill_read_s,
             "prefill_wait_s": s.prefill_wait_s,
             "prefill_read_bytes": s.prefill_read_bytes,
-            "experts_read_ahead": s.speculated,
-            "experts_read_ahead_unused": s.speculated_unused,
             "staging_allocations": getattr(getattr(self.store, "staging", None), "allocations", 0),
             **s.prefetch_stats(),
         }

@@ -41,18 +41,12 @@ def switch_modules(model: nn.Module) -> dict[int, str]:
 
 
 def install_streaming(model: nn.Module, layers: dict[int, str], streamer: ExpertStreamer) -> None:
-    """Replace each layer's SwitchGLU / SwitchMLP by a StreamingSwitchGLU reading through `streamer`,
-    each told the MoE layer that follows it (whose first experts a long prefill reads ahead)."""
-    ordered = sorted(layers)
-    for layer, after in zip(ordered, ordered[1:] + [None], strict=True):
-        path = layers[layer]
+    """Replace each layer's SwitchGLU / SwitchMLP by a StreamingSwitchGLU reading through `streamer`."""
+    for layer, path in layers.items():
         parent, name, old = module_at(model, path)
         if not isinstance(old, (SwitchGLU, SwitchMLP)):
             raise TypeError(f"{path} is a {type(old).__name__}, expected mlx-lm's SwitchGLU or SwitchMLP")
-        module = StreamingSwitchGLU(streamer, layer, old.activation, glu=isinstance(old, SwitchGLU))
-        object.__setattr__(module, "next_layer", after)
-        object.__setattr__(module, "first", layer == ordered[0])
-        setattr(parent, name, module)
+        setattr(parent, name, StreamingSwitchGLU(streamer, layer, old.activation, glu=isinstance(old, SwitchGLU)))
 
 
 def set_experts_per_token(model: nn.Module, layers: dict[int, str], k: int, num_experts: int) -> None:

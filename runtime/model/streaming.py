@@ -13,12 +13,7 @@ Its experts are held outside the expert cache, in the room the memory plan keeps
 (`MemoryPlan.prefill_room_bytes`): groups of `budget.prefill_group_bytes`, the rule by which the plan
 counts two of them, never more than half that room each; and admitted into the cache by a rule
 (`PREFILL_ADMISSION`): by default only into free room, so that a long prompt does not evict the
-experts the decode keeps hot. Where a layer's prefill routed to most of its experts
-(SPECULATE_COVERAGE), the next MoE layer's first group in layout order is read before that layer's
-routing is known, while this layer's last group computes and the next layer's attention runs: a
-long prompt routes to nearly every expert, so the read is rarely wasted, and the disk does not
-wait for the routing. The model's first MoE layer does the same for itself, before its routing,
-where the prompt is long enough that uniform routing would reach most experts.
+experts the decode keeps hot.
 
 The expert cache borrows the room a prefill chunk would use while none runs: before a forward pass
 computes anything (at its first MoE layer, before the host sync that evaluates it), the streamer
@@ -59,23 +54,16 @@ from .budget import prefill_group_bytes, prefill_path  # the pipeline's rules: t
 # "none"  never cached.
 PREFILL_ADMISSION = ("free", "all", "tail", "none")
 
-# A layer's prefill reads the next MoE layer's first group ahead of that layer's routing when it
-# routed to at least this share of its own experts: the next layer's call then routes to most of
-# them too (a 512-token prompt on the 397B's shapes routes to 91% of each layer's experts, a
-# 2048-token one to 98%), and an expert read but not routed to is dropped.
-SPECULATE_COVERAGE = 0.8
-
 
 class _PrefillRead:
     """One prefill group: its experts found cached (pinned), the rest being read."""
 
-    __slots__ = ("layer", "group", "got", "missing", "miss_bytes", "future", "pinned", "ahead")
+    __slots__ = ("layer", "group", "got", "missing", "miss_bytes", "future", "pinned")
 
     def __init__(self, layer: int, group: list[int], got: dict, missing: list[int], miss_bytes: int):
         self.layer, self.group, self.got, self.missing, self.miss_bytes = layer, group, got, missing, miss_bytes
         self.future = None
         self.pinned = list(got)  # released once the group is stacked
-        self.ahead = None  # a read started before the routing (speculate): its experts, a superset of missing
 
 
 class ExpertStreamer:
@@ -120,10 +108,6 @@ class ExpertStreamer:
         # the disk was busy for the prefill), their bytes, and the seconds the layer waited for them
         self.prefill_read_s = self.prefill_wait_s = 0.0
         self.prefill_read_bytes = 0
-        # read the next MoE layer's first group before its routing (SPECULATE_COVERAGE); False: never
-        self.prefill_speculate = True
-        self._speculation: _PrefillRead | None = None
-        self.speculated = self.speculated_unused = 0  # experts read ahead of the routing; of them, not routed to
         # (capacity, prefill room) for a forward pass of n tokens (None: the plan's own prefill
         # chunk) that takes the prefill pipeline or not (MemoryPlan.cache_bytes_for,
         # prefill_room_for): set by load; None: both stay as set
@@ -188,11 +172,9 @@ class ExpertStreamer:
         self.calls = self.prefill_calls = self.prefill_groups_run = self.prefill_overlapped = self.cache_shrinks = 0
         self.prefill_read_s = self.prefill_wait_s = 0.0
         self.prefill_read_bytes = 0
-        self.speculated = self.speculated_unused = 0
 
     def close(self) -> None:
         """Stop prefetching and drop every cached expert and whole layer."""
-        self.drop_speculation()
         if self._prefetch_pool is not None:
             with self._lock:
                 futures = set(self._inflight.values())
@@ -370,12 +352,6 @@ class ExpertStreamer:
             read = r.future.result()
         else:
             read = self._prefill_read(r) if r.missing else {}
-        if r.ahead is not None:  # read before the routing: drop what was not routed to, read what is missing
-            self.speculated_unused += sum(e not in r.missing for e in read)
-            read = {e: t for e, t in read.items() if e in r.missing}
-            rest = [e for e in r.missing if e not in read]
-            if rest:
-                read.update(self._read_evaluated(r.layer, rest))
         self.prefill_wait_s += time.perf_counter() - t0
         rule = self.prefill_admission
         for e, tensors in read.items():
@@ -393,56 +369,6 @@ class ExpertStreamer:
             self.cache.pin((r.layer, e))
             r.pinned.append(e)
         return {**r.got, **read}
-
-    def speculate(self, layer: int, limit: int) -> None:
-        """Start reading `layer`'s first experts in layout order (at most `limit` bytes, one
-        quantization), the ones not cached, before its routing is known; its prefill takes them
-        as its first group (take_speculation)."""
-        self.drop_speculation()
-        if not self.num_experts:
-            return
-        ahead, used, key = [], 0, None
-        for e in self.layout_order(layer, range(self.num_experts)):
-            size, q = self.store.nbytes(layer, e), tuple(sorted(self.store.quant(layer, e).items()))
-            if ahead and (q != key or used + size > limit):
-                break
-            ahead.append(e)
-            used, key = used + size, q
-        missing = [e for e in ahead if (layer, e) not in self.cache]
-        if not missing:
-            return
-        r = _PrefillRead(layer, ahead, {}, missing, sum(self.store.nbytes(layer, e) for e in missing))
-        self.prefill_submit(r)
-        self.speculated += len(missing)
-        self._speculation = r
-
-    def take_speculation(self, layer: int, order: list[int]) -> _PrefillRead | None:
-        """The first group of a prefill of `layer` whose experts (in layout order) are `order`,
-        where a read of that layer was started ahead of its routing: the routed experts among those
-        read (a prefix of `order`, since both follow the layout order), hits pinned; else None."""
-        r = self._speculation
-        if r is None or r.layer != layer:
-            self.drop_speculation()
-            return None
-        self._speculation = None
-        ahead = set(r.group)
-        group = [e for e in order if e in ahead]
-        if not group:
-            self.speculated_unused += len(r.missing)
-            self.prefill_release(r)
-            return None
-        got, missing = self._lookup(layer, group)
-        out = _PrefillRead(layer, group, got, missing, sum(self.store.nbytes(layer, e) for e in missing))
-        out.future, out.ahead = r.future, r.missing
-        return out
-
-    def drop_speculation(self) -> None:
-        """Forget a read started ahead of a routing that did not come (another layer's call, a
-        call that takes another path): let it finish, count its experts unused."""
-        r, self._speculation = self._speculation, None
-        if r is not None:
-            self.speculated_unused += len(r.missing)
-            self.prefill_release(r)
 
     def prefill_release(self, r: _PrefillRead) -> None:
         """Unpin the group's cached experts (once stacked, nothing needs them) and let its read
@@ -498,8 +424,6 @@ class StreamingSwitchGLU(nn.Module):
         self.glu = glu
         # plain attributes, not module state (nn.Module would treat arrays and tuples as parameters)
         object.__setattr__(self, "lookahead", None)  # (next MoE layer, its router x -> top-k), to prefetch
-        object.__setattr__(self, "next_layer", None)  # the next streamed MoE layer (set by load), to read ahead
-        object.__setattr__(self, "first", False)  # the model's first streamed MoE layer (set by load)
         object.__setattr__(self, "_x_in", None)
 
     def _mlp(self, x, experts: list[int], idx, sorted_indices: bool):
@@ -535,17 +459,12 @@ class StreamingSwitchGLU(nn.Module):
         local = rank[routed]
         x, _, inv_order = _gather_sort(x, mx.array(local))
         flat = np.sort(local.reshape(-1))
-        pending = s.take_speculation(layer, order)
-        if pending is None:
-            groups = s.prefill_groups(layer, order)
-            pending = s.prefill_start(layer, groups[0])
-            s.prefill_submit(pending)
-        else:  # the experts read ahead of the routing are the first group
-            rest = order[len(pending.group):]
-            groups = [pending.group] + (s.prefill_groups(layer, rest) if rest else [])
+        groups = s.prefill_groups(layer, order)
         s.prefill_calls += 1
         s.prefill_groups_run += len(groups)
         parts, first = [], 0
+        pending = s.prefill_start(layer, groups[0])
+        s.prefill_submit(pending)
         try:
             for i, group in enumerate(groups):
                 t0 = time.perf_counter()
@@ -556,14 +475,12 @@ class StreamingSwitchGLU(nn.Module):
                 del fetched  # what the cache did not take is freed here: only the stacked copy stays
                 s.prefill_release(pending)
                 pending = None
-                stacked = sum(s.store.nbytes(layer, e) for e in group)
                 if i + 1 < len(groups):
                     pending = s.prefill_start(layer, groups[i + 1])
+                    stacked = sum(s.store.nbytes(layer, e) for e in group)
                     if s.prefill_room is None or stacked + pending.miss_bytes <= s.prefill_room:
                         s.prefill_submit(pending)
                         s.prefill_overlapped += 1
-                else:
-                    self._read_next_layer_ahead(len(experts), sum(s.store.nbytes(layer, e) for e in order), stacked)
                 t1 = time.perf_counter()
                 s.fetch_s += t1 - t0
                 lo = int(np.searchsorted(flat, first, side="left"))
@@ -582,37 +499,6 @@ class StreamingSwitchGLU(nn.Module):
         y = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
         return _scatter_unsort(y, inv_order, indices.shape)
 
-    def _read_next_layer_ahead(self, routed: int, routed_bytes: int, stacked: int) -> None:
-        """Once this layer's last group is read, where this prefill routed to most of the layer's
-        experts, start reading the next MoE layer's first group (a group as this layer's were cut,
-        fitting beside the stacked one in the prefill room)."""
-        s = self.streamer
-        nxt = self.next_layer
-        if not s.prefill_speculate or nxt is None or not s.num_experts or routed < SPECULATE_COVERAGE * s.num_experts:
-            return
-        limit = prefill_group_bytes(routed_bytes, s.prefill_min_group_bytes)
-        if s.prefill_room is not None:
-            limit = min(limit, s.prefill_room // 2, s.prefill_room - stacked)
-        s.speculate(nxt, limit)
-
-    def _read_first_group_ahead(self, tokens: int, k: int) -> None:
-        """The model's first MoE layer, in a prefill of `tokens` tokens: no layer before it measured
-        how many experts the pass routes to, so it reads its first group ahead of its own routing
-        (which waits for the embedding and the attention) where tokens picking k experts uniformly
-        would route to most of them."""
-        s = self.streamer
-        n = s.num_experts
-        if not s.prefill_speculate or not n or self.layer in s.whole:
-            return
-        coverage = 1.0 - (1.0 - min(k, n) / n) ** tokens
-        if coverage < SPECULATE_COVERAGE:
-            return
-        total = sum(s.store.nbytes(self.layer, e) for e in range(n)) * coverage
-        limit = prefill_group_bytes(int(total), s.prefill_min_group_bytes)
-        if s.prefill_room is not None:
-            limit = min(limit, s.prefill_room // 2)
-        s.speculate(self.layer, limit)
-
     def _whole_layer(self, x, indices, w, q):
         """Exactly mlx-lm's SwitchGLU / SwitchMLP path, on the layer's stacked tensors."""
         t0 = time.perf_counter()
@@ -630,10 +516,7 @@ class StreamingSwitchGLU(nn.Module):
         # nothing of this forward pass is evaluated yet (the host sync below is its first): the
         # cache gives back the room this pass's activations and routed experts need before they are made
         pipelined = self.streamer.prefill_pipeline and _is_prefill(indices)
-        tokens = indices.size // max(indices.shape[-1], 1) if indices.ndim else 1
-        self.streamer.size_for(tokens, pipelined)
-        if pipelined and self.first:
-            self._read_first_group_ahead(indices.shape[-2], indices.shape[-1])
+        self.streamer.size_for(indices.size // max(indices.shape[-1], 1) if indices.ndim else 1, pipelined)
         for observe in self.streamer.observers:
             observe(self.layer, x, indices)
         object.__setattr__(self, "_x_in", x if self.lookahead is not None else None)
@@ -652,8 +535,6 @@ class StreamingSwitchGLU(nn.Module):
         if self.streamer.prefill_routed is not None and routed.ndim >= 2 and routed.shape[-2] > 1:
             self.streamer.prefill_routed.update((self.layer, e) for e in experts.tolist())
         whole = self.streamer.whole.get(self.layer)
-        if not pipelined or whole is not None:
-            self.streamer.drop_speculation()  # nothing of this call takes a group read ahead
         if whole is not None:
             self.streamer.cache.record_hits(len(experts))
             return self._whole_layer(x, indices, *whole)
