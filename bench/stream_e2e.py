@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-reference", action="store_true", help="skip mlx-lm fully in memory")
     ap.add_argument("--compare-naive", action="store_true", help="also run the naive loader baseline")
     ap.add_argument("--compare", default="", help="also (comma list): buffered, prefetch, host, stage, nostage, "
-                    "noadvice, policy:NAME, threads:N, plainprefill, admission:free|all|tail|none")
+                    "noadvice, policy:NAME, threads:N, plainprefill, admission:recent|free|all|tail|none")
     ap.add_argument("--io-threads", type=int, default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)

@@ -94,8 +94,8 @@ def _hot_and_cold_trace(layers: list[int], num_experts: int, k: int, short: int,
 
 def test_the_default_admission_keeps_the_decodes_hot_set_through_a_long_prompt(bundle_dir):
     """Decode hit rate after a 64-token prompt vs after a 1-token one, through the real streamer and
-    cache: within 2 points with the default rule ("free"), from an empty cache and when the request
-    runs again; caching the prompt's reads like the decode's ("all") flushes the hot set."""
+    cache: within 2 points with the default rule ("recent") and with "free", from an empty cache and
+    when the request runs again; caching the prompt's reads like the decode's ("all") flushes the hot set."""
     from moestream.manifests.open import open_bundle
     from moestream.runtime.model.streaming import PREFILL_ADMISSION
 
@@ -105,10 +105,11 @@ def test_the_default_admission_keeps_the_decodes_hot_set_through_a_long_prompt(b
     rows = prefill_admission_replay(bundle, trace, rules=PREFILL_ADMISSION, budgets=[0.5], prompt_tokens=(1, 64),
                                     decode_tokens=8, requests=1)
     hit = {(r["rule"], r["start"], r["prompt_tokens"]): r["decode_hit_rate"] for r in rows}
-    assert PREFILL_ADMISSION[0] == "free"
-    for start in ("cold", "warm"):
-        assert hit[("free", start, 64)] >= hit[("free", start, 1)] - 0.02, start
-    assert hit[("free", "warm", 64)] == pytest.approx(1.0)
+    assert PREFILL_ADMISSION[0] == "recent"
+    for rule in ("recent", "free"):
+        for start in ("cold", "warm"):
+            assert hit[(rule, start, 64)] >= hit[(rule, start, 1)] - 0.02, (rule, start)
+        assert hit[(rule, "warm", 64)] == pytest.approx(1.0)
     assert hit[("all", "warm", 64)] < hit[("all", "warm", 1)] - 0.05, "the old rule flushes the hot set"
 
 
@@ -200,3 +201,34 @@ def test_a_prefill_reuses_its_staging_slots_group_after_group(bundle_dir):
         assert 0 < staging.allocations <= group_slots, (staging.allocations, group_slots, read)
         mx.eval(model(mx.array([[7]])))  # a decode step: its largest read is one layer's k experts
         assert 0 < staging._idle <= rt.plan.min_layer_bytes
+
+
+def test_the_recent_rule_caches_what_the_prompts_last_tokens_routed_to(bundle_dir):
+    """From an empty cache, "recent" caches of each layer's prefill the experts its latest tokens
+    routed to (within the layer's share of the free room), where "free" caches whatever it reads
+    first; the logits are the same either way."""
+    from moestream.runtime.model.streaming import last_use
+
+    bundle = bundle_dir("qwen3_moe")
+    budget = moestream.plan_memory(bundle, expert_cache_share=0.3).budget_bytes
+    prompt = ids(96)
+    outs = {}
+    for rule in ("free", "recent"):
+        with moestream.load(bundle, memory_budget=budget) as (model, _):
+            rt = moestream.runtime_of(model)
+            s = rt.streamer
+            s.prefill_admission, s.prefill_min_group_bytes = rule, 0
+            routed = {}
+            s.observers.append(lambda layer, x, indices, routed=routed: routed.__setitem__(layer, last_use(np.array(indices))))
+            outs[rule] = model(mx.array([prompt]))
+            mx.eval(outs[rule])
+            ordered = 0
+            for layer, last in routed.items():
+                cached = {e for e in last if (layer, e) in rt.cache}
+                rest = [last[e] for e in last if e not in cached]
+                ordered += bool(cached and rest) and min(last[e] for e in cached) >= max(rest)
+            if rule == "recent":  # each layer its share of the room: its latest experts, not all of them
+                assert ordered == len(routed) == 3, "every layer cached its latest experts"
+            else:  # the first layers fill the room with what they read first
+                assert ordered < len(routed), "free caches in layout order, not by recency"
+    assert mx.array_equal(outs["free"], outs["recent"]).item()

@@ -258,9 +258,16 @@ def _prefill_tokens(streamer: ExpertStreamer, tokens: list[list[tuple[int, list[
         for token in part:
             for layer, experts in token:
                 pairs[layer] += len(experts)
+        last: dict[int, dict[int, int]] = {}  # layer -> expert -> the last position routing to it
+        for t, token in enumerate(part):
+            for layer, experts in token:
+                last.setdefault(layer, {}).update((e, t) for e in experts)
         for layer in sorted(per_layer):
             if prefill_path(len(part), pairs[layer]):  # where the layer takes its prefill path
+                if streamer.prefill_admission == "recent":
+                    streamer.admit_recent(layer, last[layer])
                 prefill_call(streamer, layer, sorted(per_layer[layer]))
+                streamer.admit_recent(layer, None)
             else:
                 decode_call(streamer, layer, sorted(per_layer[layer]))
 

@@ -12,8 +12,8 @@ a group's reads coalesce), and group i+1 is read on a background thread while gr
 Its experts are held outside the expert cache, in the room the memory plan keeps for them
 (`MemoryPlan.prefill_room_bytes`): groups of `budget.prefill_group_bytes`, the rule by which the plan
 counts two of them, never more than half that room each; and admitted into the cache by a rule
-(`PREFILL_ADMISSION`): by default only into free room, so that a long prompt does not evict the
-experts the decode keeps hot.
+(`PREFILL_ADMISSION`): by default only into free room, the experts the prompt's latest tokens used
+first, so that a long prompt does not evict the experts the decode keeps hot.
 
 The expert cache borrows the room a prefill chunk would use while none runs: before a forward pass
 computes anything (at its first MoE layer, before the host sync that evaluates it), the streamer
@@ -41,18 +41,21 @@ from ..io.stores import ProjectionQuant
 from .budget import prefill_group_bytes, prefill_path  # the pipeline's rules: the plan counts by them
 
 # What becomes of the experts a prefill reads (experts it finds cached are used and stay):
-# "free"  cached only where the cache has free room (never evicting anything): the default. A long
-#         prompt after a decode leaves the decode's experts cached (the cache is full), and at a cold
-#         start it fills the empty cache as "all" would. bench/prefill_admission.py (a real routing
-#         trace, small preset, budgets 25/50%, LRU and LFU): decode hit rate after a 512- or
-#         2048-token prompt minus after a 4-token one, the request run again: -0.0 to +1.6 points
-#         ("all": -0.3 to -3.7); from an empty cache -0.8 to -2.3 ("all" -1.4 to -3.3, "tail" the same,
-#         "none" -2.0 to -6.2). Results in bench/results/prefill_admission.json.
+# "recent" cached only where the cache has free room (never evicting anything), and of a call that
+#         routes to more than its layer's share of that room (the free room over the MoE layers from
+#         this one on), only the experts its latest tokens routed to: the decode continues from the
+#         prompt's end. The default. A long prompt after a decode leaves the decode's experts cached
+#         (the cache is full); at a cold start it caches what the prompt's end used.
+#         bench/prefill_admission.py (a real routing trace, small preset, budgets 25/50%, LRU and
+#         LFU): decode hit rate after a 512- or 2048-token prompt minus after a 4-token one, from an
+#         empty cache +0.2 to +1.5 points ("free" -0.8 to -2.3, "all" -1.4 to -3.3); the request run
+#         again +0.1 to +2.5 ("free" +0.1 to +1.6, "all" -0.3 to -3.7). bench/results/prefill_admission.json.
+# "free"  cached only where the cache has free room, whatever the call reads first (layout order).
 # "all"   cached like a decode's experts (evicting by policy): what the runtime did before; a long
 #         prompt flushes the decode's hot set.
 # "tail"  cached on probation: evicted before anything else until a lookup hits it.
 # "none"  never cached.
-PREFILL_ADMISSION = ("free", "all", "tail", "none")
+PREFILL_ADMISSION = ("recent", "free", "all", "tail", "none")
 
 
 class _PrefillRead:
@@ -95,6 +98,7 @@ class ExpertStreamer:
         # prefill: read group i+1 while group i computes (False: every call takes the decode's path)
         self.prefill_pipeline = True
         self.prefill_admission = PREFILL_ADMISSION[0]
+        self._admit: set | None = None  # "recent": the experts of the current prefill call it may cache
         # bytes of experts (as the cache counts them) a prefill may hold outside the cache at once:
         # the group being computed (stacked) and the next one's reads (None: unbounded)
         self.prefill_room: int | None = None
@@ -358,7 +362,9 @@ class ExpertStreamer:
             n = self.store.nbytes(r.layer, e)
             if rule == "none":
                 continue
-            if rule == "free":
+            if rule == "recent" and self._admit is not None and e not in self._admit:
+                continue
+            if rule in ("free", "recent"):
                 free = self.cache.free_bytes()
                 if free is not None and free < n:
                     continue
@@ -369,6 +375,22 @@ class ExpertStreamer:
             self.cache.pin((r.layer, e))
             r.pinned.append(e)
         return {**r.got, **read}
+
+    def admit_recent(self, layer: int, last_use: dict[int, int] | None) -> None:
+        """For the "recent" rule, before a prefill call of `layer` (None: after it): of the experts
+        it routes to (expert -> the last token position that routed to it), those it may cache: the
+        latest first, as many as this layer's share of the cache's free room holds."""
+        free = self.cache.free_bytes()
+        if last_use is None or free is None:
+            self._admit = None
+            return
+        share = free // max(1, sum(1 for other in self.store.layers if other >= layer))
+        self._admit, used = set(), 0
+        for e in sorted(last_use, key=lambda e: -last_use[e]):
+            used += self.store.nbytes(layer, e)
+            if used > share:
+                break
+            self._admit.add(e)
 
     def prefill_release(self, r: _PrefillRead) -> None:
         """Unpin the group's cached experts (once stacked, nothing needs them) and let its read
@@ -404,6 +426,14 @@ def _experts_out(x, w, q, idx, sorted_indices: bool, activation, glu: bool):
         return _projection(activation(x_up, x_gate), w, "down_proj", q["down_proj"], idx, sorted_indices)
     h = activation(_projection(x, w, "fc1", q["fc1"], idx, sorted_indices))
     return _projection(h, w, "fc2", q["fc2"], idx, sorted_indices)
+
+
+def last_use(routed: np.ndarray) -> dict[int, int]:
+    """Routed experts ([..., tokens, k]) -> the last token position that routed to each."""
+    r = routed.reshape(-1, routed.shape[-2], routed.shape[-1])
+    last = np.full(int(r.max()) + 1, -1)
+    np.maximum.at(last, r.ravel(), np.broadcast_to(np.arange(r.shape[1])[None, :, None], r.shape).ravel())
+    return {int(e): int(last[e]) for e in np.unique(r)}
 
 
 def _is_prefill(routed) -> bool:
@@ -462,6 +492,8 @@ class StreamingSwitchGLU(nn.Module):
         groups = s.prefill_groups(layer, order)
         s.prefill_calls += 1
         s.prefill_groups_run += len(groups)
+        if s.prefill_admission == "recent":
+            s.admit_recent(layer, last_use(routed))
         parts, first = [], 0
         pending = s.prefill_start(layer, groups[0])
         s.prefill_submit(pending)
@@ -496,6 +528,7 @@ class StreamingSwitchGLU(nn.Module):
         finally:
             if pending is not None:
                 s.prefill_release(pending)
+            s._admit = None
         y = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
         return _scatter_unsort(y, inv_order, indices.shape)
 
