@@ -203,3 +203,20 @@ def test_streams_decode_together_and_read_each_expert_once_per_layer_step(bundle
     for run in ("cold", "warm"):
         x = r[f"streams_{run}"]
         assert x["aggregate_over_one_stream"] == x["aggregate_tokens_per_s"] / r[run]["tokens_per_s"]
+
+
+@pytest.mark.slow
+def test_a_long_prompts_prefill_is_reported_by_its_reads_waits_and_phases(bundle_dir):
+    """A prompt long enough for the prefill pipeline: the bench says how long its reads kept the disk
+    busy and how many bytes they read, how long the layers waited for them, and where the rest of
+    the prefill went (the routing's sync, the matmuls); the plain path has no pipeline reads."""
+    from moestream.runtime.measure import bench
+
+    r = bench.bench_bundle(bundle_dir("qwen3_moe"), prompt_tokens=64, gen_tokens=2, compare=("plainprefill",),
+                           ceiling_seconds=0.3)
+    cold = r["cold"]
+    assert cold["prefill_read_s"] > 0 and cold["prefill_read_bytes"] > 0 and cold["prefill_wait_s"] >= 0
+    assert cold["prefill_route_sync_s"] > 0 and cold["prefill_expert_compute_s"] > 0 and cold["prefill_expert_fetch_s"] > 0
+    assert cold["prefill_staging_allocations"] == 0, "no staging on the CPU"
+    plain = r["plainprefill_cold"]
+    assert plain["prefill_read_s"] == plain["prefill_read_bytes"] == 0 and plain["prefill_expert_compute_s"] > 0

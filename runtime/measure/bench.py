@@ -84,6 +84,11 @@ def decode(model, prompt: list[int], gen_tokens: int) -> dict:
         # the pipeline's reads (one group at a time: the disk's busy time) and the layers' waits for them
         out.update({k: p[k] for k in ("prefill_read_s", "prefill_wait_s", "prefill_read_bytes")})
         out["prefill_staging_allocations"] = p["staging_allocations"] - before["staging_allocations"]
+        # where the prefill's time went, besides its reads: the routing's host sync (which waits for
+        # everything before the MoE input: embedding, attention), fetching (waits for the reads,
+        # stacking each group), the groups' matmuls
+        for k in ("route_sync_s", "expert_fetch_s", "expert_compute_s"):
+            out[f"prefill_{k}"] = p[k] - before[k]
         out["staging_allocations"] = s["staging_allocations"] - p["staging_allocations"]  # decode only
         for k in ("bytes_read", "reads", "io_wait_s", "moe_calls", "route_sync_s", "attention_s", "expert_fetch_s", "expert_compute_s",
                   "cache_hits", "cache_misses", "check_s", "check_tail_s"):
@@ -236,16 +241,18 @@ def print_report(r: dict) -> None:
     print(f"\n== prefill ({r['args']['prompt_tokens']} tokens; floor: each distinct expert it routes to read once at "
           f"the ceiling) ==")
     print(f"{'run':<18}{'TTFT s':>8}{'floor s':>9}{'TTFT/floor':>11}{'experts':>9}{'MB':>9}{'chunk':>7}{'pf hit':>8}"
-          f"{'dec hit':>8}{'read s':>8}{'GB/s':>6}{'wait s':>8}{'allocs':>7}  admission")
+          f"{'dec hit':>8}{'read s':>8}{'GB/s':>6}{'wait s':>8}{'sync s':>8}{'mm s':>7}{'allocs':>7}  admission")
     for name in table_runs(r):
         x = r[name]
         rate = x.get("prefill_read_bytes", 0) / max(x.get("prefill_read_s", 0), 1e-9) / 1e9
         print(f"{name:<18}{x['ttft_s']:>8.2f}{x['prefill_read_floor_s']:>9.3f}{x['ttft_over_floor']:>11.2f}"
               f"{x['prefill_distinct_experts']:>9}{x['prefill_expert_bytes'] / 1e6:>9.1f}{x['prefill_step_size']:>7}"
               f"{x['prefill_hit_rate']:>8.1%}{x['hit_rate']:>8.1%}{x.get('prefill_read_s', 0):>8.2f}{rate:>6.2f}"
-              f"{x.get('prefill_wait_s', 0):>8.2f}{x.get('prefill_staging_allocations', 0):>7}  {x['prefill_admission']}")
+              f"{x.get('prefill_wait_s', 0):>8.2f}{x.get('prefill_route_sync_s', 0):>8.2f}"
+              f"{x.get('prefill_expert_compute_s', 0):>7.2f}{x.get('prefill_staging_allocations', 0):>7}  {x['prefill_admission']}")
     print("(read s: the prefill pipeline's reads, one group at a time, i.e. the disk busy for it; GB/s: their rate; "
-          "wait s: the layers waiting for them; allocs: staging slots made)")
+          "wait s: the layers waiting for them; sync s: at the routing's host sync, i.e. computing all before each MoE "
+          "input (embedding, attention); mm s: the groups' matmuls; allocs: staging slots made)")
     for name, settings in r.items():
         pc = settings.get("page_cache") if name.endswith("settings") and isinstance(settings, dict) else None
         if pc:
