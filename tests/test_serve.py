@@ -450,3 +450,36 @@ def test_serve_command_end_to_end_with_the_trained_fixture():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow  # a server process: over 3 s here
+def test_serve_stops_on_sigterm_in_the_middle_of_a_generation():
+    """A service manager stops a server with SIGTERM: with a streaming request in flight, `moestream
+    serve` closes its listener, ends the generation and exits 0, as Ctrl-C does."""
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from moestream.demo import FIXTURE
+
+    proc = subprocess.Popen([sys.executable, "-m", "moestream.cli", "serve", str(FIXTURE), "--port", "0",
+                             "--log-level", "WARNING"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("moestream serve: http://"), (first, proc.stderr.read() if proc.poll() else "")
+        url = first.split()[2].removesuffix("/v1")
+        eos = json.loads((FIXTURE / "generation_config.json").read_text())["eos_token_id"]
+        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hello " * 40}],
+                           "max_tokens": 2000, "stream": True,  # eos suppressed: it generates until stopped
+                           "logit_bias": {str(e): -100 for e in (eos if isinstance(eos, list) else [eos])}}).encode()
+        reply = urllib.request.urlopen(urllib.request.Request(url + "/v1/chat/completions", body,
+                                                              {"Content-Type": "application/json"}), timeout=TIMEOUT)
+        while not reply.readline().startswith(b"data: "):  # keep-alive comments until the first token
+            pass
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0, proc.stderr.read()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

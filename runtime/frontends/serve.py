@@ -58,6 +58,7 @@ import io
 import json
 import logging
 import math
+import signal
 import socket
 import threading
 import time
@@ -887,8 +888,10 @@ def listen(host: str, port: int, handler) -> ThreadingHTTPServer:
 
 def serve(model, tokenizer, host: str = "127.0.0.1", port: int = 8080, model_id: str | None = None,
           log_level: str = "INFO", **mlx_options) -> None:
-    """Serve until Ctrl-C (`moestream serve`): the model from `moestream.load`, on host:port, with
-    `mlx_lm.server`'s options (`server_args`)."""
+    """Serve until Ctrl-C or SIGTERM (`moestream serve`): the model from `moestream.load`, on
+    host:port, with `mlx_lm.server`'s options (`server_args`). Either signal stops it the same way:
+    the listener closes, the generation in flight ends, the exit code is 0 (a service manager's stop
+    is a SIGTERM)."""
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s - %(levelname)s - %(message)s")
     handle = start_server(model, tokenizer, host, port, model_id=model_id, **mlx_options)
@@ -898,6 +901,9 @@ def serve(model, tokenizer, host: str = "127.0.0.1", port: int = 8080, model_id:
           f"decoding, {fmt_bytes(plan.cache_bytes)} during a long prompt's prefill; resident "
           f"{fmt_bytes(plan.resident_bytes)}); context {limit.tokens} tokens per request "
           f"({limit.describe()}); Ctrl-C stops", flush=True)
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+        previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         while handle.thread.is_alive():
             handle.thread.join(0.5)
@@ -905,3 +911,9 @@ def serve(model, tokenizer, host: str = "127.0.0.1", port: int = 8080, model_id:
         pass
     finally:
         handle.shutdown()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # the way Ctrl-C stops the server
