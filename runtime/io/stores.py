@@ -245,6 +245,14 @@ class CheckpointStore:
     def layers(self) -> dict[int, str]:
         return self._layers
 
+    def limit_idle_buffers(self, nbytes: int) -> None:
+        """Keep at most nbytes of the reader's idle host buffers between reads."""
+        self.reader.limit_idle_buffers(nbytes)
+
+    def keep_buffers_for(self, nbytes: int) -> None:
+        """Nothing to keep: a checkpoint's experts are read into the reader's pooled buffers, with no
+        staging (BundleStore.keep_buffers_for)."""
+
     def _expert_slices(self, layer: int, expert: int):
         key = (layer, expert)
         if key not in self._slices:

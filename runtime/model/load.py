@@ -381,10 +381,7 @@ def _load(path, reader, memory_budget, experts_per_token, cache_policy, prefetch
     # idle read buffers (host buffers, staging arrays) are the read buffers the budget counts
     # (one layer's k experts; one kind is in use per read mode), plus each read's alignment
     idle = plan.min_layer_bytes + k * ALIGN
-    if hasattr(store, "limit_idle_buffers"):
-        store.limit_idle_buffers(idle)
-    else:
-        reader.limit_idle_buffers(idle)
+    store.limit_idle_buffers(idle)
     configure_policy(cache.policy, plan.cache_bytes, lambda key: store.nbytes(*key), plan.min_layer_bytes)
     model._moestream = StreamingRuntime(
         path, kind, store, reader, cache, streamer, plan, k, str(compute_dtype or "source").replace("mlx.core.", ""), io

@@ -141,11 +141,10 @@ class ExpertStreamer:
             mx.clear_cache()
             self.cache_shrinks += 1
         self.prefill_room = room
-        keep = getattr(self.store, "keep_buffers_for", None)
-        if keep is not None and room is not None:
+        if room is not None:
             # the pass's largest read (a prefill group: at most half the room; else every expert it
             # routes to) reuses the staging slots the read before it gave back
-            keep(room // 2 if key[1] else room)
+            self.store.keep_buffers_for(room // 2 if key[1] else room)
         self._sized_for = key
 
     def groups(self, layer: int, experts: np.ndarray) -> list[list[int]]:
