@@ -222,15 +222,21 @@ def decode_call(streamer: ExpertStreamer, layer: int, experts) -> None:
         streamer.release(layer, group)
 
 
-def prefill_call(streamer: ExpertStreamer, layer: int, experts) -> None:
+def prefill_call(streamer: ExpertStreamer, layer: int, experts, last_use: dict[int, int] | None = None) -> None:
     """One prefill call's distinct experts through the streamer's prefill path: groups in layout
-    order, what misses read, admitted by the streamer's prefill_admission rule (no compute)."""
-    for group in streamer.prefill_groups(layer, streamer.layout_order(layer, experts)):
-        r = streamer.prefill_start(layer, group)
-        try:
-            streamer.prefill_wait(r)
-        finally:
-            streamer.prefill_release(r)
+    order, what misses read, admitted by the streamer's prefill_admission rule (no compute);
+    last_use (expert -> the last token position routing to it) for the "recent" rule."""
+    if streamer.prefill_admission == "recent":
+        streamer.admit_recent(layer, last_use)
+    try:
+        for group in streamer.prefill_groups(layer, streamer.layout_order(layer, experts)):
+            r = streamer.prefill_start(layer, group)
+            try:
+                streamer.prefill_wait(r)
+            finally:
+                streamer.prefill_release(r)
+    finally:
+        streamer.admit_recent(layer, None)
 
 
 def token_steps(t: TraceArrays) -> list[list[tuple[int, list[int]]]]:
@@ -249,27 +255,19 @@ def token_steps(t: TraceArrays) -> list[list[tuple[int, list[int]]]]:
 def _prefill_tokens(streamer: ExpertStreamer, tokens: list[list[tuple[int, list[int]]]], chunk: int) -> None:
     """A prompt prefilled in chunks: per chunk, layer by layer, the union of its tokens' experts."""
     for start in range(0, len(tokens), chunk):
-        per_layer: dict[int, set[int]] = {}
-        for token in tokens[start : start + chunk]:
-            for layer, experts in token:
-                per_layer.setdefault(layer, set()).update(experts)
         part = tokens[start : start + chunk]
-        pairs = {layer: 0 for layer in per_layer}  # (token, expert) pairs per layer, as the layer routes them
-        for token in part:
-            for layer, experts in token:
-                pairs[layer] += len(experts)
         last: dict[int, dict[int, int]] = {}  # layer -> expert -> the last position routing to it
+        pairs: dict[int, int] = {}  # (token, expert) pairs per layer, as the layer routes them
         for t, token in enumerate(part):
             for layer, experts in token:
                 last.setdefault(layer, {}).update((e, t) for e in experts)
-        for layer in sorted(per_layer):
+                pairs[layer] = pairs.get(layer, 0) + len(experts)
+        for layer in sorted(last):
+            experts = sorted(last[layer])  # the layer's distinct experts in this chunk
             if prefill_path(len(part), pairs[layer]):  # where the layer takes its prefill path
-                if streamer.prefill_admission == "recent":
-                    streamer.admit_recent(layer, last[layer])
-                prefill_call(streamer, layer, sorted(per_layer[layer]))
-                streamer.admit_recent(layer, None)
+                prefill_call(streamer, layer, experts, last[layer])
             else:
-                decode_call(streamer, layer, sorted(per_layer[layer]))
+                decode_call(streamer, layer, experts)
 
 
 def prefill_admission_replay(
