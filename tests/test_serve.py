@@ -419,22 +419,34 @@ def test_a_busy_port_is_one_line(bundle_dir, served):
         "there: stop it, choose another --port, or --port 0 for any free one)"]
 
 
+@contextmanager
+def serve_process(bundle):
+    """`moestream serve BUNDLE --port 0` in its own process: (the process, its first line, the URL
+    without /v1); killed if still running when the block ends."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "moestream.cli", "serve", str(bundle), "--port", "0",
+                             "--log-level", "WARNING"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("moestream serve: http://"), (first, proc.stderr.read() if proc.poll() else "")
+        yield proc, first, first.split()[2].removesuffix("/v1")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.slow  # over 3 s here: the fast suite leaves it to CI
 def test_serve_command_end_to_end_with_the_trained_fixture():
     """`moestream serve` in its own process, spoken to over HTTP: the fixture's model id, a real
     tool call from the trained model, Ctrl-C stops it with exit code 0."""
     import signal
-    import subprocess
-    import sys
 
     from moestream.demo import DEMO_REQUEST, DEMO_TOOLS, FIXTURE
 
-    proc = subprocess.Popen([sys.executable, "-m", "moestream.cli", "serve", str(FIXTURE), "--port", "0",
-                             "--log-level", "WARNING"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        first = proc.stdout.readline()
-        assert first.startswith("moestream serve: http://"), (first, proc.stderr.read() if proc.poll() else "")
-        url = first.split()[2].removesuffix("/v1")
+    with serve_process(FIXTURE) as (proc, first, url):
         assert "model id qwen3-moe-tiny-tools" in first
         assert [m["id"] for m in get(url + "/v1/models")["data"]] == ["qwen3-moe-tiny-tools"]
         reply = post(url, {"model": "qwen3-moe-tiny-tools", "messages": [{"role": "user", "content": DEMO_REQUEST}],
@@ -446,10 +458,6 @@ def test_serve_command_end_to_end_with_the_trained_fixture():
         assert json.loads(call["function"]["arguments"])["location"] == "Zagreb"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(TIMEOUT) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.slow  # a server process: over 3 s here
@@ -457,18 +465,10 @@ def test_serve_stops_on_sigterm_in_the_middle_of_a_generation():
     """A service manager stops a server with SIGTERM: with a streaming request in flight, `moestream
     serve` closes its listener, ends the generation and exits 0, as Ctrl-C does."""
     import signal
-    import subprocess
-    import sys
-    import urllib.request
 
     from moestream.demo import FIXTURE
 
-    proc = subprocess.Popen([sys.executable, "-m", "moestream.cli", "serve", str(FIXTURE), "--port", "0",
-                             "--log-level", "WARNING"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        first = proc.stdout.readline()
-        assert first.startswith("moestream serve: http://"), (first, proc.stderr.read() if proc.poll() else "")
-        url = first.split()[2].removesuffix("/v1")
+    with serve_process(FIXTURE) as (proc, _, url):
         eos = json.loads((FIXTURE / "generation_config.json").read_text())["eos_token_id"]
         body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hello " * 40}],
                            "max_tokens": 2000, "stream": True,  # eos suppressed: it generates until stopped
@@ -479,7 +479,3 @@ def test_serve_stops_on_sigterm_in_the_middle_of_a_generation():
             pass
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(TIMEOUT) == 0, proc.stderr.read()[-2000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
