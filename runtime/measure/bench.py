@@ -52,7 +52,6 @@ def decode(model, prompt: list[int], gen_tokens: int) -> dict:
         # the prefill routes to is collected, for its read floor
         options["prefill_step_size"] = rt.plan.prefill_tokens_for(len(prompt))
         rt.streamer.prefill_routed = routed = set()
-        before = rt.stats()
     times, start, after_prefill = [], time.perf_counter(), None
     try:
         for _ in generate_step(mx.array(prompt), model, max_tokens=gen_tokens, **options):
@@ -83,12 +82,11 @@ def decode(model, prompt: list[int], gen_tokens: int) -> dict:
         out["prefill_admission"] = rt.streamer.prefill_admission if rt.streamer.prefill_pipeline else "plain path"
         # the pipeline's reads (one group at a time: the disk's busy time) and the layers' waits for them
         out.update({k: p[k] for k in ("prefill_read_s", "prefill_wait_s", "prefill_read_bytes")})
-        out["prefill_staging_allocations"] = p["staging_allocations"] - before["staging_allocations"]
         # where the prefill's time went, besides its reads: the routing's host sync (which waits for
         # everything before the MoE input: embedding, attention), fetching (waits for the reads,
-        # stacking each group), the groups' matmuls
-        for k in ("route_sync_s", "expert_fetch_s", "expert_compute_s"):
-            out[f"prefill_{k}"] = p[k] - before[k]
+        # stacking each group), the groups' matmuls; the staging arrays it made
+        for k in ("route_sync_s", "expert_fetch_s", "expert_compute_s", "staging_allocations"):
+            out[f"prefill_{k}"] = p[k]
         out["staging_allocations"] = s["staging_allocations"] - p["staging_allocations"]  # decode only
         for k in ("bytes_read", "reads", "io_wait_s", "moe_calls", "route_sync_s", "attention_s", "expert_fetch_s", "expert_compute_s",
                   "cache_hits", "cache_misses", "check_s", "check_tail_s"):

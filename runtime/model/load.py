@@ -95,6 +95,7 @@ class StreamingRuntime:
     dtype: str
     io: IOOptions = field(default_factory=IOOptions)
     closed: bool = False
+    _staging_made: int = 0  # staging arrays made before the last reset_stats
 
     @property
     def num_experts(self) -> int:
@@ -136,7 +137,7 @@ class StreamingRuntime:
             "prefill_read_s": s.prefill_read_s,
             "prefill_wait_s": s.prefill_wait_s,
             "prefill_read_bytes": s.prefill_read_bytes,
-            "staging_allocations": getattr(getattr(self.store, "staging", None), "allocations", 0),
+            "staging_allocations": self._staging_allocations() - self._staging_made,
             **s.prefetch_stats(),
         }
 
@@ -145,6 +146,10 @@ class StreamingRuntime:
         self.reader.reset_stats()
         self.cache.reset_stats()
         self.streamer.reset_stats()
+        self._staging_made = self._staging_allocations()
+
+    def _staging_allocations(self) -> int:
+        return getattr(getattr(self.store, "staging", None), "allocations", 0)
 
     def close(self) -> None:
         """Release the reader's threads, open files and buffers, and every cached expert. The
