@@ -218,5 +218,21 @@ def test_a_long_prompts_prefill_is_reported_by_its_reads_waits_and_phases(bundle
     assert cold["prefill_read_s"] > 0 and cold["prefill_read_bytes"] > 0 and cold["prefill_wait_s"] >= 0
     assert cold["prefill_route_sync_s"] > 0 and cold["prefill_expert_compute_s"] > 0 and cold["prefill_expert_fetch_s"] > 0
     assert cold["prefill_staging_allocations"] == 0, "no staging on the CPU"
+    # the disk's idle time, split by where it falls, and its busy time make up the TTFT
+    idle = sum(cold[f"prefill_idle_{k}_s"] for k in ("before", "within_layers", "between_layers", "after"))
+    assert cold["prefill_idle_before_s"] > 0 and cold["prefill_idle_after_s"] > 0
+    assert idle + cold["prefill_read_s"] == pytest.approx(cold["ttft_s"], rel=1e-3)
     plain = r["plainprefill_cold"]
     assert plain["prefill_read_s"] == plain["prefill_read_bytes"] == 0 and plain["prefill_expert_compute_s"] > 0
+
+
+def test_the_disk_idle_time_of_a_prefill_is_split_by_where_it_falls():
+    """Reads (layer, start, end), one at a time: the gaps before the first, between one layer's
+    reads, between layers' and after the last, which with the reads make up the TTFT."""
+    from moestream.runtime.measure.bench import prefill_disk_idle
+
+    spans = [(3, 2.0, 4.0), (1, 0.5, 1.0), (1, 1.25, 1.5)]  # collected in any order
+    idle = prefill_disk_idle(spans, start=0.0, first_token=5.0)
+    assert idle == {"prefill_idle_before_s": 0.5, "prefill_idle_within_layers_s": 0.25,
+                    "prefill_idle_between_layers_s": 0.5, "prefill_idle_after_s": 1.0}
+    assert prefill_disk_idle([], 0.0, 2.0)["prefill_idle_before_s"] == 2.0

@@ -52,16 +52,17 @@ def decode(model, prompt: list[int], gen_tokens: int) -> dict:
         # the prefill routes to is collected, for its read floor
         options["prefill_step_size"] = rt.plan.prefill_tokens_for(len(prompt))
         rt.streamer.prefill_routed = routed = set()
+        rt.streamer.prefill_spans = spans = []
     times, start, after_prefill = [], time.perf_counter(), None
     try:
         for _ in generate_step(mx.array(prompt), model, max_tokens=gen_tokens, **options):
             times.append(time.perf_counter())
             if streaming and after_prefill is None:
                 after_prefill = rt.stats()  # prefill + first token: kept out of decode figures
-                rt.streamer.prefill_routed = None
+                rt.streamer.prefill_routed = rt.streamer.prefill_spans = None
     finally:
         if streaming:
-            rt.streamer.prefill_routed = None
+            rt.streamer.prefill_routed = rt.streamer.prefill_spans = None
     gaps = np.diff(np.array(times))
     decode_s = times[-1] - times[0]
     out = {
@@ -88,6 +89,7 @@ def decode(model, prompt: list[int], gen_tokens: int) -> dict:
         for k in ("route_sync_s", "expert_fetch_s", "expert_compute_s", "staging_allocations"):
             out[f"prefill_{k}"] = p[k]
         out["staging_allocations"] = s["staging_allocations"] - p["staging_allocations"]  # decode only
+        out.update(prefill_disk_idle(spans, start, times[0]))
         for k in ("bytes_read", "reads", "io_wait_s", "moe_calls", "route_sync_s", "attention_s", "expert_fetch_s", "expert_compute_s",
                   "cache_hits", "cache_misses", "check_s", "check_tail_s"):
             out[k] = s[k] - p[k]  # decode only
@@ -97,6 +99,26 @@ def decode(model, prompt: list[int], gen_tokens: int) -> dict:
         out["decode_tokens"] = len(times) - 1
         out.update({k: s[k] for k in ("expert_cache_peak_bytes", "cache_capacity_bytes", "io_mode")})
     return out
+
+
+def prefill_disk_idle(spans: list[tuple[int, float, float]], start: float, first_token: float) -> dict:
+    """Where the disk sat idle between a prompt's start and its first token, from the prefill's reads
+    ((layer, start, end), one at a time): before the first read (embedding, the first layer's
+    attention and routing), between reads of one layer (a group's wait, stacking, its next read's
+    start), between layers (a layer's last group's matmuls, the next layer's attention and routing),
+    after the last read (what follows the last MoE layer, the first token's own step). With the
+    reads' time, these add up to the TTFT."""
+    spans = sorted(spans, key=lambda s: s[1])
+    keys = ("before", "within_layers", "between_layers", "after")
+    idle = dict.fromkeys(keys, 0.0)
+    if not spans:
+        idle["before"] = first_token - start
+    else:
+        idle["before"] = spans[0][1] - start
+        idle["after"] = first_token - spans[-1][2]
+        for (layer, _, end), (nxt, begin, _) in zip(spans, spans[1:], strict=False):
+            idle["within_layers" if layer == nxt else "between_layers"] += max(0.0, begin - end)
+    return {f"prefill_idle_{k}_s": v for k, v in idle.items()}
 
 
 def _disk_bytes(store, layer: int, expert: int) -> int:
@@ -251,6 +273,13 @@ def print_report(r: dict) -> None:
     print("(read s: the prefill pipeline's reads, one group at a time, i.e. the disk busy for it; GB/s: their rate; "
           "wait s: the layers waiting for them; sync s: at the routing's host sync, i.e. computing all before each MoE "
           "input (embedding, attention); mm s: the groups' matmuls; allocs: staging slots made)")
+    print(f"\n{'disk idle in TTFT, s':<22}{'before':>8}{'in layer':>9}{'between':>9}{'after':>8}"
+          "  (before the first read / between one layer's groups / between layers / after the last read)")
+    for name in table_runs(r):
+        x = r[name]
+        if "prefill_idle_before_s" in x:
+            print(f"{name:<22}" + "".join(f"{x[f'prefill_idle_{k}_s']:>{w}.3f}" for k, w in
+                                         (("before", 8), ("within_layers", 9), ("between_layers", 9), ("after", 8))))
     for name, settings in r.items():
         pc = settings.get("page_cache") if name.endswith("settings") and isinstance(settings, dict) else None
         if pc:

@@ -107,6 +107,9 @@ class ExpertStreamer:
         self._prefill_pool: ThreadPoolExecutor | None = None
         # a set to collect every (layer, expert) that prefill calls route to (benchmarks); None: off
         self.prefill_routed: set | None = None
+        # a list to collect every prefill read as (layer, start, end) on the perf_counter clock
+        # (benchmarks: when the disk was busy for the prefill, and when not); None: off
+        self.prefill_spans: list | None = None
         self.prefill_calls = self.prefill_groups_run = self.prefill_overlapped = 0
         # prefill reads: seconds spent reading (on the prefill thread, one group at a time: the time
         # the disk was busy for the prefill), their bytes, and the seconds the layer waited for them
@@ -335,9 +338,12 @@ class ExpertStreamer:
     def _prefill_read(self, r: _PrefillRead) -> dict:
         t0 = time.perf_counter()
         out = self._read_evaluated(r.layer, r.missing)
+        t1 = time.perf_counter()
         with self._lock:
-            self.prefill_read_s += time.perf_counter() - t0
+            self.prefill_read_s += t1 - t0
             self.prefill_read_bytes += r.miss_bytes
+            if self.prefill_spans is not None:
+                self.prefill_spans.append((r.layer, t0, t1))
         return out
 
     def _read_evaluated(self, layer: int, experts: list[int]) -> dict:
