@@ -109,3 +109,15 @@ def test_every_result_file_is_indexed_and_every_cited_one_exists():
                                      (root / "README.md").read_text())}
     missing = sorted(c for c in cited if not (results / c).exists())
     assert missing == [], f"README.md cites result files that do not exist: {missing}"
+
+
+def test_reads_under_compute_runs_on_the_fixture(bench_path, tmp_path, capsys):
+    module = load_script(BENCH / "reads_under_compute.py")
+    out = tmp_path / "reads.json"
+    assert module.main([str(FIXTURE), "--tokens", "32", "--group-mb", "1", "--calls", "1", "--repeats", "1",
+                        "--switch", "0.005,0.001", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["switch_s"] for r in rows] == [0.005, 0.001]
+    assert all(r["alone_gb_per_s"] > 0 and r["together_gb_per_s"] > 0 and r["attention_ms"] > 0 for r in rows)
+    assert sys.getswitchinterval() == 0.005  # put back
+    assert "layers.0.self_attn over 32 tokens" in capsys.readouterr().out
