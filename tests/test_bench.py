@@ -227,8 +227,8 @@ def test_a_long_prompts_prefill_is_reported_by_its_reads_waits_and_phases(bundle
 
 
 def test_the_disk_idle_time_of_a_prefill_is_split_by_where_it_falls():
-    """Reads (layer, start, end), one at a time: the gaps before the first, between one layer's
-    reads, between layers' and after the last, which with the reads make up the TTFT."""
+    """Reads (layer, start, end), overlapping or not: the gaps before the first, between one layer's
+    reads, between layers' and after the last, which with the reads' busy time make up the TTFT."""
     from moestream.runtime.measure.bench import prefill_disk_idle
 
     spans = [(3, 2.0, 4.0), (1, 0.5, 1.0), (1, 1.25, 1.5)]  # collected in any order
@@ -236,3 +236,7 @@ def test_the_disk_idle_time_of_a_prefill_is_split_by_where_it_falls():
     assert idle == {"prefill_idle_before_s": 0.5, "prefill_idle_within_layers_s": 0.25,
                     "prefill_idle_between_layers_s": 0.5, "prefill_idle_after_s": 1.0}
     assert prefill_disk_idle([], 0.0, 2.0)["prefill_idle_before_s"] == 2.0
+    overlapping = [(1, 0.5, 2.0), (1, 1.0, 1.5), (1, 1.75, 2.5), (2, 3.0, 3.5)]  # a short read inside a long one
+    assert prefill_disk_idle(overlapping, 0.0, 4.0) == {
+        "prefill_idle_before_s": 0.5, "prefill_idle_within_layers_s": 0.0,
+        "prefill_idle_between_layers_s": 0.5, "prefill_idle_after_s": 0.5}

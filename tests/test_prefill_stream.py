@@ -14,6 +14,7 @@ from oracle import reference_model
 import moestream
 from moestream.manifests.profile import TraceArrays
 from moestream.runtime.measure.replay import prefill_admission_replay
+from moestream.runtime.model.streaming import busy_seconds
 
 
 def ids(n: int) -> list[int]:
@@ -51,11 +52,13 @@ def test_overlapped_prefill_gives_the_plain_paths_logits_in_several_groups(bundl
 
 
 def test_prefill_groups_fit_the_prefill_room(bundle_dir):
-    """Two groups (one stacked, the next one's reads) fit the room the plan keeps for a prefill, even
-    at the least budget, where that room is one layer's k experts."""
+    """The groups held at once (one stacked, the next ones' reads) fit the room the plan keeps for a
+    prefill, even at the least budget, where that room is one layer's k experts."""
     bundle = bundle_dir("qwen3_moe")
-    for budget in (moestream.plan_memory(bundle).minimum_bytes, moestream.plan_memory(bundle, expert_cache_share=0.3).budget_bytes):
-        with moestream.load(bundle, memory_budget=budget) as (model, _):
+    from moestream.runtime.model import budget
+
+    for limit in (moestream.plan_memory(bundle).minimum_bytes, moestream.plan_memory(bundle, expert_cache_share=0.3).budget_bytes):
+        with moestream.load(bundle, memory_budget=limit) as (model, _):
             rt = moestream.runtime_of(model)
             s = rt.streamer
             s.prefill_min_group_bytes = 0
@@ -64,7 +67,7 @@ def test_prefill_groups_fit_the_prefill_room(bundle_dir):
                 groups = s.prefill_groups(layer, s.layout_order(layer, range(rt.num_experts)))
                 sizes = [sum(rt.store.nbytes(layer, e) for e in g) for g in groups]
                 assert sum(len(g) for g in groups) == rt.num_experts
-                assert max(sizes) <= s.prefill_room // 2
+                assert max(sizes) <= s.prefill_room // budget.PREFILL_GROUPS_HELD
             model(mx.array([ids(64)]))
 
 
@@ -115,10 +118,10 @@ def test_the_default_admission_keeps_the_decodes_hot_set_through_a_long_prompt(b
 
 def test_the_plan_counts_the_groups_a_prefill_holds(bundle_dir, monkeypatch):
     """What the plan counts for a prefill chunk's routed experts outside the cache is what the
-    pipeline holds: two groups cut by budget.prefill_group_bytes (one rule for both). With its floor
-    lowered to three experts, the tiny bundle's layers split as a 397B layer's do (a short prompt's
-    160 experts in groups of ~140 MB): every group fits half the room the plan gave that pass, which
-    two groups nearly fill, and a short prompt's cache is larger than the plan gives a pass that
+    pipeline holds: PREFILL_GROUPS_HELD groups cut by budget.prefill_group_bytes (one rule for both).
+    With its floor lowered to three experts, the tiny bundle's layers split as a 397B layer's do (a
+    short prompt's 160 experts in groups of ~95 MB): every group fits its share of the room the plan
+    gave that pass, which the groups held nearly fill, and a short prompt's cache is larger than the plan gives a pass that
     stacks every routed expert at once (what it counted for a prefill before). The budget holds."""
     from moestream.runtime.frontends.generate import generate_text
     from moestream.runtime.model import budget
@@ -151,14 +154,15 @@ def test_the_plan_counts_the_groups_a_prefill_holds(bundle_dir, monkeypatch):
     assert {key for key, *_ in seen} >= {(16, True), (plan.prefill_tokens, True)}
     for (tokens, pipelined), capacity, room, total, sizes in seen:
         assert pipelined and capacity == plan.cache_bytes_for(tokens) and room == plan.prefill_room_for(tokens)
-        assert budget.prefill_group_bytes(total) <= room // 2, "the plan counted the rule's groups"
-        assert 2 * max(sizes) <= room < 2 * max(sizes) + 2 * expert, "and about no more than two of them"
+        held = budget.PREFILL_GROUPS_HELD
+        assert budget.prefill_group_bytes(total) <= room // held, "the plan counted the rule's groups"
+        assert held * max(sizes) <= room < held * (max(sizes) + expert), "and about no more than those held"
 
 
-def test_a_397b_shaped_short_prompt_holds_two_groups():
+def test_a_397b_shaped_short_prompt_holds_three_groups():
     """Qwen3.5-397B's shapes (512 experts of 7.08 MB a layer, top-10; from the synth preset, no
-    weights): a 16-token chunk routes up to 160 experts (1.13 GB) and its pipeline holds two groups
-    of ~1/8 of them; the plan keeps that room, not all 160, so at the budget whose cache holds 25%
+    weights): a 16-token chunk routes up to 160 experts (1.13 GB) and its pipeline holds three groups
+    of ~1/12 of them; the plan keeps that room, not all 160, so at the budget whose cache holds 25%
     a short prompt leaves the cache ~0.85 GB more than a plan that counted all of them."""
     from moestream.runtime.model.budget import memory_needs, prefill_group_bytes
     from moestream.stages.synth import plan_checkpoint
@@ -171,7 +175,7 @@ def test_a_397b_shaped_short_prompt_holds_two_groups():
     needs = memory_needs(sizes, d.top_k, sum(t.nbytes for t in p.tensors if not t.expert), p.config, 2)
     plan = needs.plan(needs.budget_for_share(0.25))
     routed = 16 * d.top_k * expert
-    assert plan.prefill_room_for(16) == 2 * prefill_group_bytes(routed) == 2 * -(-routed // 8)
+    assert plan.prefill_room_for(16) == 3 * prefill_group_bytes(routed) == 3 * -(-routed // 12)
     assert plan.prefill_room_for(16, pipelined=False) == routed
     gained = plan.cache_bytes_for(16) - plan.cache_bytes_for(16, pipelined=False)
     assert gained == pytest.approx(routed - plan.prefill_room_for(16), rel=0.01)
@@ -180,24 +184,25 @@ def test_a_397b_shaped_short_prompt_holds_two_groups():
 
 def test_a_prefill_reuses_its_staging_slots_group_after_group(bundle_dir):
     """Staged reads (MLX's CUDA path; here on the CPU, without the CUDA advice): while a prefill
-    runs, each group's reads take the slots the group before gave back instead of making new ones,
+    runs, each group's reads take the slots the groups before gave back instead of making new ones,
     and a decode step keeps no more than one layer's k experts' slots. (The budget's own limit for
     idle read buffers is set to nothing here: this tiny model's groups would fit in it.)"""
+    from moestream.runtime.model import budget
     from moestream.runtime.model.load import IOOptions
 
     bundle = bundle_dir("qwen3_moe")
-    budget = moestream.plan_memory(bundle, expert_cache_share=0.3).budget_bytes
-    with moestream.load(bundle, memory_budget=budget, io=IOOptions(stage_on_device=True)) as (model, _):
+    limit = moestream.plan_memory(bundle, expert_cache_share=0.3).budget_bytes
+    with moestream.load(bundle, memory_budget=limit, io=IOOptions(stage_on_device=True)) as (model, _):
         rt = moestream.runtime_of(model)
         s, staging = rt.streamer, rt.store.staging
         rt.store.limit_idle_buffers(0)
         s.prefill_min_group_bytes = 0
         mx.eval(model(mx.array([ids(96)])))
         sizes = [rt.store.nbytes(layer, e) for layer in rt.store.layers for e in range(rt.num_experts)]
-        group_slots = (s.prefill_room // 2) // min(sizes)
+        group_slots = (s.prefill_room - s.prefill_room // budget.PREFILL_GROUPS_HELD) // min(sizes)
         read = rt.stats()["cache_misses"]
         assert s.prefill_groups_run >= 4 * s.prefill_calls > 0 and read >= 3 * group_slots
-        # the slots of the largest group, made once (the first group); every later group reuses them
+        # the slots of the groups read at once, made once (the first groups); every later group reuses them
         assert 0 < staging.allocations <= group_slots, (staging.allocations, group_slots, read)
         mx.eval(model(mx.array([[7]])))  # a decode step: its largest read is one layer's k experts
         assert 0 < staging._idle <= rt.plan.min_layer_bytes
@@ -232,3 +237,48 @@ def test_the_recent_rule_caches_what_the_prompts_last_tokens_routed_to(bundle_di
             else:  # the first layers fill the room with what they read first
                 assert ordered < len(routed), "free caches in layout order, not by recency"
     assert mx.array_equal(outs["free"], outs["recent"]).item()
+
+
+def test_busy_seconds_is_the_union_of_overlapping_reads():
+    assert busy_seconds([]) == 0
+    assert busy_seconds([(2.0, 3.0), (0.0, 1.0)]) == 2.0
+    assert busy_seconds([(0.0, 2.0), (0.5, 1.0), (1.5, 3.0), (4.0, 4.5)]) == 3.5
+
+
+def test_the_next_groups_read_is_queued_before_the_one_in_flight_ends(bundle_dir):
+    """Two groups' reads in flight while a group computes: the disk goes on from one read to the
+    next instead of waiting for a group's stacking (a store slowed to 30 ms a read makes the
+    overlap certain); the time it was busy is the union of the reads' spans, not their sum."""
+    import time
+
+    bundle = bundle_dir("qwen3_moe")
+    limit = moestream.plan_memory(bundle, expert_cache_share=0.3).budget_bytes
+    with moestream.load(bundle, memory_budget=limit) as (model, _):
+        rt = moestream.runtime_of(model)
+        s, read = rt.streamer, rt.store.read
+
+        def slow_read(layer, experts):
+            time.sleep(0.03)
+            return read(layer, experts)
+
+        rt.store.read = slow_read
+        s.prefill_min_group_bytes = 0
+        s.prefill_spans = spans = []
+        mx.eval(model(mx.array([ids(96)])))
+    assert s.prefill_groups_run >= 4 * s.prefill_calls > 0
+    by_layer = {}
+    for layer, start, end in spans:
+        by_layer.setdefault(layer, []).append((start, end))
+    overlaps = sum(b[0] < a[1] for reads in by_layer.values() for a, b in zip(reads, reads[1:], strict=False))
+    assert overlaps >= len(by_layer), "each layer starts a read before the one before it ends"
+    assert s.prefill_read_s < sum(end - start for _, start, end in spans)
+    assert s.prefill_read_s == pytest.approx(sum(busy_seconds(r) for r in by_layer.values()), rel=1e-6)
+
+    with moestream.load(bundle, memory_budget=limit) as (model, _):  # one read at a time (an A/B's other side)
+        s = moestream.runtime_of(model).streamer
+        s.prefill_min_group_bytes, s.prefill_reads_ahead = 0, 1
+        s.prefill_spans = spans = []
+        mx.eval(model(mx.array([ids(96)])))
+    assert s.prefill_groups_run >= 4 * s.prefill_calls > 0
+    spans.sort(key=lambda r: r[1])
+    assert all(b[1] >= a[2] for a, b in zip(spans, spans[1:], strict=False))

@@ -23,7 +23,8 @@ def add_arguments(p) -> None:
                    "stage / nostage (GPU staging copy), nocheck (no per-read checksum), fixedcache (the expert cache "
                    "keeps its prefill-time size while decoding too, instead of borrowing the prefill's room), default "
                    "(the first run again), policy:NAME, threads:N, plainprefill (each prefill group read, then computed, and cached "
-                   "like the decode's: the runtime before prefill overlapped), admission:recent|free|all|tail|none (what a "
+                   "like the decode's: the runtime before prefill overlapped), readsahead:N (prefill group reads in flight "
+                   "at once; 1: one at a time), admission:recent|free|all|tail|none (what a "
                    "prefill caches of what it reads)")
     p.add_argument("--streams", type=positive_int, default=1,
                    help="also decode this many streams at once (mlx-lm's batching, as the server does): aggregate "

@@ -81,7 +81,7 @@ def decode(model, prompt: list[int], gen_tokens: int) -> dict:
         out["prefill_distinct_experts"] = len(routed)
         out["prefill_expert_bytes"] = sum(_disk_bytes(rt.store, *key) for key in routed)
         out["prefill_admission"] = rt.streamer.prefill_admission if rt.streamer.prefill_pipeline else "plain path"
-        # the pipeline's reads (one group at a time: the disk's busy time) and the layers' waits for them
+        # the pipeline's reads (the disk's busy time for them) and the layers' waits for them
         out.update({k: p[k] for k in ("prefill_read_s", "prefill_wait_s", "prefill_read_bytes")})
         # where the prefill's time went, besides its reads: the routing's host sync (which waits for
         # everything before the MoE input: embedding, attention), fetching (waits for the reads,
@@ -103,11 +103,11 @@ def decode(model, prompt: list[int], gen_tokens: int) -> dict:
 
 def prefill_disk_idle(spans: list[tuple[int, float, float]], start: float, first_token: float) -> dict:
     """Where the disk sat idle between a prompt's start and its first token, from the prefill's reads
-    ((layer, start, end), one at a time): before the first read (embedding, the first layer's
+    ((layer, start, end); a group's read may start before the one before it ends): before the first read (embedding, the first layer's
     attention and routing), between reads of one layer (a group's wait, stacking, its next read's
     start), between layers (a layer's last group's matmuls, the next layer's attention and routing),
     after the last read (what follows the last MoE layer, the first token's own step). With the
-    reads' time, these add up to the TTFT."""
+    time the reads kept the disk busy (the union of their spans), these add up to the TTFT."""
     spans = sorted(spans, key=lambda s: s[1])
     keys = ("before", "within_layers", "between_layers", "after")
     idle = dict.fromkeys(keys, 0.0)
@@ -115,9 +115,11 @@ def prefill_disk_idle(spans: list[tuple[int, float, float]], start: float, first
         idle["before"] = first_token - start
     else:
         idle["before"] = spans[0][1] - start
-        idle["after"] = first_token - spans[-1][2]
-        for (layer, _, end), (nxt, begin, _) in zip(spans, spans[1:], strict=False):
+        (layer, _, end) = spans[0]
+        for nxt, begin, finish in spans[1:]:
             idle["within_layers" if layer == nxt else "between_layers"] += max(0.0, begin - end)
+            layer, end = nxt, max(end, finish)
+        idle["after"] = first_token - end
     return {f"prefill_idle_{k}_s": v for k, v in idle.items()}
 
 
@@ -270,7 +272,7 @@ def print_report(r: dict) -> None:
               f"{x['prefill_hit_rate']:>8.1%}{x['hit_rate']:>8.1%}{x.get('prefill_read_s', 0):>8.2f}{rate:>6.2f}"
               f"{x.get('prefill_wait_s', 0):>8.2f}{x.get('prefill_route_sync_s', 0):>8.2f}"
               f"{x.get('prefill_expert_compute_s', 0):>7.2f}{x.get('prefill_staging_allocations', 0):>7}  {x['prefill_admission']}")
-    print("(read s: the prefill pipeline's reads, one group at a time, i.e. the disk busy for it; GB/s: their rate; "
+    print("(read s: the disk busy with the prefill pipeline's reads; GB/s: their rate; "
           "wait s: the layers waiting for them; sync s: at the routing's host sync, i.e. computing all before each MoE "
           "input (embedding, attention); mm s: the groups' matmuls; allocs: staging slots made)")
     print(f"\n{'disk idle in TTFT, s':<22}{'before':>8}{'in layer':>9}{'between':>9}{'after':>8}"
@@ -394,6 +396,8 @@ def _variant(name: str) -> dict | None:
     if name.startswith("admission:"):  # what the prefill caches of what it reads (streaming.PREFILL_ADMISSION)
         rule = name.split(":", 1)[1]
         return {"_streamer": {"prefill_admission": rule}} if rule in PREFILL_ADMISSION else None
+    if name.startswith("readsahead:"):  # prefill group reads in flight at once (1: one at a time)
+        return {"_streamer": {"prefill_reads_ahead": int(name.split(":", 1)[1])}}
     if name == "plainprefill":  # a prefill as the decode runs it: read every group, then compute it, all cached
         return {"_streamer": {"prefill_pipeline": False}}
     if name == "noadvice":  # staging without cudaMemAdvise (see runtime/io/staging.py)
@@ -418,6 +422,7 @@ def _settings(model) -> dict:
             "stage_on_device": getattr(rt.store, "stage_on_device", False), "cache_policy": type(rt.cache.policy).__name__,
             "prefetch": rt.streamer.prefetching, "dtype": rt.dtype,
             "prefill_pipeline": rt.streamer.prefill_pipeline, "prefill_admission": rt.streamer.prefill_admission,
+            "prefill_reads_ahead": rt.streamer.prefill_reads_ahead,
             "prefill_room_bytes": rt.streamer.prefill_room,
             "lend_prefill_room": rt.streamer.lend_prefill_room,
             "staging_slots_advised": getattr(getattr(rt.store, "staging", None), "advised", 0),
@@ -458,7 +463,7 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
     unknown = [c for c in compare if c != "naive" and _variant(c) is None]
     if unknown:
         raise OptionsError(f"unknown --compare entries {unknown}; known: naive, {', '.join(VARIANTS)}, policy:NAME, "
-                           f"threads:N, buffered:{'|'.join(PAGE_CACHE_MEMORY)}, plainprefill, admission:{'|'.join(PREFILL_ADMISSION)}")
+                           f"threads:N, buffered:{'|'.join(PAGE_CACHE_MEMORY)}, plainprefill, readsahead:N, admission:{'|'.join(PREFILL_ADMISSION)}")
     bundle_path = Path(bundle_path)
     bundle = open_bundle(bundle_path)
     extents = list(bundle.extents.values())

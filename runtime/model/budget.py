@@ -15,8 +15,8 @@ sizes what a chunk allocates from the config, and `MemoryPlan.prefill_tokens` is
 more than the cache gets.
 
 The routed experts a forward pass holds outside the expert cache are counted as the streaming
-layer holds them: a prefill chunk's pipeline holds two groups of its experts at once (one stacked
-for the matmul, the next one being read), each sized by `prefill_group_bytes` (the one rule, which
+layer holds them: a prefill chunk's pipeline holds PREFILL_GROUPS_HELD groups of its experts at once
+(one stacked for the matmul, the next ones being read), each sized by `prefill_group_bytes` (the one rule, which
 the streaming layer uses to cut its groups); any other pass (a decode step, a batch of them, a few
 tokens) stacks its experts as the cache holds them (`MemoryNeeds._stacked`).
 
@@ -53,9 +53,13 @@ KV_STEP = 256
 # more than one token and it routes at least PREFILL_MIN_PAIRS (token, expert) pairs (where mlx-lm's
 # SwitchGLU sorts the rows by expert, as the pipeline does); its experts are split into about
 # PREFILL_GROUPS groups, of at least PREFILL_MIN_GROUP_BYTES each, so that reading one overlaps
-# computing another (see prefill_group_bytes).
+# computing another (see prefill_group_bytes); it holds PREFILL_GROUPS_HELD of them at once: one
+# stacked for its matmuls and the next two being read, so that the next read is queued before the
+# one in flight ends and the disk never waits for a group's stacking or its last extents (with one
+# read at a time, a 2,048-token prompt on the 397B's shapes left the disk idle ~0.1 s of 5).
 PREFILL_MIN_PAIRS = 64
-PREFILL_GROUPS = 8
+PREFILL_GROUPS = 12
+PREFILL_GROUPS_HELD = 3
 PREFILL_MIN_GROUP_BYTES = 64 << 20
 
 
@@ -69,12 +73,13 @@ def prefill_group_bytes(total: int, min_bytes: int | None = None) -> int:
     """The most bytes (as the expert cache counts them) of one group of a prefill call whose distinct
     routed experts take `total` bytes: about 1/PREFILL_GROUPS of them, so that reading one group
     overlaps computing another; at least `min_bytes` (default PREFILL_MIN_GROUP_BYTES), so that reads
-    stay large; at most half of them, so that the two groups the pipeline holds at once (one stacked,
-    the next one read; or one read and its stacked copy) never take more than the call's experts. A
-    group is larger only as a single expert larger than this. The streaming layer cuts its groups by
-    this rule and the memory plan counts two of them (MemoryNeeds._stacked): one rule for both."""
+    stay large; at most 1/PREFILL_GROUPS_HELD of them, so that the groups the pipeline holds at once
+    (one stacked, the next ones read; or one read, its stacked copy and the next one read) never
+    take more than the call's experts. A group is larger only as a single expert larger than this.
+    The streaming layer cuts its groups by this rule and the memory plan counts PREFILL_GROUPS_HELD
+    of them (MemoryNeeds._stacked): one rule for both."""
     floor = PREFILL_MIN_GROUP_BYTES if min_bytes is None else min_bytes
-    return min(max(-(-total // PREFILL_GROUPS), floor), total // 2)
+    return min(max(-(-total // PREFILL_GROUPS), floor), total // PREFILL_GROUPS_HELD)
 
 
 class BudgetError(OptionsError):
@@ -270,14 +275,14 @@ class MemoryNeeds:
         """The routed experts a pass of `tokens` tokens holds outside the expert cache beyond one
         layer's k (which the buffers hold), as held, at most as many as the cache holds (cache: its
         capacity). A prefill's pipeline (pipelined, default: as one sequence's tokens take it) holds
-        two groups of prefill_group_bytes of the most its experts can take (or of one expert, if
-        larger), and cuts them to half the room the plan gives it (prefill_room) where that is
+        PREFILL_GROUPS_HELD groups of prefill_group_bytes of the most its experts can take (or of one
+        expert, if larger), and cuts them to that share of the room the plan gives it (prefill_room) where that is
         less; any other pass stacks every expert it routes to, in groups the cache holds."""
         if not self.routed_bytes or self.activations is None:
             return 0
         routed = self.routed_bytes[min(len(self.routed_bytes), tokens * self.activations.experts_per_token) - 1]
         if self.pipelined(tokens) if pipelined is None else pipelined:
-            routed = 2 * max(prefill_group_bytes(routed), self.routed_bytes[0])
+            routed = PREFILL_GROUPS_HELD * max(prefill_group_bytes(routed), self.routed_bytes[0])
         group = routed if cache is None else min(routed, cache)
         return self._held(max(0, group - self.layer_bytes))
 
@@ -343,7 +348,7 @@ class MemoryNeeds:
         holds there (_stacked, beyond one layer's k) and for one layer's experts in flight. A
         prefill's pipeline holds there the experts it reads without caching them and the stacked
         copy of the group it computes (so that a long prompt need not evict the decode's experts
-        to make room), and cuts its groups to half of it."""
+        to make room), and cuts its groups to 1/PREFILL_GROUPS_HELD of it."""
         return int((self._stacked(tokens, cache, pipelined) + self._held(self.layer_bytes)) / self.held_ratio)
 
     # ---- plans

@@ -8,10 +8,11 @@ mlx-lm's with the same weights fully in memory.
 
 A prefill (a call over many tokens of a sequence) takes another path: its distinct experts are
 split into groups in layout order (file, offset: experts that fire together sit side by side, so
-a group's reads coalesce), and group i+1 is read on a background thread while group i computes.
+a group's reads coalesce), and groups i+1 and i+2 are read on background threads while group i
+computes (the second read queued behind the first, so the disk goes on from one to the next).
 Its experts are held outside the expert cache, in the room the memory plan keeps for them
 (`MemoryPlan.prefill_room_bytes`): groups of `budget.prefill_group_bytes`, the rule by which the plan
-counts two of them, never more than half that room each; and admitted into the cache by a rule
+counts PREFILL_GROUPS_HELD of them, never more than that share of the room each; and admitted into the cache by a rule
 (`PREFILL_ADMISSION`): by default only into free room, the experts the prompt's latest tokens used
 first, so that a long prompt does not evict the experts the decode keeps hot.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
@@ -38,7 +40,9 @@ from mlx_lm.models.switch_layers import _gather_sort, _scatter_unsort
 from ..cache.expert_cache import CacheFullError, ExpertCache
 from ..io.reader import shared_pool
 from ..io.stores import ProjectionQuant
-from .budget import prefill_group_bytes, prefill_path  # the pipeline's rules: the plan counts by them
+
+# the pipeline's rules: the plan counts by them
+from .budget import PREFILL_GROUPS_HELD, prefill_group_bytes, prefill_path
 
 # What becomes of the experts a prefill reads (experts it finds cached are used and stay):
 # "recent" cached only where the cache has free room (never evicting anything), and of a call that
@@ -61,12 +65,13 @@ PREFILL_ADMISSION = ("recent", "free", "all", "tail", "none")
 class _PrefillRead:
     """One prefill group: its experts found cached (pinned), the rest being read."""
 
-    __slots__ = ("layer", "group", "got", "missing", "miss_bytes", "future", "pinned")
+    __slots__ = ("layer", "group", "got", "missing", "miss_bytes", "future", "pinned", "span")
 
     def __init__(self, layer: int, group: list[int], got: dict, missing: list[int], miss_bytes: int):
         self.layer, self.group, self.got, self.missing, self.miss_bytes = layer, group, got, missing, miss_bytes
         self.future = None
         self.pinned = list(got)  # released once the group is stacked
+        self.span = None  # (start, end) of its read on the perf_counter clock, once read
 
 
 class ExpertStreamer:
@@ -98,6 +103,9 @@ class ExpertStreamer:
         # prefill: read group i+1 while group i computes (False: every call takes the decode's path)
         self.prefill_pipeline = True
         self.prefill_admission = PREFILL_ADMISSION[0]
+        # group reads in flight at once beside the group computing (1: one at a time, as before the
+        # pipeline queued the next read; for A/B runs, with the same groups)
+        self.prefill_reads_ahead = PREFILL_GROUPS_HELD - 1
         self._admit: set | None = None  # "recent": the experts of the current prefill call it may cache
         # bytes of experts (as the cache counts them) a prefill may hold outside the cache at once:
         # the group being computed (stacked) and the next one's reads (None: unbounded)
@@ -111,8 +119,8 @@ class ExpertStreamer:
         # (benchmarks: when the disk was busy for the prefill, and when not); None: off
         self.prefill_spans: list | None = None
         self.prefill_calls = self.prefill_groups_run = self.prefill_overlapped = 0
-        # prefill reads: seconds spent reading (on the prefill thread, one group at a time: the time
-        # the disk was busy for the prefill), their bytes, and the seconds the layer waited for them
+        # prefill reads: the seconds the disk was busy for them (reads overlap: the union of their
+        # spans), their bytes, and the seconds the layer waited for them
         self.prefill_read_s = self.prefill_wait_s = 0.0
         self.prefill_read_bytes = 0
         # (capacity, prefill room) for a forward pass of n tokens (None: the plan's own prefill
@@ -145,9 +153,10 @@ class ExpertStreamer:
             self.cache_shrinks += 1
         self.prefill_room = room
         if room is not None:
-            # the pass's largest read (a prefill group: at most half the room; else every expert it
-            # routes to) reuses the staging slots the read before it gave back
-            self.store.keep_buffers_for(room // 2 if key[1] else room)
+            # the pass's largest reads at once (a prefill's groups in flight: all of the room but the
+            # stacked group's share; else every expert it routes to) reuse the staging slots the
+            # reads before them gave back
+            self.store.keep_buffers_for(room - room // PREFILL_GROUPS_HELD if key[1] else room)
         self._sized_for = key
 
     def groups(self, layer: int, experts: np.ndarray) -> list[list[int]]:
@@ -303,15 +312,16 @@ class ExpertStreamer:
 
     def prefill_groups(self, layer: int, experts: list[int]) -> list[list[int]]:
         """Cut experts (in layout order) into runs that share a quantization, of at most
-        budget.prefill_group_bytes of their bytes (the rule the memory plan counts) and at most half
-        the prefill room, so that one group stacked and the next one read fit in it together."""
+        budget.prefill_group_bytes of their bytes (the rule the memory plan counts) and at most
+        1/PREFILL_GROUPS_HELD of the prefill room, so that one group stacked and the next ones read
+        fit in it together."""
         sizes = [self.store.nbytes(layer, e) for e in experts]
         limit = prefill_group_bytes(sum(sizes), self.prefill_min_group_bytes)
         if self.prefill_room is not None:
-            limit = min(limit, self.prefill_room // 2)
+            limit = min(limit, self.prefill_room // PREFILL_GROUPS_HELD)
         cap = self.cache.capacity_bytes
         if cap is not None and self.prefill_admission in ("all", "tail"):
-            limit = min(limit, cap // 2)  # these admit every read: two groups must fit the cache
+            limit = min(limit, cap // PREFILL_GROUPS_HELD)  # these admit every read: the groups held must fit the cache
         groups: list[list[int]] = []
         used, key = 0, None
         for e, size in zip(experts, sizes, strict=True):
@@ -329,21 +339,21 @@ class ExpertStreamer:
         return _PrefillRead(layer, group, got, missing, sum(self.store.nbytes(layer, e) for e in missing))
 
     def prefill_submit(self, r: _PrefillRead) -> None:
-        """Start reading the group's misses on the prefill thread."""
+        """Start reading the group's misses on a prefill thread (one per group read at once; their
+        reads share the reader's I/O threads, the later one's queued behind the earlier one's)."""
         if r.missing and r.future is None:
             if self._prefill_pool is None:
-                self._prefill_pool = shared_pool(1, "moestream-prefill")
+                self._prefill_pool = shared_pool(PREFILL_GROUPS_HELD - 1, "moestream-prefill")
             r.future = self._prefill_pool.submit(self._prefill_read, r)
 
     def _prefill_read(self, r: _PrefillRead) -> dict:
         t0 = time.perf_counter()
         out = self._read_evaluated(r.layer, r.missing)
-        t1 = time.perf_counter()
+        r.span = (t0, time.perf_counter())
         with self._lock:
-            self.prefill_read_s += t1 - t0
             self.prefill_read_bytes += r.miss_bytes
             if self.prefill_spans is not None:
-                self.prefill_spans.append((r.layer, t0, t1))
+                self.prefill_spans.append((r.layer, *r.span))
         return out
 
     def _read_evaluated(self, layer: int, experts: list[int]) -> dict:
@@ -361,6 +371,7 @@ class ExpertStreamer:
             read = r.future.result()
         else:
             read = self._prefill_read(r) if r.missing else {}
+        got, r.got, r.future = r.got, {}, None  # r keeps no reference to the arrays: the caller frees them
         self.prefill_wait_s += time.perf_counter() - t0
         rule = self.prefill_admission
         for e, tensors in read.items():
@@ -379,7 +390,7 @@ class ExpertStreamer:
                 continue  # every evictable byte is pinned: used from outside the cache this once
             self.cache.pin((r.layer, e))
             r.pinned.append(e)
-        return {**r.got, **read}
+        return {**got, **read}
 
     def admit_recent(self, layer: int, last_use: dict[int, int] | None) -> None:
         """For the "recent" rule, before a prefill call of `layer` (None: after it): of the experts
@@ -407,6 +418,62 @@ class ExpertStreamer:
                 pass
         self.release(r.layer, r.pinned)
         r.pinned = []
+
+
+class _ReadAhead:
+    """One prefill call's groups, looked up and their reads started in order, up to
+    prefill_reads_ahead (PREFILL_GROUPS_HELD - 1) ahead of the group computing, while the prefill room holds them beside
+    it; a group whose read does not fit yet is read when its turn comes (prefill_wait)."""
+
+    def __init__(self, streamer: ExpertStreamer, layer: int, groups: list[list[int]]):
+        self.s, self.layer, self.groups = streamer, layer, groups
+        self.started: deque[_PrefillRead] = deque()
+        self.reads: list[_PrefillRead] = []
+        self._next = 0
+
+    def fill(self, held: int) -> None:
+        """Start what fits beside `held` bytes of a stacked group and the reads in flight."""
+        s, room = self.s, self.s.prefill_room
+        flight = sum(r.miss_bytes for r in self.started if r.future is not None)
+        for r in self.started:  # in order: a later group's read never takes the room of an earlier one's
+            if r.future is None and r.missing:
+                if room is not None and held + flight + r.miss_bytes > room:
+                    return
+                s.prefill_submit(r)
+                flight += r.miss_bytes
+                s.prefill_overlapped += held > 0
+        while self._next < len(self.groups) and len(self.started) < s.prefill_reads_ahead:
+            r = s.prefill_start(self.layer, self.groups[self._next])
+            self._next += 1
+            self.started.append(r)
+            self.reads.append(r)
+            if not r.missing:
+                continue
+            if room is not None and held + flight + r.miss_bytes > room:
+                return
+            s.prefill_submit(r)
+            flight += r.miss_bytes
+            s.prefill_overlapped += held > 0
+
+    def next(self) -> _PrefillRead:
+        return self.started.popleft()
+
+    def close(self) -> None:
+        """Let reads still in flight finish and unpin their hits (an error on the way), and count
+        the time the disk was busy for this call's reads: the union of their spans."""
+        while self.started:
+            self.s.prefill_release(self.started.popleft())
+        self.s.prefill_read_s += busy_seconds([r.span for r in self.reads if r.span is not None])
+
+
+def busy_seconds(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of (start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
 
 
 def _projection(x, w: dict[str, mx.array], name: str, q: ProjectionQuant, idx, sorted_indices: bool):
@@ -483,8 +550,8 @@ class StreamingSwitchGLU(nn.Module):
             self.streamer.release(self.layer, experts)
 
     def _prefill(self, x, indices, routed: np.ndarray, experts: np.ndarray):
-        """A prefill's experts in groups in layout order; group i+1 read while group i computes,
-        where the prefill room holds group i's stacked weights and group i+1's reads together.
+        """A prefill's experts in groups in layout order; groups i+1 and i+2 read while group i
+        computes, where the prefill room holds group i's stacked weights and their reads together.
         The rows are sorted by expert (as mlx-lm's SwitchGLU sorts them), so each group's rows
         are one contiguous range and its output is what one call over every expert gives."""
         s, layer = self.streamer, self.layer
@@ -499,12 +566,13 @@ class StreamingSwitchGLU(nn.Module):
         s.prefill_groups_run += len(groups)
         if s.prefill_admission == "recent":
             s.admit_recent(layer, last_use(routed))
-        parts, first = [], 0
-        pending = s.prefill_start(layer, groups[0])
-        s.prefill_submit(pending)
+        ahead = _ReadAhead(s, layer, groups)
+        parts, first, pending = [], 0, None
+        ahead.fill(0)
         try:
-            for i, group in enumerate(groups):
+            for group in groups:
                 t0 = time.perf_counter()
+                pending = ahead.next()
                 fetched = s.prefill_wait(pending)
                 names = fetched[group[0]].keys()
                 w = {n: mx.stack([fetched[e][n] for e in group]) for n in names}
@@ -512,12 +580,7 @@ class StreamingSwitchGLU(nn.Module):
                 del fetched  # what the cache did not take is freed here: only the stacked copy stays
                 s.prefill_release(pending)
                 pending = None
-                if i + 1 < len(groups):
-                    pending = s.prefill_start(layer, groups[i + 1])
-                    stacked = sum(s.store.nbytes(layer, e) for e in group)
-                    if s.prefill_room is None or stacked + pending.miss_bytes <= s.prefill_room:
-                        s.prefill_submit(pending)
-                        s.prefill_overlapped += 1
+                ahead.fill(sum(s.store.nbytes(layer, e) for e in group))
                 t1 = time.perf_counter()
                 s.fetch_s += t1 - t0
                 lo = int(np.searchsorted(flat, first, side="left"))
@@ -525,14 +588,15 @@ class StreamingSwitchGLU(nn.Module):
                 idx = mx.array((flat[lo:hi] - first).astype(np.uint32))
                 q = s.store.quant(layer, group[0])
                 y = _experts_out(x[lo:hi], w, q, idx, True, self.activation, self.glu)
-                mx.eval(y)  # before the stacked weights go: the next group's reads need their room
+                mx.eval(y)  # before the stacked weights go: the next groups' reads need their room
                 del w
                 s.compute_s += time.perf_counter() - t1
                 parts.append(y)
-                first += len(group)  # a next group that did not fit beside this one is read by prefill_wait
+                first += len(group)
         finally:
             if pending is not None:
                 s.prefill_release(pending)
+            ahead.close()
             s._admit = None
         y = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
         return _scatter_unsort(y, inv_order, indices.shape)
