@@ -240,3 +240,10 @@ def test_the_disk_idle_time_of_a_prefill_is_split_by_where_it_falls():
     assert prefill_disk_idle(overlapping, 0.0, 4.0) == {
         "prefill_idle_before_s": 0.5, "prefill_idle_within_layers_s": 0.0,
         "prefill_idle_between_layers_s": 0.5, "prefill_idle_after_s": 0.5}
+
+
+def test_a_repeated_compare_entry_is_named_by_its_count():
+    from moestream.runtime.measure.bench import run_name
+
+    assert [run_name("default", n) for n in (1, 2)] == ["default_", "default2_"]
+    assert [run_name("threads:4", n) for n in (1, 2)] == ["threads_4_", "threads_4-2_"]

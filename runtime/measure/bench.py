@@ -562,7 +562,7 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
         if c == "naive":
             continue
         seen[c] = seen.get(c, 0) + 1
-        name = c.replace(":", "_") + (f"{seen[c]}_" if seen[c] > 1 else "_")
+        name = run_name(c, seen[c])
         cold_and_warm(name, **_variant(c))
         for run in ("cold", "warm"):
             _derive(report[name + run], report["ceiling"]["gb_per_s"], n_moe, full)
@@ -571,6 +571,16 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
         report["mlx_lm_in_memory"] = decode(ref, prompt, gen_tokens)
         del ref
     return report
+
+
+def run_name(compare: str, nth: int) -> str:
+    """The prefix of a --compare entry's runs in the report (NAME_cold, NAME_warm): "threads:4" ->
+    "threads_4_"; its second run "threads_4-2_" (a bare count would read as "threads_42"), a name
+    ending in a letter "default2_"."""
+    base = compare.replace(":", "_")
+    if nth == 1:
+        return base + "_"
+    return f"{base}{'-' if base[-1].isdigit() else ''}{nth}_"
 
 
 def table_runs(report: dict) -> list[str]:
