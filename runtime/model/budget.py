@@ -16,8 +16,8 @@ more than the cache gets.
 
 The routed experts a forward pass holds outside the expert cache are counted as the streaming
 layer holds them: a prefill chunk's pipeline holds PREFILL_GROUPS_HELD groups of its experts at once
-(one stacked for the matmul, the next ones being read), each sized by `prefill_group_bytes` (the one rule, which
-the streaming layer uses to cut its groups); any other pass (a decode step, a batch of them, a few
+(one stacked for the matmul, the next ones being read), each sized by `prefill_group_bytes` (the one
+rule, which the streaming layer uses to cut its groups); any other pass (a decode step, a batch of them, a few
 tokens) stacks its experts as the cache holds them (`MemoryNeeds._stacked`).
 
 That room for a prefill chunk (its activations and stacked experts) sits idle while the model
@@ -276,8 +276,8 @@ class MemoryNeeds:
         layer's k (which the buffers hold), as held, at most as many as the cache holds (cache: its
         capacity). A prefill's pipeline (pipelined, default: as one sequence's tokens take it) holds
         PREFILL_GROUPS_HELD groups of prefill_group_bytes of the most its experts can take (or of one
-        expert, if larger), and cuts them to that share of the room the plan gives it (prefill_room) where that is
-        less; any other pass stacks every expert it routes to, in groups the cache holds."""
+        expert, if larger), and cuts them to that share of the room the plan gives it (prefill_room)
+        where that is less; any other pass stacks every expert it routes to, in groups the cache holds."""
         if not self.routed_bytes or self.activations is None:
             return 0
         routed = self.routed_bytes[min(len(self.routed_bytes), tokens * self.activations.experts_per_token) - 1]

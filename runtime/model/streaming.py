@@ -12,9 +12,9 @@ a group's reads coalesce), and groups i+1 and i+2 are read on background threads
 computes (the second read queued behind the first, so the disk goes on from one to the next).
 Its experts are held outside the expert cache, in the room the memory plan keeps for them
 (`MemoryPlan.prefill_room_bytes`): groups of `budget.prefill_group_bytes`, the rule by which the plan
-counts PREFILL_GROUPS_HELD of them, never more than that share of the room each; and admitted into the cache by a rule
-(`PREFILL_ADMISSION`): by default only into free room, the experts the prompt's latest tokens used
-first, so that a long prompt does not evict the experts the decode keeps hot.
+counts PREFILL_GROUPS_HELD of them, never more than that share of the room each; and admitted into
+the cache by a rule (`PREFILL_ADMISSION`): by default only into free room, the experts the prompt's
+latest tokens used first, so that a long prompt does not evict the experts the decode keeps hot.
 
 The expert cache borrows the room a prefill chunk would use while none runs: before a forward pass
 computes anything (at its first MoE layer, before the host sync that evaluates it), the streamer
@@ -100,7 +100,7 @@ class ExpertStreamer:
         self._prefetched: set = set()
         self._lock = threading.Lock()
         self.prefetch_issued = self.prefetch_used = 0
-        # prefill: read group i+1 while group i computes (False: every call takes the decode's path)
+        # prefill: read the next groups while one computes (False: every call takes the decode's path)
         self.prefill_pipeline = True
         self.prefill_admission = PREFILL_ADMISSION[0]
         # group reads in flight at once beside the group computing (1: one at a time, as before the
@@ -108,7 +108,7 @@ class ExpertStreamer:
         self.prefill_reads_ahead = PREFILL_GROUPS_HELD - 1
         self._admit: set | None = None  # "recent": the experts of the current prefill call it may cache
         # bytes of experts (as the cache counts them) a prefill may hold outside the cache at once:
-        # the group being computed (stacked) and the next one's reads (None: unbounded)
+        # the group being computed (stacked) and the next ones' reads (None: unbounded)
         self.prefill_room: int | None = None
         # the least bytes of a group (None: budget.PREFILL_MIN_GROUP_BYTES, as the plan counts them)
         self.prefill_min_group_bytes: int | None = None
@@ -422,8 +422,9 @@ class ExpertStreamer:
 
 class _ReadAhead:
     """One prefill call's groups, looked up and their reads started in order, up to
-    prefill_reads_ahead (PREFILL_GROUPS_HELD - 1) ahead of the group computing, while the prefill room holds them beside
-    it; a group whose read does not fit yet is read when its turn comes (prefill_wait)."""
+    prefill_reads_ahead (PREFILL_GROUPS_HELD - 1) ahead of the group computing, while the prefill
+    room holds them beside it; a group whose read does not fit yet is read when its turn comes
+    (prefill_wait)."""
 
     def __init__(self, streamer: ExpertStreamer, layer: int, groups: list[list[int]]):
         self.s, self.layer, self.groups = streamer, layer, groups
