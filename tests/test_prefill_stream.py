@@ -282,3 +282,32 @@ def test_the_next_groups_read_is_queued_before_the_one_in_flight_ends(bundle_dir
     assert s.prefill_groups_run >= 4 * s.prefill_calls > 0
     spans.sort(key=lambda r: r[1])
     assert all(b[1] >= a[2] for a, b in zip(spans, spans[1:], strict=False))
+
+
+def test_a_long_calls_first_group_is_read_before_its_routing(bundle_dir):
+    """prefill_speculate: each layer's first group (layout order) is submitted before the call's
+    routing is computed (the observers run just before that host sync), the experts it routes to
+    among them are its first group, and the logits are those of the default path."""
+    bundle = bundle_dir("qwen3_moe")
+    limit = moestream.plan_memory(bundle, expert_cache_share=0.3).budget_bytes
+    prompt = ids(96)
+    want, _, _ = _logits(bundle, limit, prompt, prefill_min_group_bytes=0)
+    with moestream.load(bundle, memory_budget=limit) as (model, _):
+        s = moestream.runtime_of(model).streamer
+        s.prefill_min_group_bytes, s.prefill_speculate = 0, True
+        events, submit = [], s.prefill_submit
+
+        def logged_submit(r):
+            events.append(("read", r.layer))
+            submit(r)
+
+        s.prefill_submit = logged_submit
+        s.observers.append(lambda layer, x, indices: events.append(("routing", layer)))
+        got = model(mx.array([prompt]))
+        mx.eval(got)
+    layers = sorted({layer for _, layer in events})
+    for layer in layers:
+        assert events.index(("read", layer)) < events.index(("routing", layer)), (layer, events)
+    assert s.speculated > 0 and 0 <= s.speculated_unused < s.speculated
+    assert s.prefill_groups_run >= 4 * s.prefill_calls > 0
+    assert float(mx.abs(want - got).max()) <= 1e-5 * float(mx.abs(want).max())

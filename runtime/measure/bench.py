@@ -82,7 +82,8 @@ def decode(model, prompt: list[int], gen_tokens: int) -> dict:
         out["prefill_expert_bytes"] = sum(_disk_bytes(rt.store, *key) for key in routed)
         out["prefill_admission"] = rt.streamer.prefill_admission if rt.streamer.prefill_pipeline else "plain path"
         # the pipeline's reads (the disk's busy time for them) and the layers' waits for them
-        out.update({k: p[k] for k in ("prefill_read_s", "prefill_wait_s", "prefill_read_bytes")})
+        out.update({k: p[k] for k in ("prefill_read_s", "prefill_wait_s", "prefill_read_bytes",
+                                      "prefill_speculated", "prefill_speculated_unused")})
         # where the prefill's time went, besides its reads: the routing's host sync (which waits for
         # everything before the MoE input: embedding, attention), fetching (waits for the reads,
         # stacking each group), the groups' matmuls; the staging arrays it made
@@ -275,13 +276,15 @@ def print_report(r: dict) -> None:
     print("(read s: the disk busy with the prefill pipeline's reads; GB/s: their rate; "
           "wait s: the layers waiting for them; sync s: at the routing's host sync, i.e. computing all before each MoE "
           "input (embedding, attention); mm s: the groups' matmuls; allocs: staging slots made)")
-    print(f"\n{'disk idle in TTFT, s':<22}{'before':>8}{'in layer':>9}{'between':>9}{'after':>8}"
-          "  (before the first read / between one layer's groups / between layers / after the last read)")
+    print(f"\n{'disk idle in TTFT, s':<22}{'before':>8}{'in layer':>9}{'between':>9}{'after':>8}{'early':>7}{'unused':>7}"
+          "  (before the first read / between one layer's groups / between layers / after the last read;"
+          " experts read before their call's routing, of them not routed to)")
     for name in table_runs(r):
         x = r[name]
         if "prefill_idle_before_s" in x:
             print(f"{name:<22}" + "".join(f"{x[f'prefill_idle_{k}_s']:>{w}.3f}" for k, w in
-                                         (("before", 8), ("within_layers", 9), ("between_layers", 9), ("after", 8))))
+                                         (("before", 8), ("within_layers", 9), ("between_layers", 9), ("after", 8)))
+                  + f"{x.get('prefill_speculated', 0):>7}{x.get('prefill_speculated_unused', 0):>7}")
     for name, settings in r.items():
         pc = settings.get("page_cache") if name.endswith("settings") and isinstance(settings, dict) else None
         if pc:
@@ -396,6 +399,8 @@ def _variant(name: str) -> dict | None:
     if name.startswith("admission:"):  # what the prefill caches of what it reads (streaming.PREFILL_ADMISSION)
         rule = name.split(":", 1)[1]
         return {"_streamer": {"prefill_admission": rule}} if rule in PREFILL_ADMISSION else None
+    if name == "readfirst":  # a long prefill call's first group read before its routing is known
+        return {"_streamer": {"prefill_speculate": True}}
     if name.startswith("readsahead:"):  # prefill group reads in flight at once (1: one at a time)
         return {"_streamer": {"prefill_reads_ahead": int(name.split(":", 1)[1])}}
     if name == "plainprefill":  # a prefill as the decode runs it: read every group, then compute it, all cached
@@ -422,7 +427,7 @@ def _settings(model) -> dict:
             "stage_on_device": getattr(rt.store, "stage_on_device", False), "cache_policy": type(rt.cache.policy).__name__,
             "prefetch": rt.streamer.prefetching, "dtype": rt.dtype,
             "prefill_pipeline": rt.streamer.prefill_pipeline, "prefill_admission": rt.streamer.prefill_admission,
-            "prefill_reads_ahead": rt.streamer.prefill_reads_ahead,
+            "prefill_reads_ahead": rt.streamer.prefill_reads_ahead, "prefill_speculate": rt.streamer.prefill_speculate,
             "prefill_room_bytes": rt.streamer.prefill_room,
             "lend_prefill_room": rt.streamer.lend_prefill_room,
             "staging_slots_advised": getattr(getattr(rt.store, "staging", None), "advised", 0),
@@ -463,7 +468,7 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
     unknown = [c for c in compare if c != "naive" and _variant(c) is None]
     if unknown:
         raise OptionsError(f"unknown --compare entries {unknown}; known: naive, {', '.join(VARIANTS)}, policy:NAME, "
-                           f"threads:N, buffered:{'|'.join(PAGE_CACHE_MEMORY)}, plainprefill, readsahead:N, admission:{'|'.join(PREFILL_ADMISSION)}")
+                           f"threads:N, buffered:{'|'.join(PAGE_CACHE_MEMORY)}, plainprefill, readsahead:N, readfirst, admission:{'|'.join(PREFILL_ADMISSION)}")
     bundle_path = Path(bundle_path)
     bundle = open_bundle(bundle_path)
     extents = list(bundle.extents.values())

@@ -137,6 +137,8 @@ class StreamingRuntime:
             "prefill_read_s": s.prefill_read_s,
             "prefill_wait_s": s.prefill_wait_s,
             "prefill_read_bytes": s.prefill_read_bytes,
+            "prefill_speculated": s.speculated,
+            "prefill_speculated_unused": s.speculated_unused,
             "staging_allocations": self._staging_allocations() - self._staging_made,
             **s.prefetch_stats(),
         }
