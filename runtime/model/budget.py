@@ -17,8 +17,8 @@ more than the cache gets.
 The routed experts a forward pass holds outside the expert cache are counted as the streaming
 layer holds them: a prefill chunk's pipeline holds PREFILL_GROUPS_HELD groups of its experts at once
 (one stacked for the matmul, the next ones being read), each sized by `prefill_group_bytes` (the one
-rule, which the streaming layer uses to cut its groups); any other pass (a decode step, a batch of them, a few
-tokens) stacks its experts as the cache holds them (`MemoryNeeds._stacked`).
+rule, which the streaming layer uses to cut its groups); any other pass (a decode step, a batch of
+them, a few tokens) stacks its experts as the cache holds them (`MemoryNeeds._stacked`).
 
 That room for a prefill chunk (its activations and stacked experts) sits idle while the model
 decodes, so the expert cache borrows it: `MemoryPlan.cache_bytes_for(tokens)` is the cache a forward
