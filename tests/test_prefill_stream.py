@@ -147,10 +147,13 @@ def test_the_plan_counts_the_groups_a_prefill_holds(bundle_dir, monkeypatch):
             return groups
 
         s.prefill_groups = prefill_groups
-        generate_text(model, tokenizer, ids(4), max_tokens=8, out=None)  # the cache at its decode size
-        for n in (17, plan.prefill_tokens * 2 + 5):  # a short prompt; one of several chunks
-            _, r = generate_text(model, tokenizer, ids(n), max_tokens=4, out=None, prefill_step_size=plan.prefill_tokens)
-            assert r.peak_memory_bytes - before <= plan.budget_bytes, (n, r.peak_memory_bytes, before, plan.budget_bytes)
+        for speculate in (False, True):  # with a long call's first group read before its routing too
+            s.prefill_speculate = speculate
+            generate_text(model, tokenizer, ids(4), max_tokens=8, out=None)  # the cache at its decode size
+            for n in (17, plan.prefill_tokens * 2 + 5):  # a short prompt; one of several chunks
+                _, r = generate_text(model, tokenizer, ids(n), max_tokens=4, out=None, prefill_step_size=plan.prefill_tokens)
+                assert r.peak_memory_bytes - before <= plan.budget_bytes, (speculate, n, r.peak_memory_bytes, before)
+        assert s.speculated > 0
     assert {key for key, *_ in seen} >= {(16, True), (plan.prefill_tokens, True)}
     for (tokens, pipelined), capacity, room, total, sizes in seen:
         assert pipelined and capacity == plan.cache_bytes_for(tokens) and room == plan.prefill_room_for(tokens)
