@@ -212,7 +212,7 @@ def test_a_long_prompts_prefill_is_reported_by_its_reads_waits_and_phases(bundle
     the prefill went (the routing's sync, the matmuls); the plain path has no pipeline reads."""
     from moestream.runtime.measure import bench
 
-    r = bench.bench_bundle(bundle_dir("qwen3_moe"), prompt_tokens=64, gen_tokens=2, compare=("plainprefill", "readfirst"),
+    r = bench.bench_bundle(bundle_dir("qwen3_moe"), prompt_tokens=64, gen_tokens=2, compare=("plainprefill", "readfirst", "subread:4"),
                            ceiling_seconds=0.3)
     cold = r["cold"]
     assert cold["prefill_read_s"] > 0 and cold["prefill_read_bytes"] > 0 and cold["prefill_wait_s"] >= 0
@@ -224,6 +224,7 @@ def test_a_long_prompts_prefill_is_reported_by_its_reads_waits_and_phases(bundle
     assert idle + cold["prefill_read_s"] == pytest.approx(cold["ttft_s"], rel=1e-3)
     assert cold["prefill_speculated"] == 0 and r["readfirst_cold"]["prefill_speculated"] > 0
     assert r["readfirst_settings"]["prefill_speculate"] is True
+    assert r["settings"]["checked_read_bytes"] == 1 << 20 and r["subread_4_settings"]["checked_read_bytes"] == 4 << 20
     plain = r["plainprefill_cold"]
     assert plain["prefill_read_s"] == plain["prefill_read_bytes"] == 0 and plain["prefill_expert_compute_s"] > 0
 

@@ -536,3 +536,19 @@ def test_check_time_and_its_tail_are_counted(disk_dir):
         r.reset_stats()
         r.read([req])  # unchecked
         assert r.stats()["check_s"] == r.stats()["check_tail_s"] == 0
+
+
+def test_a_checked_extent_is_read_in_sub_reads_of_the_readers_size(disk_dir):
+    """One 6 MB checked extent on one thread: read in 1 MiB sub-reads by default (each checked as it
+    arrives), in 3 MiB ones with checked_read_bytes at 3 MiB; every block checked once either way."""
+    f = disk_dir / "subreads.bin"
+    data = _write(f, 8 << 20, seed=12)
+    req = _req(f, 0, 6 << 20, "expert 5")
+    for size, reads in ((None, 6), (3 << 20, 2)):
+        check = _BlockCheck(data, req, 1 << 20)
+        with ExtentReader("direct", threads=1) as r:
+            if size is not None:
+                r.checked_read_bytes = size
+            (view,) = r.read([dataclasses.replace(req, check=check)])
+            assert r.stats()["reads"] == reads, size
+        assert bytes(view) == data[: 6 << 20] and sorted(check.seen) == list(range(6))

@@ -25,7 +25,8 @@ def add_arguments(p) -> None:
                    "(the first run again), policy:NAME, threads:N, plainprefill (each prefill group read, then computed, and cached "
                    "like the decode's: the runtime before prefill overlapped), readsahead:N (prefill group reads in flight "
                    "at once; 1: one at a time), readfirst (a long prefill call's first group read before its routing, "
-                   "while the attention before it computes), admission:recent|free|all|tail|none (what a "
+                   "while the attention before it computes), subread:MIB (a checked extent read in sub-reads of MIB MiB; "
+                   "default 1), admission:recent|free|all|tail|none (what a "
                    "prefill caches of what it reads)")
     p.add_argument("--streams", type=positive_int, default=1,
                    help="also decode this many streams at once (mlx-lm's batching, as the server does): aggregate "

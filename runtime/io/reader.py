@@ -310,6 +310,7 @@ class ExtentReader:
         self.max_read_bytes = max_read_bytes
         self.max_open_files = max_open_files
         self.split_min_bytes = split_min_bytes
+        self.checked_read_bytes = CHECKED_READ_BYTES  # the sub-read of a checked extent (see _work)
         self._pool = shared_pool(self.threads)
         self._lock = threading.Lock()  # guards the fd cache and the stats
         self._files: OrderedDict[str, _Handle] = OrderedDict()
@@ -505,9 +506,9 @@ class ExtentReader:
         """Read this thread's pieces; finish (views, convert) each group whose last piece it read."""
         out = []
         for g, a, b in pieces:
-            # A checked piece is read in sub-reads of CHECKED_READ_BYTES, each checked at once: the
+            # A checked piece is read in sub-reads of checked_read_bytes, each checked at once: the
             # thread's hashing then trails its last sub-read, not its whole share.
-            step = CHECKED_READ_BYTES if g.unread else b - a
+            step = self.checked_read_bytes if g.unread else b - a
             lo = a
             while lo < b:
                 hi = min(b, lo + step)

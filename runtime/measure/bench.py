@@ -399,6 +399,8 @@ def _variant(name: str) -> dict | None:
     if name.startswith("admission:"):  # what the prefill caches of what it reads (streaming.PREFILL_ADMISSION)
         rule = name.split(":", 1)[1]
         return {"_streamer": {"prefill_admission": rule}} if rule in PREFILL_ADMISSION else None
+    if name.startswith("subread:"):  # a checked extent read in sub-reads of N MiB (default 1)
+        return {"_reader": {"checked_read_bytes": int(float(name.split(":", 1)[1]) * (1 << 20))}}
     if name == "readfirst":  # a long prefill call's first group read before its routing is known
         return {"_streamer": {"prefill_speculate": True}}
     if name.startswith("readsahead:"):  # prefill group reads in flight at once (1: one at a time)
@@ -423,6 +425,7 @@ def _settings(model) -> dict:
     rt = runtime_of(model)
     r = rt.reader
     return {"io_mode": r.io_mode_in_use, "io_threads": r.threads, "split_min_bytes": r.split_min_bytes,
+            "checked_read_bytes": r.checked_read_bytes,
             "coalesce_gap": r.coalesce_gap, "read_into": getattr(rt.store, "read_into", "host"),
             "stage_on_device": getattr(rt.store, "stage_on_device", False), "cache_policy": type(rt.cache.policy).__name__,
             "prefetch": rt.streamer.prefetching, "dtype": rt.dtype,
@@ -468,7 +471,7 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
     unknown = [c for c in compare if c != "naive" and _variant(c) is None]
     if unknown:
         raise OptionsError(f"unknown --compare entries {unknown}; known: naive, {', '.join(VARIANTS)}, policy:NAME, "
-                           f"threads:N, buffered:{'|'.join(PAGE_CACHE_MEMORY)}, plainprefill, readsahead:N, readfirst, admission:{'|'.join(PREFILL_ADMISSION)}")
+                           f"threads:N, buffered:{'|'.join(PAGE_CACHE_MEMORY)}, plainprefill, readsahead:N, readfirst, subread:MIB, admission:{'|'.join(PREFILL_ADMISSION)}")
     bundle_path = Path(bundle_path)
     bundle = open_bundle(bundle_path)
     extents = list(bundle.extents.values())
@@ -502,6 +505,7 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
         race = variant.pop("_page_cache_race", False)
         memory = race if isinstance(race, str) else page_cache
         streamer_settings = variant.pop("_streamer", {})
+        reader_settings = variant.pop("_reader", {})
         staging._advice = None  # decided anew from the environment
         try:
             loaded = load(bundle_path, memory_budget=plan.minimum_bytes if race else budget, **_options(base, variant))
@@ -511,6 +515,8 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
         with loaded as (model, _), _page_cache_memory(bool(race), memory, target) as held:
             for key, value in streamer_settings.items():
                 setattr(runtime_of(model).streamer, key, value)
+            for key, value in reader_settings.items():
+                setattr(runtime_of(model).reader, key, value)
             evict_page_cache(files)
             report[f"{name}cold"] = decode(model, prompt, gen_tokens)
             report[f"{name}warm"] = decode(model, prompt, gen_tokens)
