@@ -16,6 +16,7 @@ import os
 import subprocess
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -41,11 +42,14 @@ def _transient(task, task_run, state) -> bool:
 
 def _layer_cache_key(context, parameters) -> str:
     # A finished layer (its file and sidecar in the staging folder, for this very job) is a cache
-    # hit; anything else runs. The staging folder stays the source of truth for what is done.
+    # hit; anything else runs, under a key no other task can have: layers whose jobs are alike
+    # (same recipe, order and bits) share a digest, and id(context), the earlier token, is reused
+    # once a context is freed, which gave one layer's result to another. The staging folder stays
+    # the source of truth for what is done.
     plan, job = parameters["plan"], parameters["job"]
     done = staged_layer(plan.staging, job) is not None
-    digest = hashlib.sha256(f"{plan.staging.resolve()}|{job.key()}|{done}".encode()).hexdigest()
-    return f"moestream-layer-{job.layer}-{digest}" if done else f"moestream-layer-run-{digest}-{id(context)}"
+    digest = hashlib.sha256(f"{plan.staging.resolve()}|{job.layer}|{job.key()}|{done}".encode()).hexdigest()
+    return f"moestream-layer-{job.layer}-{digest}" if done else f"moestream-layer-{job.layer}-run-{uuid.uuid4().hex}"
 
 
 # What Prefect adds to a step, by step name (any other step is a plain task). The steps that

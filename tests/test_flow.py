@@ -9,6 +9,7 @@ import it too (through PYTHONPATH), because a task's function travels to them by
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -148,3 +149,24 @@ def test_profiling_shards_on_dask_give_the_same_layout(tmp_path, synth_dir, pref
     cols = ["seq", "token", "layer", "experts", "weights"]  # the footer's run metadata differs, the trace does not
     assert pq.read_table(tmp_path / "one" / "profile" / "trace.parquet").select(cols).equals(
         pq.read_table(tmp_path / "two" / "profile" / "trace.parquet").select(cols))
+
+
+def test_a_layer_not_yet_packed_never_shares_its_cache_key(tmp_path):
+    """Two layers with alike jobs (same recipe, order, bits), in one task context: each unfinished
+    layer runs under a key of its own (a shared key gave one layer's extents to another, a duplicate
+    row in layout.parquet); a finished one is a cache hit under a key naming its layer."""
+    from types import SimpleNamespace
+
+    from moestream.flows.prepare import _layer_cache_key
+    from moestream.stages.pack import LayerJob, layer_file
+    from moestream.stages.quantize import ExpertRecipe
+
+    plan, context = SimpleNamespace(staging=tmp_path), object()
+    jobs = [LayerJob(layer, ExpertRecipe(), (0, 1), (4, 4)) for layer in (1, 2)]
+    keys = [_layer_cache_key(context, {"plan": plan, "job": job}) for job in jobs + jobs]
+    assert len(set(keys)) == 4
+    (tmp_path / layer_file(1)).parent.mkdir(parents=True)
+    (tmp_path / layer_file(1)).write_bytes(b"")
+    (tmp_path / (layer_file(1) + ".json")).write_text(json.dumps({"key": jobs[0].key(), "extents": []}))
+    done = [_layer_cache_key(context, {"plan": plan, "job": jobs[0]}) for _ in range(2)]
+    assert done[0] == done[1] and done[0].startswith("moestream-layer-1-")
