@@ -4,12 +4,20 @@ plain stage functions (no Prefect: the flow itself is tested in test_flow.py).""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
 # MLX's CPU backend runs with one thread per core; keep the tests' threads from fighting.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# A suite started as a background job of a non-interactive shell (`cmd &`, nohup) inherits SIGINT
+# ignored, and so would every command a test starts: the tests that stop `serve`, `chat` and
+# `prepare` with Ctrl-C would wait for them forever. Python's own handler here resets to the
+# default in each child (a caught signal does not survive exec).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def build_bundle(checkpoint: Path, out: Path, bits: int = 4, group_size: int = 64, resident_bits=None,
