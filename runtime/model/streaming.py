@@ -480,28 +480,30 @@ class _ReadAhead:
             self._next = 1
 
     def fill(self, held: int) -> None:
-        """Start what fits beside `held` bytes of a stacked group and the reads in flight."""
+        """Start what fits beside `held` bytes of a stacked group and the reads in flight, in
+        order: a later group's read never takes the room of an earlier one's."""
         s, room = self.s, self.s.prefill_room
         flight = sum(r.miss_bytes for r in self.started if r.future is not None)
-        for r in self.started:  # in order: a later group's read never takes the room of an earlier one's
+
+        def submitted(r: _PrefillRead) -> bool:  # False: it does not fit yet
+            nonlocal flight
             if r.future is None and r.missing:
                 if room is not None and held + flight + r.miss_bytes > room:
-                    return
+                    return False
                 s.prefill_submit(r)
                 flight += r.miss_bytes
                 s.prefill_overlapped += held > 0
+            return True
+
+        if not all(submitted(r) for r in self.started):
+            return
         while self._next < len(self.groups) and len(self.started) < s.prefill_reads_ahead:
             r = s.prefill_start(self.layer, self.groups[self._next])
             self._next += 1
             self.started.append(r)
             self.reads.append(r)
-            if not r.missing:
-                continue
-            if room is not None and held + flight + r.miss_bytes > room:
+            if not submitted(r):
                 return
-            s.prefill_submit(r)
-            flight += r.miss_bytes
-            s.prefill_overlapped += held > 0
 
     def next(self) -> _PrefillRead:
         return self.started.popleft()
@@ -625,8 +627,8 @@ class StreamingSwitchGLU(nn.Module):
             s.admit_recent(layer, last_use(routed))
         ahead = _ReadAhead(s, layer, groups, early)
         parts, first, pending = [], 0, None
-        ahead.fill(0)
         try:
+            ahead.fill(0)
             for group in groups:
                 t0 = time.perf_counter()
                 pending = ahead.next()
