@@ -104,8 +104,8 @@ def decode(model, prompt: list[int], gen_tokens: int) -> dict:
 
 def prefill_disk_idle(spans: list[tuple[int, float, float]], start: float, first_token: float) -> dict:
     """Where the disk sat idle between a prompt's start and its first token, from the prefill's reads
-    ((layer, start, end); a group's read may start before the one before it ends): before the first read (embedding, the first layer's
-    attention and routing), between reads of one layer (a group's wait, stacking, its next read's
+    ((layer, start, end); a group's read may start before the one before it ends): before the first
+    read (embedding, the first layer's attention and routing), between reads of one layer (a group's wait, stacking, its next read's
     start), between layers (a layer's last group's matmuls, the next layer's attention and routing),
     after the last read (what follows the last MoE layer, the first token's own step). With the
     time the reads kept the disk busy (the union of their spans), these add up to the TTFT."""
@@ -513,10 +513,10 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
             os.environ.pop("MOESTREAM_CUDA_ADVICE", None)
         target = _page_cache_target(memory, plan)
         with loaded as (model, _), _page_cache_memory(bool(race), memory, target) as held:
-            for key, value in streamer_settings.items():
-                setattr(runtime_of(model).streamer, key, value)
-            for key, value in reader_settings.items():
-                setattr(runtime_of(model).reader, key, value)
+            rt = runtime_of(model)
+            for part, settings in ((rt.streamer, streamer_settings), (rt.reader, reader_settings)):
+                for key, value in settings.items():
+                    setattr(part, key, value)
             evict_page_cache(files)
             report[f"{name}cold"] = decode(model, prompt, gen_tokens)
             report[f"{name}warm"] = decode(model, prompt, gen_tokens)
@@ -524,7 +524,6 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
             if race:
                 report[f"{name}settings"]["page_cache"] = {"memory": memory, "target_bytes": target,
                                                             **held.as_dict()}
-            rt = runtime_of(model)
             if phases:
                 # one more warm pass, with attention and routing timed apart: apart from the figures
                 # above, because the extra host sync per layer that separates them is not part of
