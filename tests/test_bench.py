@@ -245,6 +245,16 @@ def test_the_disk_idle_time_of_a_prefill_is_split_by_where_it_falls():
         "prefill_idle_between_layers_s": 0.5, "prefill_idle_after_s": 0.5}
 
 
+def test_compare_entries_joined_by_a_plus_are_applied_together():
+    from moestream.runtime.measure.bench import _variant
+
+    both = _variant("readfirst+subread:8+readsahead:1+threads:4")
+    assert both == {"_streamer": {"prefill_speculate": True, "prefill_reads_ahead": 1},
+                    "_reader": {"checked_read_bytes": 8 << 20}, "io": {"threads": 4}}
+    assert _variant("readfirst+nosuch") is None
+    assert _variant("readfirst") == {"_streamer": {"prefill_speculate": True}}
+
+
 def test_a_repeated_compare_entry_is_named_by_its_count():
     from moestream.runtime.measure.bench import run_name
 

@@ -391,6 +391,11 @@ PAGE_CACHE_MEMORY = ("equal", "cache", "all")
 
 
 def _variant(name: str) -> dict | None:
+    """A --compare entry's load() options and settings; entries joined by "+" are applied together
+    ("readfirst+subread:8"); None for an unknown entry."""
+    if "+" in name:
+        parts = [_variant(part) for part in name.split("+")]
+        return None if None in parts else _merged(parts)
     if name.startswith("buffered:"):  # buffered:equal|cache|all: the page cache on that much memory
         memory = name.split(":", 1)[1]
         return {"io": {"mode": "buffered"}, "_page_cache_race": memory} if memory in PAGE_CACHE_MEMORY else None
@@ -412,6 +417,16 @@ def _variant(name: str) -> dict | None:
     if name.startswith("threads:"):
         return {"io": {"threads": int(name.split(":", 1)[1])}}
     return VARIANTS.get(name)
+
+
+def _merged(variants: list[dict]) -> dict:
+    """The variants' options together; a nested part ("io", "_streamer", "_reader") merged key by key."""
+    out: dict = {}
+    for variant in variants:
+        for key, value in variant.items():
+            both = isinstance(value, dict) and isinstance(out.get(key), dict)
+            out[key] = {**out[key], **value} if both else value
+    return out
 
 
 def _options(base: dict, variant: dict) -> dict:
@@ -471,7 +486,7 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
     unknown = [c for c in compare if c != "naive" and _variant(c) is None]
     if unknown:
         raise OptionsError(f"unknown --compare entries {unknown}; known: naive, {', '.join(VARIANTS)}, policy:NAME, "
-                           f"threads:N, buffered:{'|'.join(PAGE_CACHE_MEMORY)}, plainprefill, readsahead:N, readfirst, subread:MIB, admission:{'|'.join(PREFILL_ADMISSION)}")
+                           f"threads:N, buffered:{'|'.join(PAGE_CACHE_MEMORY)}, plainprefill, readsahead:N, readfirst, subread:MIB, admission:{'|'.join(PREFILL_ADMISSION)}; "+" joins entries")
     bundle_path = Path(bundle_path)
     bundle = open_bundle(bundle_path)
     extents = list(bundle.extents.values())
