@@ -27,7 +27,7 @@ def add_arguments(p) -> None:
                    "at once; 1: one at a time), readfirst (a long prefill call's first group read before its routing, "
                    "while the attention before it computes), subread:MIB (a checked extent read in sub-reads of MIB MiB; "
                    "default 1), admission:recent|free|all|tail|none (what a "
-                   "prefill caches of what it reads)")
+                   "prefill caches of what it reads); entries joined by + run together (readfirst+subread:8)")
     p.add_argument("--streams", type=positive_int, default=1,
                    help="also decode this many streams at once (mlx-lm's batching, as the server does): aggregate "
                         "and per-stream tok/s, the batch roofline, how many experts the streams shared")
