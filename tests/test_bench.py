@@ -212,7 +212,7 @@ def test_a_long_prompts_prefill_is_reported_by_its_reads_waits_and_phases(bundle
     the prefill went (the routing's sync, the matmuls); the plain path has no pipeline reads."""
     from moestream.runtime.measure import bench
 
-    r = bench.bench_bundle(bundle_dir("qwen3_moe"), prompt_tokens=64, gen_tokens=2, compare=("plainprefill", "readfirst", "subread:4"),
+    r = bench.bench_bundle(bundle_dir("qwen3_moe"), prompt_tokens=64, gen_tokens=2, compare=("plainprefill", "noreadfirst", "subread:4"),
                            ceiling_seconds=0.3)
     cold = r["cold"]
     assert cold["prefill_read_s"] > 0 and cold["prefill_read_bytes"] > 0 and cold["prefill_wait_s"] >= 0
@@ -222,8 +222,11 @@ def test_a_long_prompts_prefill_is_reported_by_its_reads_waits_and_phases(bundle
     idle = sum(cold[f"prefill_idle_{k}_s"] for k in ("before", "within_layers", "between_layers", "after"))
     assert cold["prefill_idle_before_s"] > 0 and cold["prefill_idle_after_s"] > 0
     assert idle + cold["prefill_read_s"] == pytest.approx(cold["ttft_s"], rel=1e-3)
-    assert cold["prefill_speculated"] == 0 and r["readfirst_cold"]["prefill_speculated"] > 0
-    assert r["readfirst_settings"]["prefill_speculate"] is True
+    assert cold["prefill_speculated"] > 0 and r["noreadfirst_cold"]["prefill_speculated"] == 0
+    assert r["noreadfirst_settings"]["prefill_speculate"] is False
+    # the same experts read again by themselves, just after each cold run
+    assert cold["prefill_read_alone_s"] > 0 and "prefill_read_alone_s" not in r["warm"]
+    assert cold["ttft_over_read_alone"] == pytest.approx(cold["ttft_s"] / cold["prefill_read_alone_s"])
     assert r["settings"]["checked_read_bytes"] == 1 << 20 and r["subread_4_settings"]["checked_read_bytes"] == 4 << 20
     plain = r["plainprefill_cold"]
     assert plain["prefill_read_s"] == plain["prefill_read_bytes"] == 0 and plain["prefill_expert_compute_s"] > 0
@@ -260,3 +263,15 @@ def test_a_repeated_compare_entry_is_named_by_its_count():
 
     assert [run_name("default", n) for n in (1, 2)] == ["default_", "default2_"]
     assert [run_name("threads:4", n) for n in (1, 2)] == ["threads_4_", "threads_4-2_"]
+
+
+def test_read_extents_reads_each_range_once_joined_and_aligned(tmp_path):
+    """Ranges that touch are read once as one run; each is widened to 4 KiB bounds (O_DIRECT)."""
+    from moestream.runtime.measure.ceiling import read_extents
+
+    f = tmp_path / "experts.bin"
+    f.write_bytes(bytes(10 << 20))
+    r = read_extents([(f, 0, 3 << 20), (f, 3 << 20, 100), (f, (5 << 20) + 7, 1 << 20), (f, 5 << 20, 10)], threads=3,
+                     piece=1 << 20)
+    assert r["bytes"] == ((3 << 20) + 4096) + ((1 << 20) + 4096)  # the last range lies inside the one before
+    assert r["seconds"] > 0 and r["threads"] == 3 and r["piece_bytes"] == 1 << 20

@@ -24,8 +24,8 @@ def add_arguments(p) -> None:
                    "keeps its prefill-time size while decoding too, instead of borrowing the prefill's room), default "
                    "(the first run again), policy:NAME, threads:N, plainprefill (each prefill group read, then computed, and cached "
                    "like the decode's: the runtime before prefill overlapped), readsahead:N (prefill group reads in flight "
-                   "at once; 1: one at a time), readfirst (a long prefill call's first group read before its routing, "
-                   "while the attention before it computes), subread:MIB (a checked extent read in sub-reads of MIB MiB; "
+                   "at once; 1: one at a time), readfirst / noreadfirst (a long prefill call's first group read before its routing, "
+                   "while the attention before it computes, or not; on by default), subread:MIB (a checked extent read in sub-reads of MIB MiB; "
                    "default 1), admission:recent|free|all|tail|none (what a "
                    "prefill caches of what it reads); entries joined by + run together (readfirst+subread:8)")
     p.add_argument("--streams", type=positive_int, default=1,

@@ -29,7 +29,7 @@ from ..io.pagecache import evict_page_cache
 from ..io.stores import cast_floats
 from ..model.load import IOOptions, load, plan_memory, runtime_of
 from ..model.streaming import PREFILL_ADMISSION
-from .ceiling import read_ceiling
+from .ceiling import read_ceiling, read_extents
 from .memhold import Held, leave_available
 
 
@@ -39,8 +39,9 @@ def _timed(fn, *a, **k):
     return out, time.perf_counter() - t
 
 
-def decode(model, prompt: list[int], gen_tokens: int) -> dict:
-    """Greedy decode with mlx-lm's own generate_step; per-token wall times."""
+def decode(model, prompt: list[int], gen_tokens: int, read_alone: bool = False) -> dict:
+    """Greedy decode with mlx-lm's own generate_step; per-token wall times. read_alone: then read
+    the experts the prefill routed to once more, by themselves (prefill_read_alone)."""
     from mlx_lm.generate import generate_step
 
     rt = runtime_of(model, required=False)
@@ -98,6 +99,8 @@ def decode(model, prompt: list[int], gen_tokens: int) -> dict:
         out["hit_rate"] = out["cache_hits"] / lookups if lookups else 0.0
         out["mean_read_bytes"] = out["bytes_read"] / out["reads"] if out["reads"] else 0.0
         out["decode_tokens"] = len(times) - 1
+        if read_alone and routed and getattr(rt.store, "bundle", None) is not None:
+            out.update(prefill_read_alone(rt, routed, out["ttft_s"]))
         out.update({k: s[k] for k in ("expert_cache_peak_bytes", "cache_capacity_bytes", "io_mode")})
     return out
 
@@ -122,6 +125,18 @@ def prefill_disk_idle(spans: list[tuple[int, float, float]], start: float, first
             layer, end = nxt, max(end, finish)
         idle["after"] = first_token - end
     return {f"prefill_idle_{k}_s": v for k, v in idle.items()}
+
+
+def prefill_read_alone(rt, routed: set, ttft_s: float) -> dict:
+    """The prefill's distinct experts read once, in layout order, by a reader that does nothing else
+    (the runtime's threads and sub-read size, O_DIRECT), just after the prefill: its floor measured on
+    the disk as it is then, where the ceiling trials' best may catch the disk in a burst."""
+    bundle = rt.store.bundle
+    extents = sorted((bundle.extent(*key) for key in routed), key=lambda e: (e.file, e.offset))
+    r = read_extents([(bundle.path(e.file), e.offset, e.nbytes) for e in extents], rt.reader.threads,
+                     rt.reader.checked_read_bytes)
+    return {"prefill_read_alone_s": r["seconds"], "prefill_read_alone_gb_per_s": r["gb_per_s"],
+            "ttft_over_read_alone": ttft_s / max(r["seconds"], 1e-12)}
 
 
 def _disk_bytes(store, layer: int, expert: int) -> int:
@@ -263,17 +278,20 @@ def print_report(r: dict) -> None:
               f"{x['io_efficiency']:>6.2f}{x['roofline_tokens_per_s']:>8.2f}{x['share_of_roofline']:>7.2f}")
     print(f"\n== prefill ({r['args']['prompt_tokens']} tokens; floor: each distinct expert it routes to read once at "
           f"the ceiling) ==")
-    print(f"{'run':<18}{'TTFT s':>8}{'floor s':>9}{'TTFT/floor':>11}{'experts':>9}{'MB':>9}{'chunk':>7}{'pf hit':>8}"
+    print(f"{'run':<18}{'TTFT s':>8}{'floor s':>9}{'TTFT/floor':>11}{'alone s':>8}{'TTFT/alone':>11}{'experts':>9}{'MB':>9}{'chunk':>7}{'pf hit':>8}"
           f"{'dec hit':>8}{'read s':>8}{'GB/s':>6}{'wait s':>8}{'sync s':>8}{'mm s':>7}{'allocs':>7}  admission")
     for name in table_runs(r):
         x = r[name]
         rate = x.get("prefill_read_bytes", 0) / max(x.get("prefill_read_s", 0), 1e-9) / 1e9
-        print(f"{name:<18}{x['ttft_s']:>8.2f}{x['prefill_read_floor_s']:>9.3f}{x['ttft_over_floor']:>11.2f}"
+        alone = (f"{x['prefill_read_alone_s']:>8.3f}{x['ttft_over_read_alone']:>11.2f}" if "prefill_read_alone_s" in x
+                 else f"{'-':>8}{'-':>11}")
+        print(f"{name:<18}{x['ttft_s']:>8.2f}{x['prefill_read_floor_s']:>9.3f}{x['ttft_over_floor']:>11.2f}{alone}"
               f"{x['prefill_distinct_experts']:>9}{x['prefill_expert_bytes'] / 1e6:>9.1f}{x['prefill_step_size']:>7}"
               f"{x['prefill_hit_rate']:>8.1%}{x['hit_rate']:>8.1%}{x.get('prefill_read_s', 0):>8.2f}{rate:>6.2f}"
               f"{x.get('prefill_wait_s', 0):>8.2f}{x.get('prefill_route_sync_s', 0):>8.2f}"
               f"{x.get('prefill_expert_compute_s', 0):>7.2f}{x.get('prefill_staging_allocations', 0):>7}  {x['prefill_admission']}")
-    print("(read s: the disk busy with the prefill pipeline's reads; GB/s: their rate; "
+    print("(alone s: a cold run's distinct experts read again just after it, in layout order, by a reader doing "
+          "nothing else; read s: the disk busy with the prefill pipeline's reads; GB/s: their rate; "
           "wait s: the layers waiting for them; sync s: at the routing's host sync, i.e. computing all before each MoE "
           "input (embedding, attention); mm s: the groups' matmuls; allocs: staging slots made)")
     print(f"\n{'disk idle in TTFT, s':<22}{'before':>8}{'in layer':>9}{'between':>9}{'after':>8}{'early':>7}{'unused':>7}"
@@ -406,8 +424,8 @@ def _variant(name: str) -> dict | None:
         return {"_streamer": {"prefill_admission": rule}} if rule in PREFILL_ADMISSION else None
     if name.startswith("subread:"):  # a checked extent read in sub-reads of N MiB (default 1)
         return {"_reader": {"checked_read_bytes": int(float(name.split(":", 1)[1]) * (1 << 20))}}
-    if name == "readfirst":  # a long prefill call's first group read before its routing is known
-        return {"_streamer": {"prefill_speculate": True}}
+    if name in ("readfirst", "noreadfirst"):  # a long prefill call's first group read before its routing is known, or not
+        return {"_streamer": {"prefill_speculate": name == "readfirst"}}
     if name.startswith("readsahead:"):  # prefill group reads in flight at once (1: one at a time)
         return {"_streamer": {"prefill_reads_ahead": int(name.split(":", 1)[1])}}
     if name == "plainprefill":  # a prefill as the decode runs it: read every group, then compute it, all cached
@@ -486,7 +504,7 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
     unknown = [c for c in compare if c != "naive" and _variant(c) is None]
     if unknown:
         raise OptionsError(f"unknown --compare entries {unknown}; known: naive, {', '.join(VARIANTS)}, policy:NAME, "
-                           f"threads:N, buffered:{'|'.join(PAGE_CACHE_MEMORY)}, plainprefill, readsahead:N, readfirst, subread:MIB, admission:{'|'.join(PREFILL_ADMISSION)}; "+" joins entries")
+                           f"threads:N, buffered:{'|'.join(PAGE_CACHE_MEMORY)}, plainprefill, readsahead:N, readfirst, noreadfirst, subread:MIB, admission:{'|'.join(PREFILL_ADMISSION)}; "+" joins entries")
     bundle_path = Path(bundle_path)
     bundle = open_bundle(bundle_path)
     extents = list(bundle.extents.values())
@@ -533,7 +551,7 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
                 for key, value in settings.items():
                     setattr(part, key, value)
             evict_page_cache(files)
-            report[f"{name}cold"] = decode(model, prompt, gen_tokens)
+            report[f"{name}cold"] = decode(model, prompt, gen_tokens, read_alone=True)
             report[f"{name}warm"] = decode(model, prompt, gen_tokens)
             report[f"{name}settings"] = _settings(model)
             if race:

@@ -15,8 +15,8 @@ Its experts are held outside the expert cache, in the room the memory plan keeps
 counts PREFILL_GROUPS_HELD of them, never more than that share of the room each; and admitted into
 the cache by a rule (`PREFILL_ADMISSION`): by default only into free room, the experts the prompt's
 latest tokens used first, so that a long prompt does not evict the experts the decode keeps hot.
-With `prefill_speculate`, a long call's first group is read before its routing is known, while the
-computation before the routing (the layer's attention) runs.
+A long call's first group is read before its routing is known, while the computation before the
+routing (the layer's attention) runs (`prefill_speculate`).
 
 The expert cache borrows the room a prefill chunk would use while none runs: before a forward pass
 computes anything (at its first MoE layer, before the host sync that evaluates it), the streamer
@@ -115,9 +115,9 @@ class ExpertStreamer:
         # pipeline queued the next read; for A/B runs, with the same groups)
         self.prefill_reads_ahead = PREFILL_GROUPS_HELD - 1
         # read a long prefill call's first group (layout order, of every expert of the layer) while
-        # the computation before its routing runs (the layer's attention over every token); off
-        # until measured against the disk's idle time before a prompt's first read
-        self.prefill_speculate = False
+        # the computation before its routing runs (the layer's attention over every token), which
+        # otherwise leaves the disk idle before a prompt's first read (False: for A/B runs)
+        self.prefill_speculate = True
         self.speculated = self.speculated_unused = 0  # experts read before the routing; of them, not routed to
         self._admit: set | None = None  # "recent": the experts of the current prefill call it may cache
         # bytes of experts (as the cache counts them) a prefill may hold outside the cache at once:
