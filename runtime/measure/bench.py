@@ -449,8 +449,8 @@ def _merged(variants: list[dict]) -> dict:
 
 def _options(base: dict, variant: dict) -> dict:
     """load() keyword arguments: `base` with `variant` applied (its "io" fields into IOOptions)."""
-    io = {**base.get("io", {}), **variant.get("io", {})}
-    return {**base, **variant, "io": IOOptions(**io)}
+    options = _merged([base, variant])
+    return {**options, "io": IOOptions(**options.get("io", {}))}
 
 
 def _settings(model) -> dict:
