@@ -38,14 +38,7 @@ def read_ceiling(paths: list[Path], chunk: int, threads: int, seconds: float = 3
             done[i] += os.preadv(fd, [buf], off)
             calls[i] += 1
 
-    start = time.perf_counter()
-    try:
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(worker, range(threads)))
-    finally:
-        for fd, _ in files:
-            os.close(fd)
-    elapsed = time.perf_counter() - start
+    elapsed = _run_threads(worker, threads, [fd for fd, _ in files])
     return {"chunk_bytes": chunk, "threads": threads, "direct": direct, "seconds": elapsed,
             "bytes": sum(done), "reads": sum(calls), "gb_per_s": sum(done) / elapsed / 1e9}
 
@@ -72,13 +65,19 @@ def read_extents(ranges: list[tuple[Path, int, int]], threads: int, piece: int =
         for fd, off, n in reads:  # next() on a list iterator is atomic under the GIL
             done[i] += os.preadv(fd, [memoryview(buf)[:n]], off)
 
+    elapsed = _run_threads(worker, threads, list(fds.values()))
+    return {"piece_bytes": piece, "threads": threads, "seconds": elapsed, "bytes": sum(done),
+            "gb_per_s": sum(done) / elapsed / 1e9}
+
+
+def _run_threads(worker, threads: int, fds: list[int]) -> float:
+    """worker(i) for i in range(threads), each on its own thread; the seconds they took. The files
+    are closed afterwards, whatever happened."""
     start = time.perf_counter()
     try:
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(worker, range(threads)))
     finally:
-        for fd in fds.values():
+        for fd in fds:
             os.close(fd)
-    elapsed = time.perf_counter() - start
-    return {"piece_bytes": piece, "threads": threads, "seconds": elapsed, "bytes": sum(done),
-            "gb_per_s": sum(done) / elapsed / 1e9}
+    return time.perf_counter() - start
