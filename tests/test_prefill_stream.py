@@ -290,11 +290,12 @@ def test_the_next_groups_read_is_queued_before_the_one_in_flight_ends(bundle_dir
 def test_a_long_calls_first_group_is_read_before_its_routing(bundle_dir):
     """prefill_speculate: each layer's first group (layout order) is submitted before the call's
     routing is computed (the observers run just before that host sync), the experts it routes to
-    among them are its first group, and the logits are those of the default path."""
+    among them are its first group, and the logits are those of the path without the early read."""
     bundle = bundle_dir("qwen3_moe")
     limit = moestream.plan_memory(bundle, expert_cache_share=0.3).budget_bytes
     prompt = ids(96)
-    want, _, _ = _logits(bundle, limit, prompt, prefill_min_group_bytes=0)
+    want, off, _ = _logits(bundle, limit, prompt, prefill_min_group_bytes=0, prefill_speculate=False)
+    assert off.speculated == 0
     with moestream.load(bundle, memory_budget=limit) as (model, _):
         s = moestream.runtime_of(model).streamer
         s.prefill_min_group_bytes, s.prefill_speculate = 0, True
