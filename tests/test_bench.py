@@ -227,6 +227,13 @@ def test_a_long_prompts_prefill_is_reported_by_its_reads_waits_and_phases(bundle
     # the same experts read again by themselves, just after each cold run
     assert cold["prefill_read_alone_s"] > 0 and "prefill_read_alone_s" not in r["warm"]
     assert cold["ttft_over_read_alone"] == pytest.approx(cold["ttft_s"] / cold["prefill_read_alone_s"])
+    # and against a ceiling trial just before each cold run
+    assert cold["ceiling_before_gb_per_s"] > 0 and "ceiling_before_gb_per_s" not in r["warm"]
+    assert cold["ttft_over_floor_before"] == pytest.approx(
+        cold["ttft_s"] * cold["ceiling_before_gb_per_s"] * 1e9 / cold["prefill_expert_bytes"])
+    summary = r["prefill_summary"]
+    assert set(summary) == {"default", "plainprefill", "noreadfirst", "subread:4"}
+    assert summary["default"]["runs"] == 1 and summary["default"]["ttft_over_floor"]["median"] == cold["ttft_over_floor"]
     assert r["settings"]["checked_read_bytes"] == 1 << 20 and r["subread_4_settings"]["checked_read_bytes"] == 4 << 20
     plain = r["plainprefill_cold"]
     assert plain["prefill_read_s"] == plain["prefill_read_bytes"] == 0 and plain["prefill_expert_compute_s"] > 0
@@ -246,6 +253,24 @@ def test_the_disk_idle_time_of_a_prefill_is_split_by_where_it_falls():
     assert prefill_disk_idle(overlapping, 0.0, 4.0) == {
         "prefill_idle_before_s": 0.5, "prefill_idle_within_layers_s": 0.0,
         "prefill_idle_between_layers_s": 0.5, "prefill_idle_after_s": 0.5}
+
+
+def test_cold_runs_are_summed_up_by_compare_entry_repeats_together():
+    """Each --compare entry's cold runs, repeats of it together: their count, and for each ratio the
+    median, the least, the most and how many were within the target; warm runs are left out."""
+    from moestream.runtime.measure.bench import prefill_summary
+
+    def cold(variant, floor, alone):
+        return {"variant": variant, "ttft_over_floor": floor, "ttft_over_read_alone": alone}
+
+    report = {"cold": cold("default", 1.05, 0.9), "warm": {"ttft_over_floor": 0.5},
+              "noreadfirst_cold": cold("noreadfirst", 1.3, 1.2), "default_cold": cold("default", 1.2, 1.0),
+              "default2_cold": cold("default", 1.0, 1.15), "ceiling": {"gb_per_s": 2.0}}
+    s = prefill_summary(report)
+    assert set(s) == {"default", "noreadfirst"} and s["default"]["runs"] == 3 and s["noreadfirst"]["runs"] == 1
+    assert s["default"]["ttft_over_floor"] == {"median": 1.05, "min": 1.0, "max": 1.2, "within_count": 2}
+    assert s["default"]["ttft_over_read_alone"]["within_count"] == 2
+    assert "ttft_over_floor_before" not in s["default"], "a ratio no run has is left out"
 
 
 def test_compare_entries_joined_by_a_plus_are_applied_together():

@@ -139,6 +139,30 @@ def prefill_read_alone(rt, routed: set, ttft_s: float) -> dict:
             "ttft_over_read_alone": ttft_s / max(r["seconds"], 1e-12)}
 
 
+# A cold prefill's TTFT against its floor three ways: at the run's best ceiling trial, at the trial
+# just before it, and against its experts read alone just after it
+PREFILL_RATIOS = ("ttft_over_floor", "ttft_over_floor_before", "ttft_over_read_alone")
+
+
+def prefill_summary(report: dict, within: float = 1.1) -> dict:
+    """The cold runs' TTFT ratios by --compare entry (repeats together): how many runs, the median,
+    the least and the most, and how many were within `within`; a distribution, where one run's ratio
+    moves with the disk's rate at that moment."""
+    groups: dict[str, list[dict]] = {}
+    for x in report.values():
+        if isinstance(x, dict) and "variant" in x and "ttft_over_floor" in x:
+            groups.setdefault(x["variant"], []).append(x)
+    out = {}
+    for variant, runs in groups.items():
+        out[variant] = {"runs": len(runs), "within": within}
+        for key in PREFILL_RATIOS:
+            values = [x[key] for x in runs if key in x]
+            if values:
+                out[variant][key] = {"median": float(np.median(values)), "min": min(values), "max": max(values),
+                                     "within_count": sum(v <= within for v in values)}
+    return out
+
+
 def _disk_bytes(store, layer: int, expert: int) -> int:
     """The bytes an expert's read takes from disk: its extent (a bundle), else its size in memory."""
     bundle = getattr(store, "bundle", None)
@@ -278,19 +302,22 @@ def print_report(r: dict) -> None:
               f"{x['io_efficiency']:>6.2f}{x['roofline_tokens_per_s']:>8.2f}{x['share_of_roofline']:>7.2f}")
     print(f"\n== prefill ({r['args']['prompt_tokens']} tokens; floor: each distinct expert it routes to read once at "
           f"the ceiling) ==")
-    print(f"{'run':<18}{'TTFT s':>8}{'floor s':>9}{'TTFT/floor':>11}{'alone s':>8}{'TTFT/alone':>11}{'experts':>9}{'MB':>9}{'chunk':>7}{'pf hit':>8}"
+    print(f"{'run':<18}{'TTFT s':>8}{'floor s':>9}{'TTFT/floor':>11}{'before':>7}{'TTFT/bef':>9}{'alone s':>8}{'TTFT/alone':>11}{'experts':>9}{'MB':>9}{'chunk':>7}{'pf hit':>8}"
           f"{'dec hit':>8}{'read s':>8}{'GB/s':>6}{'wait s':>8}{'sync s':>8}{'mm s':>7}{'allocs':>7}  admission")
     for name in table_runs(r):
         x = r[name]
         rate = x.get("prefill_read_bytes", 0) / max(x.get("prefill_read_s", 0), 1e-9) / 1e9
         alone = (f"{x['prefill_read_alone_s']:>8.3f}{x['ttft_over_read_alone']:>11.2f}" if "prefill_read_alone_s" in x
                  else f"{'-':>8}{'-':>11}")
-        print(f"{name:<18}{x['ttft_s']:>8.2f}{x['prefill_read_floor_s']:>9.3f}{x['ttft_over_floor']:>11.2f}{alone}"
+        before = (f"{x['ceiling_before_gb_per_s']:>7.2f}{x['ttft_over_floor_before']:>9.2f}" if "ttft_over_floor_before" in x
+                  else f"{'-':>7}{'-':>9}")
+        print(f"{name:<18}{x['ttft_s']:>8.2f}{x['prefill_read_floor_s']:>9.3f}{x['ttft_over_floor']:>11.2f}{before}{alone}"
               f"{x['prefill_distinct_experts']:>9}{x['prefill_expert_bytes'] / 1e6:>9.1f}{x['prefill_step_size']:>7}"
               f"{x['prefill_hit_rate']:>8.1%}{x['hit_rate']:>8.1%}{x.get('prefill_read_s', 0):>8.2f}{rate:>6.2f}"
               f"{x.get('prefill_wait_s', 0):>8.2f}{x.get('prefill_route_sync_s', 0):>8.2f}"
               f"{x.get('prefill_expert_compute_s', 0):>7.2f}{x.get('prefill_staging_allocations', 0):>7}  {x['prefill_admission']}")
-    print("(alone s: a cold run's distinct experts read again just after it, in layout order, by a reader doing "
+    print("(before: the GB/s of a ceiling trial just before a cold run, TTFT/bef: TTFT over the floor at that rate; "
+          "alone s: a cold run's distinct experts read again just after it, in layout order, by a reader doing "
           "nothing else; read s: the disk busy with the prefill pipeline's reads; GB/s: their rate; "
           "wait s: the layers waiting for them; sync s: at the routing's host sync, i.e. computing all before each MoE "
           "input (embedding, attention); mm s: the groups' matmuls; allocs: staging slots made)")
@@ -303,6 +330,15 @@ def print_report(r: dict) -> None:
             print(f"{name:<22}" + "".join(f"{x[f'prefill_idle_{k}_s']:>{w}.3f}" for k, w in
                                          (("before", 8), ("within_layers", 9), ("between_layers", 9), ("after", 8)))
                   + f"{x.get('prefill_speculated', 0):>7}{x.get('prefill_speculated_unused', 0):>7}")
+    summary = r.get("prefill_summary", {})
+    if summary:
+        print("\ncold runs by --compare entry, TTFT over: the floor at the best ceiling trial / at the trial just "
+              "before / the same experts read alone just after (median, least-most, runs within "
+              f"{next(iter(summary.values()))['within']}x)")
+    for variant, g in summary.items():
+        print(f"  {variant:<20}{g['runs']:>3} runs  " + "  /  ".join(
+            f"{g[k]['median']:.2f} ({g[k]['min']:.2f}-{g[k]['max']:.2f}, {g[k]['within_count']} in)" if k in g else "-"
+            for k in PREFILL_RATIOS))
     for name, settings in r.items():
         pc = settings.get("page_cache") if name.endswith("settings") and isinstance(settings, dict) else None
         if pc:
@@ -352,6 +388,9 @@ def _derive(run: dict, ceiling_gbs: float, n_moe: int, full_layers: int) -> None
     # no prefill that reads them can beat (a warm run reads fewer: its floor is still this one)
     run["prefill_read_floor_s"] = run["prefill_expert_bytes"] / (ceiling_gbs * 1e9)
     run["ttft_over_floor"] = run["ttft_s"] / max(run["prefill_read_floor_s"], 1e-12)
+    if "ceiling_before_gb_per_s" in run:  # the same floor at the ceiling trial just before the run
+        run["prefill_read_floor_before_s"] = run["prefill_expert_bytes"] / (run["ceiling_before_gb_per_s"] * 1e9)
+        run["ttft_over_floor_before"] = run["ttft_s"] / max(run["prefill_read_floor_before_s"], 1e-12)
     run["bytes_read_per_token"] = run["bytes_read"] / max(run["decode_tokens"], 1)
     run["read_gb_per_s_during_io"] = run["bytes_read"] / max(run["io_wait_s"], 1e-9) / 1e9
     run["io_efficiency"] = run["read_gb_per_s_during_io"] / ceiling_gbs
@@ -532,7 +571,9 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
     with load(bundle_path, memory_budget=budget, **_options(base, {})) as (model, _):
         _, report["warmup_s"] = _timed(decode, model, prompt, 4)
 
-    def cold_and_warm(name: str, phases: bool = False, **variant) -> None:
+    extent_size = int(np.mean([e.nbytes for e in extents]))
+
+    def cold_and_warm(name: str, variant_name: str = "default", phases: bool = False, **variant) -> None:
         if variant.pop("_no_cuda_advice", False):
             os.environ["MOESTREAM_CUDA_ADVICE"] = "0"
         race = variant.pop("_page_cache_race", False)
@@ -550,8 +591,13 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
             for part, settings in ((rt.streamer, streamer_settings), (rt.reader, reader_settings)):
                 for key, value in settings.items():
                     setattr(part, key, value)
+            # the disk just before the cold run: a ceiling trial next to it, where the run's best
+            # trial may be minutes away, on a disk whose rate moves by tens of percent
+            before = read_ceiling(files, extent_size, rt.reader.threads, seconds=ceiling_seconds / 2)
             evict_page_cache(files)
-            report[f"{name}cold"] = decode(model, prompt, gen_tokens, read_alone=True)
+            report[f"{name}cold"] = cold = decode(model, prompt, gen_tokens, read_alone=True)
+            cold["variant"] = variant_name
+            cold["ceiling_before_gb_per_s"] = before["gb_per_s"]
             report[f"{name}warm"] = decode(model, prompt, gen_tokens)
             report[f"{name}settings"] = _settings(model)
             if race:
@@ -574,7 +620,6 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
     # the next, and an underestimated ceiling would flatter every ratio below. Then the other
     # thread counts, to show whether the setting is the disk's best.
     threads = report["settings"]["io_threads"]
-    extent_size = int(np.mean([e.nbytes for e in extents]))
     read_size = int(report["cold"]["mean_read_bytes"]) or extent_size
     trials = [read_ceiling(files, size, threads, seconds=ceiling_seconds)  # sizes interleaved: the first
               for _ in range(2) for size in (extent_size, read_size)]  # trial after an idle spell may burst
@@ -606,9 +651,10 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
             continue
         seen[c] = seen.get(c, 0) + 1
         name = run_name(c, seen[c])
-        cold_and_warm(name, **_variant(c))
+        cold_and_warm(name, c, **_variant(c))
         for run in ("cold", "warm"):
             _derive(report[name + run], report["ceiling"]["gb_per_s"], n_moe, full)
+    report["prefill_summary"] = prefill_summary(report)
     if reference_checkpoint is not None:
         ref = reference_model(Path(reference_checkpoint), expert_quantization(bundle))
         report["mlx_lm_in_memory"] = decode(ref, prompt, gen_tokens)
