@@ -230,6 +230,8 @@ def test_a_long_prompts_prefill_is_reported_by_its_reads_waits_and_phases(bundle
     # the same experts read again by themselves, just after each cold run
     assert cold["prefill_read_alone_s"] > 0 and "prefill_read_alone_s" not in r["warm"]
     assert cold["ttft_over_read_alone"] == pytest.approx(cold["ttft_s"] / cold["prefill_read_alone_s"])
+    assert cold["prefill_read_alone_s"] == min(cold["prefill_read_alone_by_pattern"].values())  # the faster way
+    assert set(cold["prefill_read_alone_by_pattern"]) == {"pieces", "shares"}
     # and against a ceiling trial just before each cold run
     assert cold["ceiling_before_gb_per_s"] > 0 and "ceiling_before_gb_per_s" not in r["warm"]
     assert cold["ttft_over_floor_before"] == pytest.approx(
@@ -299,7 +301,25 @@ def test_read_extents_reads_each_range_once_joined_and_aligned(tmp_path):
 
     f = tmp_path / "experts.bin"
     f.write_bytes(bytes(10 << 20))
-    r = read_extents([(f, 0, 3 << 20), (f, 3 << 20, 100), (f, (5 << 20) + 7, 1 << 20), (f, 5 << 20, 10)], threads=3,
-                     piece=1 << 20)
-    assert r["bytes"] == ((3 << 20) + 4096) + ((1 << 20) + 4096)  # the last range lies inside the one before
-    assert r["seconds"] > 0 and r["threads"] == 3 and r["piece_bytes"] == 1 << 20
+    ranges = [(f, 0, 3 << 20), (f, 3 << 20, 100), (f, (5 << 20) + 7, 1 << 20), (f, 5 << 20, 10)]
+    for pattern in ("pieces", "shares"):
+        r = read_extents(ranges, threads=3, piece=1 << 20, pattern=pattern)
+        assert r["bytes"] == ((3 << 20) + 4096) + ((1 << 20) + 4096)  # the last range lies inside the one before
+        assert r["seconds"] > 0 and r["threads"] == 3 and r["piece_bytes"] == 1 << 20 and r["pattern"] == pattern
+    with pytest.raises(ValueError, match="pattern"):
+        read_extents(ranges, threads=3, pattern="random")
+
+
+def test_shares_give_each_thread_one_contiguous_run_of_the_bytes_in_order():
+    """"shares": the ranges laid end to end and cut into one aligned share per thread, each read in
+    order in reads of at most a piece; together they read every byte once."""
+    from moestream.runtime.measure.ceiling import _shares
+
+    ranges = [(3, 0, 40960), (3, 81920, 90112), (4, 4096, 20480)]  # 40 KiB, 8 KiB, 16 KiB
+    shares = _shares(ranges, threads=3, piece=16384)
+    assert [sum(n for _, _, n in s) for s in shares] == [24576, 24576, 16384]
+    assert shares[0] == [(3, 0, 16384), (3, 16384, 8192)]
+    assert shares[1] == [(3, 24576, 16384), (3, 81920, 8192)] and shares[2] == [(4, 4096, 16384)]
+    read = sorted((fd, off, n) for s in shares for fd, off, n in s)
+    assert all(off % 4096 == 0 and n % 4096 == 0 for _, off, n in read)
+    assert len(_shares(ranges, threads=8, piece=1 << 20)) == 8, "more threads than bytes: some shares are empty"

@@ -43,10 +43,20 @@ def read_ceiling(paths: list[Path], chunk: int, threads: int, seconds: float = 3
             "bytes": sum(done), "reads": sum(calls), "gb_per_s": sum(done) / elapsed / 1e9}
 
 
-def read_extents(ranges: list[tuple[Path, int, int]], threads: int, piece: int = 1 << 20) -> dict:
+# How read_extents shares the bytes among its threads: "pieces", piece-sized reads taken in turn
+# (neighbouring pieces on different threads); "shares", one contiguous share per thread, each read
+# in order (a sequential stream per thread, as the runtime splits a batch)
+READ_PATTERNS = ("pieces", "shares")
+
+
+def read_extents(ranges: list[tuple[Path, int, int]], threads: int, piece: int = 1 << 20,
+                 pattern: str = "pieces") -> dict:
     """Read each (path, offset, nbytes) range once, O_DIRECT, in the order given: ranges that touch
-    are joined, then cut into `piece`-byte reads that `threads` threads take in turn. The time a
-    reader that does nothing else needs for exactly these bytes, on the disk as it is now."""
+    are joined, then read in `piece`-byte reads by `threads` threads, shared as `pattern` says
+    (READ_PATTERNS). The time a reader that does nothing else needs for exactly these bytes, on the
+    disk as it is now."""
+    if pattern not in READ_PATTERNS:
+        raise ValueError(f"pattern must be one of {READ_PATTERNS}, got {pattern!r}")
     piece = max(ALIGN, piece // ALIGN * ALIGN)
     joined: list[list] = []
     for path, offset, nbytes in ranges:
@@ -57,17 +67,40 @@ def read_extents(ranges: list[tuple[Path, int, int]], threads: int, piece: int =
             joined.append([path, start, end])
     flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
     fds = {p: os.open(p, flags) for p in {j[0] for j in joined}}
-    reads = iter([(fds[p], off, min(piece, end - off)) for p, start, end in joined for off in range(start, end, piece)])
+    if pattern == "pieces":
+        taken = iter([(fds[p], off, min(piece, end - off)) for p, start, end in joined for off in range(start, end, piece)])
+        work = [taken] * threads  # next() on a list iterator is atomic under the GIL
+    else:
+        work = [iter(share) for share in _shares([(fds[p], start, end) for p, start, end in joined], threads, piece)]
     done = [0] * threads
 
     def worker(i: int) -> None:
         buf = mmap.mmap(-1, piece)
-        for fd, off, n in reads:  # next() on a list iterator is atomic under the GIL
+        for fd, off, n in work[i]:
             done[i] += os.preadv(fd, [memoryview(buf)[:n]], off)
 
     elapsed = _run_threads(worker, threads, list(fds.values()))
-    return {"piece_bytes": piece, "threads": threads, "seconds": elapsed, "bytes": sum(done),
+    return {"piece_bytes": piece, "threads": threads, "pattern": pattern, "seconds": elapsed, "bytes": sum(done),
             "gb_per_s": sum(done) / elapsed / 1e9}
+
+
+def _shares(ranges: list[tuple[int, int, int]], threads: int, piece: int) -> list[list[tuple[int, int, int]]]:
+    """(fd, start, end) ranges laid end to end and cut into `threads` contiguous shares at ALIGN
+    bounds; each share as its (fd, offset, nbytes) reads of at most `piece` bytes, in order."""
+    total = sum(end - start for _, start, end in ranges)
+    share = -(-total // max(threads, 1) // ALIGN) * ALIGN or ALIGN
+    out: list[list] = [[] for _ in range(threads)]
+    i, room = 0, share
+    for fd, start, end in ranges:
+        off = start
+        while off < end:
+            if room == 0 and i < threads - 1:
+                i, room = i + 1, share
+            n = min(piece, end - off, room if i < threads - 1 else end - off)
+            out[i].append((fd, off, n))
+            off += n
+            room = max(0, room - n)
+    return out
 
 
 def _run_threads(worker, threads: int, fds: list[int]) -> float:
