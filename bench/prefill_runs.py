@@ -1,0 +1,65 @@
+"""The cold prefills of several `moestream bench --json` reports, each file alone and pooled by prompt
+length: TTFT over the floor (each distinct expert read once at the ceiling), over the floor at the
+ceiling trials just before the run, and over the same experts read alone just after it; the median,
+the least, the most and how many runs were within 1.1x, per --compare entry.
+
+The ceiling is the best trial at any thread count, as `moestream bench` takes it today; a report
+made when the ceiling was the best at the runtime's thread count alone is read against its other
+thread counts' trials too, so that reports of either age are held to the same floor.
+
+    python bench/prefill_runs.py REPORT.json [REPORT.json ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from moestream.runtime.measure.bench import PREFILL_RATIOS, prefill_summary
+
+
+def cold_runs(report: dict) -> dict[str, dict]:
+    """The report's cold runs (those with a --compare entry's name), their TTFT over the floor
+    taken again at the best ceiling trial of any thread count."""
+    best = max([report["ceiling"]["gb_per_s"], *report.get("ceiling_by_threads", {}).values()])
+    runs = {}
+    for name, x in report.items():
+        if isinstance(x, dict) and "variant" in x and "prefill_expert_bytes" in x:
+            floor_s = x["prefill_expert_bytes"] / (best * 1e9)
+            runs[name] = {**x, "ttft_over_floor": x["ttft_s"] / floor_s}
+    return runs
+
+
+def summary_lines(label: str, summary: dict) -> list[str]:
+    return [f"  {label}{variant:<14}{g['runs']:>3} runs  " + "  /  ".join(
+        f"{g[k]['median']:.2f} ({g[k]['min']:.2f}-{g[k]['max']:.2f}, {g[k]['within_count']} in)" if k in g else "-"
+        for k in PREFILL_RATIOS) for variant, g in summary.items()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("reports", nargs="+", type=Path, help="moestream bench --json files")
+    args = ap.parse_args(argv)
+    pooled: dict[int, dict] = {}
+    print("cold runs, TTFT over: the floor at the best ceiling trial of any thread count / at the trials just "
+          "before the run / the same experts read alone just after (median, least-most, runs within 1.1x)")
+    for path in args.reports:
+        report = json.loads(path.read_text())
+        runs = cold_runs(report)
+        if not runs:
+            raise SystemExit(f"{path}: no cold run names its --compare entry (a report older than the repeat summary)")
+        tokens = report["args"]["prompt_tokens"]
+        best = max([report["ceiling"]["gb_per_s"], *report.get("ceiling_by_threads", {}).values()])
+        print(f"{path.name} ({tokens} tokens, ceiling {best:.2f} GB/s):")
+        print("\n".join(summary_lines("", prefill_summary(runs))))
+        pooled.setdefault(tokens, {}).update({f"{path.name}:{name}": x for name, x in runs.items()})
+    print("pooled by prompt length:")
+    for tokens, runs in sorted(pooled.items()):
+        reports = len({name.split(":")[0] for name in runs})
+        print("\n".join(summary_lines(f"{tokens} tokens, {reports} reports: ", prefill_summary(runs))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
