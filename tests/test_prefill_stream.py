@@ -315,3 +315,39 @@ def test_a_long_calls_first_group_is_read_before_its_routing(bundle_dir):
     assert s.speculated > 0 and 0 <= s.speculated_unused < s.speculated
     assert s.prefill_groups_run >= 4 * s.prefill_calls > 0
     assert float(mx.abs(want - got).max()) <= 1e-5 * float(mx.abs(want).max())
+
+
+def test_an_early_read_is_taken_by_the_first_group_or_dropped_and_counted_unused(bundle_dir):
+    """The read started before the routing: where the call's first group is made of its experts,
+    that group's misses come from it (the same read, not a second one) and the rest count as
+    unused; where the call routes to none of them, it is let finish, all of it counts as unused,
+    and no group takes it. Either way the disk's busy time for it is counted."""
+    from moestream.runtime.model.streaming import _ReadAhead
+
+    bundle = bundle_dir("qwen3_moe")
+    k = moestream.inspect(bundle)["experts_per_token"]
+    limit = moestream.plan_memory(bundle, expert_cache_share=0.3).budget_bytes
+    with moestream.load(bundle, memory_budget=limit) as (model, _):
+        s = moestream.runtime_of(model).streamer
+        s.prefill_min_group_bytes, s.prefill_speculate = 0, True
+        layer = min(layer for layer, _ in s.store.bundle.extents)  # the first MoE layer's index
+        order = s.layout_order(layer, range(s.num_experts))
+        for takes in (False, True):  # dropped first: a taken read caches its experts
+            s.reset_stats()
+            early = s.speculate(layer, tokens=10_000, k=k)
+            assert early is not None and early.missing and s.speculated == len(early.missing)
+            rest = [e for e in order if e not in early.group]
+            head = early.group[: max(1, len(early.group) // 2)] if takes else []
+            groups = ([head] if head else []) + s.prefill_groups(layer, rest)
+            ahead = _ReadAhead(s, layer, groups, early)
+            if takes:
+                first = ahead.next()
+                assert first.group == head and first.future is early.future
+                assert s.speculated_unused == len(set(early.missing) - set(head))
+                s.prefill_wait(first)
+                s.prefill_release(first)
+            else:
+                assert early.future.done() and ahead._next == 0
+                assert s.speculated_unused == len(early.missing)
+            ahead.close()
+            assert s.prefill_read_s > 0 and early.span is not None

@@ -462,22 +462,28 @@ class _ReadAhead:
 
     def __init__(self, streamer: ExpertStreamer, layer: int, groups: list[list[int]],
                  early: _PrefillRead | None = None):
-        """early: a read started before the routing (ExpertStreamer.speculate) whose experts
-        include every miss of groups[0]: that group takes it as its own."""
+        """early: a read started before the routing (ExpertStreamer.speculate). Where groups[0] is
+        made of its experts (the call routes to some of them), that group takes it as its own;
+        the experts it read that no group takes count as unused, and a read no group takes is let
+        finish and dropped before the groups' reads take the room."""
         self.s, self.layer, self.groups = streamer, layer, groups
         self.started: deque[_PrefillRead] = deque()
         self.reads: list[_PrefillRead] = []
         self._next = 0
-        if early is not None:
-            self.reads.append(early)
-            r = streamer.prefill_start(layer, groups[0])
-            streamer.speculated_unused += len(set(early.missing) - set(r.missing))
-            if r.missing:
-                r.future, r.miss_bytes = early.future, early.miss_bytes  # in flight: all it reads
-            else:
-                streamer.prefill_release(early)
-            self.started.append(r)
+        if early is None:
+            return
+        self.reads.append(early)  # the disk was busy with it, used or not
+        head = None
+        if groups and set(groups[0]) <= set(early.group):
+            head = streamer.prefill_start(layer, groups[0])
+            self.started.append(head)
             self._next = 1
+        used = set(head.missing) if head is not None else set()
+        streamer.speculated_unused += len(set(early.missing) - used)
+        if used:
+            head.future, head.miss_bytes = early.future, early.miss_bytes  # in flight: all it reads
+        else:
+            streamer.prefill_release(early)
 
     def fill(self, held: int) -> None:
         """Start what fits beside `held` bytes of a stacked group and the reads in flight, in
@@ -615,10 +621,6 @@ class StreamingSwitchGLU(nn.Module):
             ahead_set = set(early.group)
             head = [e for e in order if e in ahead_set]
             groups = ([head] if head else []) + s.prefill_groups(layer, [e for e in order if e not in ahead_set])
-            if not head:
-                s.speculated_unused += len(early.missing)
-                s.prefill_release(early)  # let it finish before the groups' reads take the room
-                early = None
         else:
             groups = s.prefill_groups(layer, order)
         s.prefill_calls += 1
