@@ -3,9 +3,10 @@ length: TTFT over the floor (each distinct expert read once at the ceiling), ove
 ceiling trials just before the run, and over the same experts read alone just after it; the median,
 the least, the most and how many runs were within 1.1x, per --compare entry.
 
-The ceiling is the best trial at any thread count, as `moestream bench` takes it today; a report
-made when the ceiling was the best at the runtime's thread count alone is read against its other
-thread counts' trials too, so that reports of either age are held to the same floor.
+The floor's ceiling is the best trial at any thread count, random or in sequence, as `moestream
+bench` takes it today (`prefill_ceiling`); a report made when the ceiling was the best random trial
+at the runtime's thread count is read against every trial it holds, so that reports of any age are
+held to the strictest floor they measured.
 
     python bench/prefill_runs.py REPORT.json [REPORT.json ...]
 """
@@ -19,10 +20,16 @@ from pathlib import Path
 from moestream.runtime.measure.bench import PREFILL_RATIOS, prefill_summary
 
 
+def best_ceiling(report: dict) -> float:
+    """The best trial the report holds: random at any thread count, or in sequence."""
+    return max([report["ceiling"]["gb_per_s"], report.get("prefill_ceiling", {}).get("gb_per_s", 0.0),
+                *report.get("ceiling_by_threads", {}).values(), *report.get("ceiling_sequential_by_threads", {}).values()])
+
+
 def cold_runs(report: dict) -> dict[str, dict]:
     """The report's cold runs (those with a --compare entry's name), their TTFT over the floor
-    taken again at the best ceiling trial of any thread count."""
-    best = max([report["ceiling"]["gb_per_s"], *report.get("ceiling_by_threads", {}).values()])
+    taken again at the best ceiling trial it holds."""
+    best = best_ceiling(report)
     runs = {}
     for name, x in report.items():
         if isinstance(x, dict) and "variant" in x and "prefill_expert_bytes" in x:
@@ -42,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("reports", nargs="+", type=Path, help="moestream bench --json files")
     args = ap.parse_args(argv)
     pooled: dict[int, dict] = {}
-    print("cold runs, TTFT over: the floor at the best ceiling trial of any thread count / at the trials just "
+    print("cold runs, TTFT over: the floor at the best ceiling trial (any thread count, random or in sequence) / at the trials just "
           "before the run / the same experts read alone just after (median, least-most, runs within 1.1x)")
     for path in args.reports:
         report = json.loads(path.read_text())
@@ -50,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         if not runs:
             raise SystemExit(f"{path}: no cold run names its --compare entry (a report older than the repeat summary)")
         tokens = report["args"]["prompt_tokens"]
-        best = max([report["ceiling"]["gb_per_s"], *report.get("ceiling_by_threads", {}).values()])
+        best = best_ceiling(report)
         print(f"{path.name} ({tokens} tokens, ceiling {best:.2f} GB/s):")
         print("\n".join(summary_lines("", prefill_summary(runs))))
         pooled.setdefault(tokens, {}).update({f"{path.name}:{name}": x for name, x in runs.items()})

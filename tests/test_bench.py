@@ -33,7 +33,14 @@ def test_bench_cli_reports_ceiling_roofline_and_comparisons(tmp_path, bundle_dir
     threads = r["settings"]["io_threads"]
     assert len(r["ceiling_trials"]) == 4 and {t["threads"] for t in r["ceiling_trials"]} == {threads}
     assert set(r["ceiling_by_threads"]) == {str(max(1, threads // 2)), str(threads * 2)}  # JSON keys
-    assert r["ceiling"]["gb_per_s"] == max([t["gb_per_s"] for t in r["ceiling_trials"]] + list(r["ceiling_by_threads"].values()))
+    random_best = max([t["gb_per_s"] for t in r["ceiling_trials"]] + list(r["ceiling_by_threads"].values()))
+    assert r["ceiling"]["gb_per_s"] == random_best and not r["ceiling"]["sequential"]
+    # a prefill's floor also counts reads in sequence, at the runtime's count and half it
+    assert set(r["ceiling_sequential_by_threads"]) == {str(max(1, threads // 2)), str(threads)}
+    assert r["prefill_ceiling"]["gb_per_s"] == max(random_best, *r["ceiling_sequential_by_threads"].values())
+    cold = r["cold"]
+    assert cold["prefill_read_floor_s"] == pytest.approx(cold["prefill_expert_bytes"] / (r["prefill_ceiling"]["gb_per_s"] * 1e9))
+    assert cold["roofline_tokens_per_s"] == pytest.approx(r["ceiling"]["gb_per_s"] * 1e9 / cold["bytes_read_per_token"])
     assert r["host_warm"]["bytes_read"] == r["warm"]["bytes_read"], "same reads, only where they land differs"
     phases = r["phases"]["per_layer_ms"]
     assert {"attention (all before the MoE input)", "routing (router, top-k, host sync)", "expert compute"} <= set(phases)
@@ -308,6 +315,20 @@ def test_read_extents_reads_each_range_once_joined_and_aligned(tmp_path):
         assert r["seconds"] > 0 and r["threads"] == 3 and r["piece_bytes"] == 1 << 20 and r["pattern"] == pattern
     with pytest.raises(ValueError, match="pattern"):
         read_extents(ranges, threads=3, pattern="random")
+
+
+def test_read_ceiling_in_sequence_reads_on_through_the_files_and_wraps(tmp_path):
+    """Reads in sequence go on from one file into the next and back to the first: in a run long
+    enough, every thread reads more than all the files hold, in aligned reads that stop at each
+    file's end (a file shorter than one read is read whole)."""
+    from moestream.runtime.measure.ceiling import read_ceiling
+
+    paths = [tmp_path / "a.bin", tmp_path / "b.bin", tmp_path / "tiny.bin"]
+    for path, size in zip(paths, (64 << 10, 40 << 10, 4096), strict=True):
+        path.write_bytes(bytes(size))
+    r = read_ceiling(paths, chunk=16384, threads=2, seconds=0.2, sequential=True)
+    assert r["sequential"] and r["bytes"] > 4 * (108 << 10) and r["bytes"] % 4096 == 0  # passes over the files
+    assert r["reads"] > 4 * 8, "108 KiB in 16 KiB reads stopping at each file's end is 8 per pass"
 
 
 def test_shares_give_each_thread_one_contiguous_run_of_the_bytes_in_order():

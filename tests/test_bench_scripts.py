@@ -123,10 +123,10 @@ def test_reads_under_compute_runs_on_the_fixture(bench_path, tmp_path, capsys):
     assert "layers.0.self_attn over 32 tokens" in capsys.readouterr().out
 
 
-def test_prefill_runs_holds_every_report_to_the_best_ceiling_at_any_thread_count(bench_path, tmp_path, capsys):
+def test_prefill_runs_holds_every_report_to_the_best_ceiling_trial_it_holds(bench_path, tmp_path, capsys):
     """A report whose ceiling was the best at the runtime's thread count, where half the threads read
-    faster: its cold runs' TTFT is taken again over the floor at the faster trial; repeats of one
-    entry, and reports of one prompt length, are pooled."""
+    faster: its cold runs' TTFT is taken again over the floor at the faster trial (a newer report's
+    reads in sequence count too); repeats of one entry, and reports of one prompt length, are pooled."""
     module = load_script(BENCH / "prefill_runs.py")
 
     def cold(variant, ttft):
@@ -136,14 +136,15 @@ def test_prefill_runs_holds_every_report_to_the_best_ceiling_at_any_thread_count
     old = {"args": {"prompt_tokens": 2048}, "ceiling": {"gb_per_s": 1.0}, "ceiling_by_threads": {"4": 2.0, "16": 0.5},
            "cold": cold("default", 1.1), "warm": {"ttft_s": 0.5, "prefill_expert_bytes": 2e9},
            "default_cold": cold("default", 1.3), "noreadfirst_cold": cold("noreadfirst", 1.5)}
-    new = {"args": {"prompt_tokens": 2048}, "ceiling": {"gb_per_s": 2.0}, "ceiling_by_threads": {"4": 1.0},
-           "cold": cold("default", 1.0)}
+    new = {"args": {"prompt_tokens": 2048}, "ceiling": {"gb_per_s": 1.5}, "ceiling_by_threads": {"4": 1.0},
+           "ceiling_sequential_by_threads": {"8": 2.0}, "prefill_ceiling": {"gb_per_s": 2.0}, "cold": cold("default", 1.0)}
     paths = [tmp_path / "old.json", tmp_path / "new.json"]
     for path, report in zip(paths, (old, new), strict=True):
         path.write_text(json.dumps(report))
     runs = module.cold_runs(old)
     assert set(runs) == {"cold", "default_cold", "noreadfirst_cold"}, "warm runs are not cold prefills"
     assert runs["cold"]["ttft_over_floor"] == pytest.approx(1.1), "the floor at 2.0 GB/s (4 threads) is 1 s"
+    assert module.cold_runs(new)["cold"]["ttft_over_floor"] == pytest.approx(1.0), "reads in sequence count"
     assert module.main([str(p) for p in paths]) == 0
     out = capsys.readouterr().out
     assert "2048 tokens, 2 reports: default         3 runs  1.10 (1.00-1.30, 2 in)" in out

@@ -295,7 +295,13 @@ def print_report(r: dict) -> None:
     print(f"ceiling: {c['gb_per_s']:.2f} GB/s (O_DIRECT random reads, the best trial: {c['threads']} threads, "
           f"{c['chunk_bytes'] / 1e6:.2f} MB; at the runtime's {r.get('settings', {}).get('io_threads', '?')} threads: "
           + ", ".join(f"{t['chunk_bytes'] / 1e6:.2f} MB: {t['gb_per_s']:.2f}" for t in r.get("ceiling_trials", [c]))
-          + "; other thread counts: " + ", ".join(f"{t}: {g:.2f}" for t, g in r.get("ceiling_by_threads", {}).items()) + ")")
+          + "; other thread counts: " + ", ".join(f"{t}: {g:.2f}" for t, g in r.get("ceiling_by_threads", {}).items())
+          + ")")
+    if "prefill_ceiling" in r:
+        pc = r["prefill_ceiling"]
+        print(f"prefill ceiling: {pc['gb_per_s']:.2f} GB/s (the best of those and reads in sequence, "
+              + ", ".join(f"{t} threads: {g:.2f}" for t, g in r.get("ceiling_sequential_by_threads", {}).items())
+              + f"; {'in sequence' if pc.get('sequential') else 'random'})")
     print("settings: " + ", ".join(f"{k}={v}" for k, v in r.get("settings", {}).items()))
     print(f"warm-up (kernel compilation): {r.get('warmup_s', 0):.1f}s")
     print("\n== decode ==")
@@ -306,7 +312,7 @@ def print_report(r: dict) -> None:
               f"{x['bytes_read_per_token'] / 1e6:>8.1f}{x['hit_rate']:>7.1%}{x['read_gb_per_s_during_io']:>9.2f}"
               f"{x['io_efficiency']:>6.2f}{x['roofline_tokens_per_s']:>8.2f}{x['share_of_roofline']:>7.2f}")
     print(f"\n== prefill ({r['args']['prompt_tokens']} tokens; floor: each distinct expert it routes to read once at "
-          f"the ceiling) ==")
+          f"the prefill ceiling) ==")
     print(f"{'run':<18}{'TTFT s':>8}{'floor s':>9}{'TTFT/floor':>11}{'before':>7}{'TTFT/bef':>9}{'alone s':>8}{'TTFT/alone':>11}{'experts':>9}{'MB':>9}{'chunk':>7}{'pf hit':>8}"
           f"{'dec hit':>8}{'read s':>8}{'GB/s':>6}{'wait s':>8}{'sync s':>8}{'mm s':>7}{'allocs':>7}  admission")
     for name in table_runs(r):
@@ -321,7 +327,7 @@ def print_report(r: dict) -> None:
               f"{x['prefill_hit_rate']:>8.1%}{x['hit_rate']:>8.1%}{x.get('prefill_read_s', 0):>8.2f}{rate:>6.2f}"
               f"{x.get('prefill_wait_s', 0):>8.2f}{x.get('prefill_route_sync_s', 0):>8.2f}"
               f"{x.get('prefill_expert_compute_s', 0):>7.2f}{x.get('prefill_staging_allocations', 0):>7}  {x['prefill_admission']}")
-    print("(before: the GB/s of the better of two ceiling trials just before a cold run, TTFT/bef: TTFT over the floor at that rate; "
+    print("(before: the GB/s of the best of three ceiling trials just before a cold run, TTFT/bef: TTFT over the floor at that rate; "
           "alone s: a cold run's distinct experts read again just after it, in layout order, by a reader doing "
           "nothing else (the faster of two ways: sub-reads taken in turn by its threads, or one contiguous share per thread); read s: the disk busy with the prefill pipeline's reads; GB/s: their rate; "
           "wait s: the layers waiting for them; sync s: at the routing's host sync, i.e. computing all before each MoE "
@@ -388,10 +394,11 @@ def print_report(r: dict) -> None:
 
 
 
-def _derive(run: dict, ceiling_gbs: float, n_moe: int, full_layers: int) -> None:
-    # TTFT against reading every distinct expert of the prefill once at the disk's ceiling: what
-    # no prefill that reads them can beat (a warm run reads fewer: its floor is still this one)
-    run["prefill_read_floor_s"] = run["prefill_expert_bytes"] / (ceiling_gbs * 1e9)
+def _derive(run: dict, ceiling_gbs: float, n_moe: int, full_layers: int, prefill_gbs: float | None = None) -> None:
+    # TTFT against reading every distinct expert of the prefill once at the disk's ceiling for it
+    # (prefill_gbs: reads in sequence count too): what no prefill that reads them can beat (a warm
+    # run reads fewer: its floor is still this one)
+    run["prefill_read_floor_s"] = run["prefill_expert_bytes"] / ((prefill_gbs or ceiling_gbs) * 1e9)
     run["ttft_over_floor"] = run["ttft_s"] / max(run["prefill_read_floor_s"], 1e-12)
     if "ceiling_before_gb_per_s" in run:  # the same floor at the ceiling trial just before the run
         run["prefill_read_floor_before_s"] = run["prefill_expert_bytes"] / (run["ceiling_before_gb_per_s"] * 1e9)
@@ -596,11 +603,13 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
             for part, settings in ((rt.streamer, streamer_settings), (rt.reader, reader_settings)):
                 for key, value in settings.items():
                     setattr(part, key, value)
-            # the disk just before the cold run: ceiling trials next to it (the runtime's thread
-            # count and half it, the better), where the run's best trial may be minutes away, on a
-            # disk whose rate moves by tens of percent
-            before = max((read_ceiling(files, extent_size, t, seconds=ceiling_seconds / 3)
-                          for t in sorted({max(1, rt.reader.threads // 2), rt.reader.threads})), key=lambda t: t["gb_per_s"])
+            # the disk just before the cold run: ceiling trials next to it (random reads at the
+            # runtime's thread count and half it, reads in sequence at its count; the best), where
+            # the run's best trial may be minutes away, on a disk whose rate moves by tens of percent
+            n = rt.reader.threads
+            before = max([read_ceiling(files, extent_size, t, seconds=ceiling_seconds / 3) for t in sorted({max(1, n // 2), n})]
+                         + [read_ceiling(files, rt.reader.checked_read_bytes, n, seconds=ceiling_seconds / 3, sequential=True)],
+                         key=lambda t: t["gb_per_s"])
             evict_page_cache(files)
             report[f"{name}cold"] = cold = decode(model, prompt, gen_tokens, read_alone=True)
             cold["variant"] = variant_name
@@ -632,13 +641,22 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
               for _ in range(2) for size in (extent_size, read_size)]  # trial after an idle spell may burst
     others = [read_ceiling(files, size, t, seconds=ceiling_seconds * 2 / 3)
               for t in sorted({max(1, threads // 2), threads * 2}) for size in {extent_size, read_size}]
+    # and reading on in sequence, in the runtime's sub-reads: a long prefill reads nearly every
+    # expert of a layer in layout order, which a disk may serve faster than random reads
+    piece = report["settings"]["checked_read_bytes"]
+    in_sequence = [read_ceiling(files, piece, t, seconds=ceiling_seconds * 2 / 3, sequential=True)
+                   for t in sorted({max(1, threads // 2), threads})]
+    # random reads are what a decode step's misses are: its rooflines use their best; a prefill's
+    # floor uses the best of either
     report["ceiling"] = max(trials + others, key=lambda t: t["gb_per_s"])
+    report["prefill_ceiling"] = max(trials + others + in_sequence, key=lambda t: t["gb_per_s"])
     report["ceiling_trials"] = [{k: t[k] for k in ("chunk_bytes", "threads", "gb_per_s")} for t in trials]
     report["ceiling_by_threads"] = {t: max(x["gb_per_s"] for x in others if x["threads"] == t)
                                     for t in sorted({x["threads"] for x in others})}
+    report["ceiling_sequential_by_threads"] = {x["threads"]: x["gb_per_s"] for x in in_sequence}
     full = full_layers or n_moe
     for name in ("cold", "warm", "phases"):
-        _derive(report[name], report["ceiling"]["gb_per_s"], n_moe, full)
+        _derive(report[name], report["ceiling"]["gb_per_s"], n_moe, full, report["prefill_ceiling"]["gb_per_s"])
 
     if streams > 1:
         prompts = [rng.integers(0, min(vocab, 50_000), size=prompt_tokens).tolist() for _ in range(streams)]
@@ -661,7 +679,7 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
         name = run_name(c, seen[c])
         cold_and_warm(name, c, **_variant(c))
         for run in ("cold", "warm"):
-            _derive(report[name + run], report["ceiling"]["gb_per_s"], n_moe, full)
+            _derive(report[name + run], report["ceiling"]["gb_per_s"], n_moe, full, report["prefill_ceiling"]["gb_per_s"])
     report["prefill_summary"] = prefill_summary(report)
     if reference_checkpoint is not None:
         ref = reference_model(Path(reference_checkpoint), expert_quantization(bundle))

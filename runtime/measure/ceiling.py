@@ -1,9 +1,11 @@
-"""The disk's read ceiling: O_DIRECT reads of one size at random aligned offsets from a thread pool
-for a fixed time, over existing files (a bundle's expert files), at the read size and thread count
-the runtime actually uses."""
+"""The disk's read ceiling: O_DIRECT reads of one size, at random aligned offsets or in sequence, from
+a thread pool for a fixed time, over existing files (a bundle's expert files), at the read sizes and
+thread counts the runtime uses; and the time to read given extents once (read_extents)."""
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import mmap
 import os
 import random
@@ -14,17 +16,22 @@ from pathlib import Path
 from ..io.reader import ALIGN
 
 
-def read_ceiling(paths: list[Path], chunk: int, threads: int, seconds: float = 3.0, direct: bool = True) -> dict:
-    """Random-offset reads of `chunk` bytes (rounded up to 4 KiB) from `paths` for `seconds`."""
+def read_ceiling(paths: list[Path], chunk: int, threads: int, seconds: float = 3.0, direct: bool = True,
+                 sequential: bool = False) -> dict:
+    """Reads of `chunk` bytes (rounded up to 4 KiB) from `paths` for `seconds`: at random aligned
+    offsets, or (sequential) each thread on through its own stretch of the files laid end to end,
+    from an evenly spaced start, wrapping around: how a long prefill reads its layers' experts."""
     chunk = max(ALIGN, (chunk + ALIGN - 1) // ALIGN * ALIGN)
     flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct else 0)
     files = []
     for p in paths:
         size = os.path.getsize(p) // ALIGN * ALIGN
-        if size >= chunk:
+        if size >= (ALIGN if sequential else chunk):  # in sequence, a read stops at a file's end
             files.append((os.open(p, flags), size))
     if not files:
-        raise ValueError(f"no file among {len(paths)} is at least {chunk} bytes")
+        raise ValueError(f"no file among {len(paths)} is at least {ALIGN if sequential else chunk} bytes")
+    starts = list(itertools.accumulate((size for _, size in files), initial=0))  # the files end to end
+    total = starts[-1]
     done = [0] * threads
     calls = [0] * threads
     deadline = time.perf_counter() + seconds
@@ -32,14 +39,22 @@ def read_ceiling(paths: list[Path], chunk: int, threads: int, seconds: float = 3
     def worker(i: int) -> None:
         rng = random.Random(i)
         buf = mmap.mmap(-1, chunk)
+        pos = total * i // threads // ALIGN * ALIGN
         while time.perf_counter() < deadline:
-            fd, size = files[rng.randrange(len(files))]
-            off = rng.randrange((size - chunk) // ALIGN + 1) * ALIGN
-            done[i] += os.preadv(fd, [buf], off)
+            if sequential:
+                k = bisect.bisect_right(starts, pos) - 1
+                (fd, size), off = files[k], pos - starts[k]
+                n = min(chunk, size - off)
+                done[i] += os.preadv(fd, [memoryview(buf)[:n]], off)
+                pos = (pos + n) % total
+            else:
+                fd, size = files[rng.randrange(len(files))]
+                off = rng.randrange((size - chunk) // ALIGN + 1) * ALIGN
+                done[i] += os.preadv(fd, [buf], off)
             calls[i] += 1
 
     elapsed = _run_threads(worker, threads, [fd for fd, _ in files])
-    return {"chunk_bytes": chunk, "threads": threads, "direct": direct, "seconds": elapsed,
+    return {"chunk_bytes": chunk, "threads": threads, "direct": direct, "sequential": sequential, "seconds": elapsed,
             "bytes": sum(done), "reads": sum(calls), "gb_per_s": sum(done) / elapsed / 1e9}
 
 
