@@ -132,13 +132,15 @@ def mean_extent_bytes(bundle: str | Path) -> int:
     return sum(x.nbytes for x in extents) // max(len(extents), 1)
 
 
-def ceiling(files: Sequence[Path], chunk: int, threads: int, trials: int = 2, seconds: float = 3.0) -> dict:
-    """The disk's O_DIRECT random-read rate over `files` at this read size and thread count
-    (runtime.measure.ceiling.read_ceiling), the best of `trials`: the disks vary by tens of percent
-    from one second to the next, and an underestimated ceiling flatters every ratio against it."""
+def ceiling(files: Sequence[Path], chunk: int, threads: int, trials: int = 2, seconds: float = 3.0,
+            sequential: bool = False) -> dict:
+    """The disk's O_DIRECT read rate over `files` at this read size and thread count, random reads or
+    (sequential) each thread reading on in sequence (runtime.measure.ceiling.read_ceiling), the best
+    of `trials`: the disks vary by tens of percent from one second to the next, and an
+    underestimated ceiling flatters every ratio against it."""
     from moestream.runtime.measure.ceiling import read_ceiling
 
-    runs = [read_ceiling(list(files), int(chunk), threads, seconds=seconds) for _ in range(trials)]
+    runs = [read_ceiling(list(files), int(chunk), threads, seconds=seconds, sequential=sequential) for _ in range(trials)]
     best = max(runs, key=lambda r: r["gb_per_s"])
     return {**best, "trials_gb_per_s": [r["gb_per_s"] for r in runs]}
 
