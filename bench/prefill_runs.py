@@ -17,19 +17,13 @@ import argparse
 import json
 from pathlib import Path
 
-from moestream.runtime.measure.bench import PREFILL_RATIOS, prefill_summary
-
-
-def best_ceiling(report: dict) -> float:
-    """The best trial the report holds: random at any thread count, or in sequence."""
-    return max([report["ceiling"]["gb_per_s"], report.get("prefill_ceiling", {}).get("gb_per_s", 0.0),
-                *report.get("ceiling_by_threads", {}).values(), *report.get("ceiling_sequential_by_threads", {}).values()])
+from moestream.runtime.measure.bench import PREFILL_RATIOS, best_trial, prefill_summary
 
 
 def cold_runs(report: dict) -> dict[str, dict]:
     """The report's cold runs (those with a --compare entry's name), their TTFT over the floor
     taken again at the best ceiling trial it holds."""
-    best = best_ceiling(report)
+    best = best_trial(report, sequential=True)
     runs = {}
     for name, x in report.items():
         if isinstance(x, dict) and "variant" in x and "prefill_expert_bytes" in x:
@@ -57,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         if not runs:
             raise SystemExit(f"{path}: no cold run names its --compare entry (a report older than the repeat summary)")
         tokens = report["args"]["prompt_tokens"]
-        best = best_ceiling(report)
+        best = best_trial(report, sequential=True)
         print(f"{path.name} ({tokens} tokens, ceiling {best:.2f} GB/s):")
         print("\n".join(summary_lines("", prefill_summary(runs))))
         pooled.setdefault(tokens, {}).update({f"{path.name}:{name}": x for name, x in runs.items()})

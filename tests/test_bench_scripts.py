@@ -149,3 +149,24 @@ def test_prefill_runs_holds_every_report_to_the_best_ceiling_trial_it_holds(benc
     out = capsys.readouterr().out
     assert "2048 tokens, 2 reports: default         3 runs  1.10 (1.00-1.30, 2 in)" in out
     assert "noreadfirst     1 runs  1.50" in out
+
+
+def test_roofline_shares_are_taken_again_at_the_best_random_trial(bench_path, tmp_path, capsys):
+    """A report whose 4-thread trial read faster than the ceiling it used: each decode run's share
+    of its roofline, and each streams run's of its batch roofline, scaled by used / best; reads in
+    sequence (a prefill's) do not count for a decode; a file that is no bench report is left out."""
+    module = load_script(BENCH / "roofline_shares.py")
+    report = {"ceiling": {"gb_per_s": 1.5}, "ceiling_by_threads": {"4": 2.0, "16": 1.0},
+              "ceiling_sequential_by_threads": {"8": 3.0},
+              "cold": {"share_of_roofline": 0.9}, "warm": {"share_of_roofline": 0.8},
+              "streams_cold": {"share_of_batch_roofline": 0.96}}
+    rows = {r["run"]: r for r in module.shares(report)}
+    assert rows["cold"]["against_best"] == pytest.approx(0.675) and rows["warm"]["reported"] == 0.8
+    assert rows["streams_cold"]["against_best"] == pytest.approx(0.72)
+    good, other = tmp_path / "r.json", tmp_path / "serve.json"
+    good.write_text(json.dumps(report))
+    other.write_text(json.dumps({"rows": []}))
+    assert module.main([str(good), str(other)]) == 0
+    out = capsys.readouterr().out
+    assert "ceiling used 1.50 GB/s, best trial 2.00 GB/s" in out and "cold 0.90 -> 0.68" in out
+    assert "serve.json: not a moestream bench report" in out

@@ -148,6 +148,17 @@ def prefill_read_alone(rt, routed: set, ttft_s: float) -> dict:
 PREFILL_RATIOS = ("ttft_over_floor", "ttft_over_floor_before", "ttft_over_read_alone")
 
 
+def best_trial(report: dict, sequential: bool = False) -> float:
+    """The best rate a report's ceiling trials measured: random reads at any thread count (a
+    decode's misses), and with `sequential` reads in sequence too (a prefill's). A report made
+    before the bench took these as its ceilings holds them among its trials all the same."""
+    rates = [report["ceiling"]["gb_per_s"], *report.get("ceiling_by_threads", {}).values()]
+    if sequential:
+        rates += [report.get("prefill_ceiling", {}).get("gb_per_s", 0.0),
+                  *report.get("ceiling_sequential_by_threads", {}).values()]
+    return max(rates)
+
+
 def prefill_summary(report: dict, within: float = 1.1) -> dict:
     """The cold runs' TTFT ratios by --compare entry (repeats together): how many runs, the median,
     the least and the most, and how many were within `within`; a distribution, where one run's ratio
