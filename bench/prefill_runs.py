@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from moestream.runtime.measure.bench import PREFILL_RATIOS, best_trial, prefill_summary
+from moestream.runtime.measure.bench import best_trial, prefill_summary, prefill_summary_lines
 
 
 def cold_runs(report: dict) -> dict[str, dict]:
@@ -30,12 +30,6 @@ def cold_runs(report: dict) -> dict[str, dict]:
             floor_s = x["prefill_expert_bytes"] / (best * 1e9)
             runs[name] = {**x, "ttft_over_floor": x["ttft_s"] / floor_s}
     return runs
-
-
-def summary_lines(label: str, summary: dict) -> list[str]:
-    return [f"  {label}{variant:<14}{g['runs']:>3} runs  " + "  /  ".join(
-        f"{g[k]['median']:.2f} ({g[k]['min']:.2f}-{g[k]['max']:.2f}, {g[k]['within_count']} in)" if k in g else "-"
-        for k in PREFILL_RATIOS) for variant, g in summary.items()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,12 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         tokens = report["args"]["prompt_tokens"]
         best = best_trial(report, sequential=True)
         print(f"{path.name} ({tokens} tokens, ceiling {best:.2f} GB/s):")
-        print("\n".join(summary_lines("", prefill_summary(runs))))
+        print("\n".join(prefill_summary_lines(prefill_summary(runs))))
         pooled.setdefault(tokens, {}).update({f"{path.name}:{name}": x for name, x in runs.items()})
     print("pooled by prompt length:")
     for tokens, runs in sorted(pooled.items()):
         reports = len({name.split(":")[0] for name in runs})
-        print("\n".join(summary_lines(f"{tokens} tokens, {reports} reports: ", prefill_summary(runs))))
+        print("\n".join(prefill_summary_lines(prefill_summary(runs), f"{tokens} tokens, {reports} reports: ")))
     return 0
 
 

@@ -153,9 +153,8 @@ def best_trial(report: dict, sequential: bool = False) -> float:
     decode's misses), and with `sequential` reads in sequence too (a prefill's). A report made
     before the bench took these as its ceilings holds them among its trials all the same."""
     rates = [report["ceiling"]["gb_per_s"], *report.get("ceiling_by_threads", {}).values()]
-    if sequential:
-        rates += [report.get("prefill_ceiling", {}).get("gb_per_s", 0.0),
-                  *report.get("ceiling_sequential_by_threads", {}).values()]
+    if sequential:  # the prefill_ceiling is the best of these and the ones in sequence
+        rates += report.get("ceiling_sequential_by_threads", {}).values()
     return max(rates)
 
 
@@ -176,6 +175,13 @@ def prefill_summary(report: dict, within: float = 1.1) -> dict:
                 out[variant][key] = {"median": float(np.median(values)), "min": min(values), "max": max(values),
                                      "within_count": sum(v <= within for v in values)}
     return out
+
+
+def prefill_summary_lines(summary: dict, label: str = "") -> list[str]:
+    """prefill_summary as text: a line per --compare entry, each ratio as median (least-most, count within)."""
+    return [f"  {label}{variant:<14}{g['runs']:>3} runs  " + "  /  ".join(
+        f"{g[k]['median']:.2f} ({g[k]['min']:.2f}-{g[k]['max']:.2f}, {g[k]['within_count']} in)" if k in g else "-"
+        for k in PREFILL_RATIOS) for variant, g in summary.items()]
 
 
 def _disk_bytes(store, layer: int, expert: int) -> int:
@@ -357,10 +363,7 @@ def print_report(r: dict) -> None:
         print("\ncold runs by --compare entry, TTFT over: the floor at the best ceiling trial / at the trial just "
               "before / the same experts read alone just after (median, least-most, runs within "
               f"{next(iter(summary.values()))['within']}x)")
-    for variant, g in summary.items():
-        print(f"  {variant:<20}{g['runs']:>3} runs  " + "  /  ".join(
-            f"{g[k]['median']:.2f} ({g[k]['min']:.2f}-{g[k]['max']:.2f}, {g[k]['within_count']} in)" if k in g else "-"
-            for k in PREFILL_RATIOS))
+        print("\n".join(prefill_summary_lines(summary)))
     for name, settings in r.items():
         pc = settings.get("page_cache") if name.endswith("settings") and isinstance(settings, dict) else None
         if pc:
@@ -405,11 +408,11 @@ def print_report(r: dict) -> None:
 
 
 
-def _derive(run: dict, ceiling_gbs: float, n_moe: int, full_layers: int, prefill_gbs: float | None = None) -> None:
+def _derive(run: dict, ceiling_gbs: float, n_moe: int, full_layers: int, prefill_gbs: float) -> None:
     # TTFT against reading every distinct expert of the prefill once at the disk's ceiling for it
     # (prefill_gbs: reads in sequence count too): what no prefill that reads them can beat (a warm
     # run reads fewer: its floor is still this one)
-    run["prefill_read_floor_s"] = run["prefill_expert_bytes"] / ((prefill_gbs or ceiling_gbs) * 1e9)
+    run["prefill_read_floor_s"] = run["prefill_expert_bytes"] / (prefill_gbs * 1e9)
     run["ttft_over_floor"] = run["ttft_s"] / max(run["prefill_read_floor_s"], 1e-12)
     if "ceiling_before_gb_per_s" in run:  # the same floor at the ceiling trial just before the run
         run["prefill_read_floor_before_s"] = run["prefill_expert_bytes"] / (run["ceiling_before_gb_per_s"] * 1e9)
