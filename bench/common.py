@@ -132,17 +132,16 @@ def mean_extent_bytes(bundle: str | Path) -> int:
     return sum(x.nbytes for x in extents) // max(len(extents), 1)
 
 
-def ceiling(files: Sequence[Path], chunk: int, threads: int, trials: int = 2, seconds: float = 3.0,
+def ceiling(files: Sequence[Path], chunk: int, threads: int, trials: int = 1, seconds: float = 3.0,
             sequential: bool = False) -> dict:
     """The disk's O_DIRECT read rate over `files` at this read size and thread count, random reads or
-    (sequential) each thread reading on in sequence (runtime.measure.ceiling.read_ceiling), the best
-    of `trials`: the disks vary by tens of percent from one second to the next, and an
-    underestimated ceiling flatters every ratio against it."""
-    from moestream.runtime.measure.ceiling import read_ceiling
+    (sequential) each thread reading on in sequence (runtime.measure.ceiling.read_ceiling): over
+    `trials` windows, all their bytes over all their seconds (sustained, as `moestream bench` takes
+    its ceiling), with each window's rate beside it."""
+    from moestream.runtime.measure.ceiling import read_ceiling_rounds
 
-    runs = [read_ceiling(list(files), int(chunk), threads, seconds=seconds, sequential=sequential) for _ in range(trials)]
-    best = max(runs, key=lambda r: r["gb_per_s"])
-    return {**best, "trials_gb_per_s": [r["gb_per_s"] for r in runs]}
+    cell = read_ceiling_rounds(list(files), [(int(chunk), threads, sequential)], rounds=trials, seconds=seconds)[0]
+    return {**cell, "trials_gb_per_s": cell["windows"]}
 
 
 # ---------------------------------------------------------------- reporting

@@ -1,10 +1,9 @@
-"""Decode runs of `moestream bench --json` reports held to the best random-read trial each report
-holds: every run's share of its roofline (ceiling / bytes missed per token) and every streams run's
-share of its batch roofline, as reported and against that trial.
-
-A report made before the bench took the best trial at any thread count as its ceiling used the best
-at the runtime's 8 threads; its trials at 4 and 16 threads are in its JSON (`ceiling_by_threads`), and
-where one of them read faster, the shares it printed were flattered by that much.
+"""Decode runs of `moestream bench --json` reports held to two readings of the disk's random-read rate
+each report holds: its sustained rate (the best cell's bytes over its seconds, as `moestream bench`
+takes its ceiling today; in a report from before, the mean of its trials at the runtime's thread
+count) and its best single trial, a burst (the bench's ceiling in the reports before). Every run's
+share of its roofline (ceiling / bytes missed per token) and every streams run's share of its batch
+roofline, as reported and at both.
 
     python bench/roofline_shares.py REPORT.json [REPORT.json ...]
 """
@@ -15,18 +14,16 @@ import argparse
 import json
 from pathlib import Path
 
-from moestream.runtime.measure.bench import best_trial, table_runs
+from moestream.runtime.measure.bench import best_trial, sustained_rate, table_runs
 
 
 def shares(report: dict) -> list[dict]:
-    """Per decode run and streams run: the share reported and the share against the best trial."""
-    used, best = report["ceiling"]["gb_per_s"], best_trial(report)
-    rows = [{"run": name, "reported": report[name]["share_of_roofline"],
-             "against_best": report[name]["share_of_roofline"] * used / best} for name in table_runs(report)]
-    rows += [{"run": name, "reported": report[name]["share_of_batch_roofline"],
-              "against_best": report[name]["share_of_batch_roofline"] * used / best}
-             for name in ("streams_cold", "streams_warm") if name in report]
-    return rows
+    """Per decode run and streams run: the share reported, at the sustained rate and at the burst."""
+    used, sustained, burst = report["ceiling"]["gb_per_s"], sustained_rate(report), best_trial(report)
+    runs = [(name, "share_of_roofline") for name in table_runs(report)]
+    runs += [(name, "share_of_batch_roofline") for name in ("streams_cold", "streams_warm") if name in report]
+    return [{"run": name, "reported": report[name][key], "at_sustained": report[name][key] * used / sustained,
+             "at_burst": report[name][key] * used / burst} for name, key in runs]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,11 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(report, dict) or "ceiling" not in report or "cold" not in report:
             print(f"{path.name}: not a moestream bench report (no ceiling or cold run), left out")
             continue
-        used, best = report["ceiling"]["gb_per_s"], best_trial(report)
-        rows = shares(report)
-        print(f"{path.name}: ceiling used {used:.2f} GB/s, best trial {best:.2f} GB/s; share of roofline, "
-              "reported -> against the best: "
-              + ", ".join(f"{r['run']} {r['reported']:.2f} -> {r['against_best']:.2f}" for r in rows))
+        print(f"{path.name}: ceiling used {report['ceiling']['gb_per_s']:.2f} GB/s, sustained "
+              f"{sustained_rate(report):.2f}, best trial {best_trial(report):.2f}; share of roofline, "
+              "reported / at the sustained rate / at the best trial: "
+              + ", ".join(f"{r['run']} {r['reported']:.2f} / {r['at_sustained']:.2f} / {r['at_burst']:.2f}"
+                          for r in shares(report)))
     return 0
 
 

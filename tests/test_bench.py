@@ -29,15 +29,21 @@ def test_bench_cli_reports_ceiling_roofline_and_comparisons(tmp_path, bundle_dir
     assert r["naive"]["reads"] > r["cold"]["reads"], "the naive loader reads tensor by tensor"
     assert r["budget"]["expert_cache_bytes"] < r["budget"]["expert_bytes_in_memory"]
     assert r["settings"]["read_into"] == "arrays" and r["host_settings"]["read_into"] == "host"
-    # the ceiling is the best trial at any thread count: four at the runtime's, one or two each at half and twice it
+    # the ceiling is the best sustained rate of any random-read cell: the runtime's thread count, half
+    # and twice it, each at the extent size and the size the runtime read, three windows each
     threads = r["settings"]["io_threads"]
-    assert len(r["ceiling_trials"]) == 4 and {t["threads"] for t in r["ceiling_trials"]} == {threads}
-    assert set(r["ceiling_by_threads"]) == {str(max(1, threads // 2)), str(threads * 2)}  # JSON keys
-    random_best = max([t["gb_per_s"] for t in r["ceiling_trials"]] + list(r["ceiling_by_threads"].values()))
-    assert r["ceiling"]["gb_per_s"] == random_best and not r["ceiling"]["sequential"]
+    cells = r["ceiling_cells"]
+    random_cells = [c for c in cells if not c["sequential"]]
+    assert {c["threads"] for c in random_cells} == {max(1, threads // 2), threads, threads * 2}
+    assert all(len(c["windows"]) == 3 and c["seconds"] > 0 for c in cells)
+    for c in cells:  # sustained: all its bytes over all its seconds, between its worst and best window
+        assert c["gb_per_s"] == pytest.approx(c["bytes"] / c["seconds"] / 1e9)
+        assert min(c["windows"]) * 0.999 <= c["gb_per_s"] <= max(c["windows"]) * 1.001
+    assert r["ceiling"] == max(random_cells, key=lambda c: c["gb_per_s"]) and not r["ceiling"]["sequential"]
+    assert r["ceiling_burst_gb_per_s"] == max(w for c in random_cells for w in c["windows"])
     # a prefill's floor also counts reads in sequence, at the runtime's count and half it
-    assert set(r["ceiling_sequential_by_threads"]) == {str(max(1, threads // 2)), str(threads)}
-    assert r["prefill_ceiling"]["gb_per_s"] == max(random_best, *r["ceiling_sequential_by_threads"].values())
+    assert {c["threads"] for c in cells if c["sequential"]} == {max(1, threads // 2), threads}
+    assert r["prefill_ceiling"] == max(cells, key=lambda c: c["gb_per_s"])
     cold = r["cold"]
     assert cold["prefill_read_floor_s"] == pytest.approx(cold["prefill_expert_bytes"] / (r["prefill_ceiling"]["gb_per_s"] * 1e9))
     assert cold["roofline_tokens_per_s"] == pytest.approx(r["ceiling"]["gb_per_s"] * 1e9 / cold["bytes_read_per_token"])
@@ -47,7 +53,7 @@ def test_bench_cli_reports_ceiling_roofline_and_comparisons(tmp_path, bundle_dir
     assert all(v > 0 for v in phases.values()) and "route_sync (attention + router, host sync)" in r["warm"]["per_layer_ms"]
     assert plot.stat().st_size > 0
     text = capsys.readouterr().out
-    assert "roof" in text and "ceiling" in text and "TTFT/floor" in text
+    assert "roof" in text and "ceiling" in text and "TTFT/floor" in text and "sustained" in text
     assert "SCALED" not in text, "scaling to the layers it has is no figure"
     assert "{'" not in text, "no raw dicts in the report"
     from moestream.runtime.measure.bench import table_runs
@@ -329,6 +335,47 @@ def test_read_ceiling_in_sequence_reads_on_through_the_files_and_wraps(tmp_path)
     r = read_ceiling(paths, chunk=16384, threads=2, seconds=0.2, sequential=True)
     assert r["sequential"] and r["bytes"] > 4 * (108 << 10) and r["bytes"] % 4096 == 0  # passes over the files
     assert r["reads"] > 4 * 8, "108 KiB in 16 KiB reads stopping at each file's end is 8 per pass"
+
+
+def test_read_ceiling_reads_other_offsets_each_call(tmp_path, monkeypatch):
+    """Two trials in a row read other offsets, random or in sequence: a disk or host that caches what
+    was just read cannot serve the next trial from memory."""
+    import os
+
+    from moestream.runtime.measure.ceiling import read_ceiling
+
+    path = tmp_path / "experts.bin"
+    path.write_bytes(bytes(64 << 20))
+    offsets: list[int] = []
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: offsets.append(off) or real(fd, bufs, off))
+    for sequential in (False, True):
+        firsts = []
+        for _ in range(2):
+            offsets.clear()
+            read_ceiling([path], chunk=16384, threads=1, seconds=0.02, sequential=sequential)
+            firsts.append(offsets[:4])
+        assert firsts[0] != firsts[1], sequential
+
+
+def test_read_ceiling_rounds_take_turns_and_sum_each_cell(tmp_path, monkeypatch):
+    """The cells take turns within each round; a cell's rate is all its bytes over all its seconds
+    (not its best window), and its best window is kept beside it."""
+    from moestream.runtime.measure import ceiling
+
+    calls = []
+
+    def fake(paths, chunk, threads, seconds, sequential=False):
+        calls.append((chunk, threads, sequential))
+        gb = {1: 1.0, 2: 3.0}[len([c for c in calls if c == (chunk, threads, sequential)])] if threads == 8 else 2.0
+        return {"chunk_bytes": chunk, "gb_per_s": gb, "bytes": int(gb * 1e9 * seconds), "seconds": seconds}
+
+    monkeypatch.setattr(ceiling, "read_ceiling", fake)
+    cells = [(4096, 8, False), (4096, 4, True)]
+    out = ceiling.read_ceiling_rounds([tmp_path], cells, rounds=2, seconds=0.5)
+    assert calls == cells * 2
+    assert out[0]["windows"] == [1.0, 3.0] and out[0]["gb_per_s"] == pytest.approx(2.0) and out[0]["best_window_gb_per_s"] == 3.0
+    assert out[1]["sequential"] and out[1]["gb_per_s"] == pytest.approx(2.0)
 
 
 def test_shares_give_each_thread_one_contiguous_run_of_the_bytes_in_order():

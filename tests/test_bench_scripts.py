@@ -123,50 +123,62 @@ def test_reads_under_compute_runs_on_the_fixture(bench_path, tmp_path, capsys):
     assert "layers.0.self_attn over 32 tokens" in capsys.readouterr().out
 
 
-def test_prefill_runs_holds_every_report_to_the_best_ceiling_trial_it_holds(bench_path, tmp_path, capsys):
-    """A report whose ceiling was the best at the runtime's thread count, where half the threads read
-    faster: its cold runs' TTFT is taken again over the floor at the faster trial (a newer report's
-    reads in sequence count too); repeats of one entry, and reports of one prompt length, are pooled."""
+def test_prefill_runs_holds_every_report_to_the_sustained_rate_or_the_best_trial_it_holds(bench_path, tmp_path, capsys):
+    """Each report's cold runs' TTFT is taken again over the floor at the disk's sustained rate (a
+    report from before the ceiling cells: the mean of its trials at the runtime's threads), or with
+    --at burst at the best single trial it holds (at any thread count; in a newer report reads in
+    sequence count too); repeats of one entry, and reports of one prompt length, are pooled."""
     module = load_script(BENCH / "prefill_runs.py")
 
     def cold(variant, ttft):
         return {"variant": variant, "ttft_s": ttft, "prefill_expert_bytes": 2e9, "ttft_over_floor": 0.0,
                 "ttft_over_read_alone": 1.0}
 
-    old = {"args": {"prompt_tokens": 2048}, "ceiling": {"gb_per_s": 1.0}, "ceiling_by_threads": {"4": 2.0, "16": 0.5},
+    old = {"args": {"prompt_tokens": 2048}, "ceiling": {"gb_per_s": 1.2}, "ceiling_by_threads": {"4": 2.0, "16": 0.5},
+           "ceiling_trials": [{"gb_per_s": g} for g in (0.8, 1.2, 1.0, 1.0)],
            "cold": cold("default", 1.1), "warm": {"ttft_s": 0.5, "prefill_expert_bytes": 2e9},
            "default_cold": cold("default", 1.3), "noreadfirst_cold": cold("noreadfirst", 1.5)}
-    new = {"args": {"prompt_tokens": 2048}, "ceiling": {"gb_per_s": 1.5}, "ceiling_by_threads": {"4": 1.0},
-           "ceiling_sequential_by_threads": {"8": 2.0}, "prefill_ceiling": {"gb_per_s": 2.0}, "cold": cold("default", 1.0)}
+    new = {"args": {"prompt_tokens": 2048}, "ceiling_cells": [], "ceiling": {"gb_per_s": 1.5},
+           "prefill_ceiling": {"gb_per_s": 2.0}, "ceiling_burst_gb_per_s": 1.8, "prefill_ceiling_burst_gb_per_s": 4.0,
+           "cold": cold("default", 1.0)}
     paths = [tmp_path / "old.json", tmp_path / "new.json"]
     for path, report in zip(paths, (old, new), strict=True):
         path.write_text(json.dumps(report))
     runs = module.cold_runs(old)
     assert set(runs) == {"cold", "default_cold", "noreadfirst_cold"}, "warm runs are not cold prefills"
-    assert runs["cold"]["ttft_over_floor"] == pytest.approx(1.1), "the floor at 2.0 GB/s (4 threads) is 1 s"
-    assert module.cold_runs(new)["cold"]["ttft_over_floor"] == pytest.approx(1.0), "reads in sequence count"
+    assert runs["cold"]["ttft_over_floor"] == pytest.approx(0.55), "the floor at the trials' mean, 1.0 GB/s, is 2 s"
+    assert module.cold_runs(old, "burst")["cold"]["ttft_over_floor"] == pytest.approx(1.1), "at 2.0 GB/s (4 threads): 1 s"
+    assert module.cold_runs(new)["cold"]["ttft_over_floor"] == pytest.approx(1.0), "the prefill ceiling, sustained"
+    assert module.cold_runs(new, "burst")["cold"]["ttft_over_floor"] == pytest.approx(2.0), "its best window"
     assert module.main([str(p) for p in paths]) == 0
     out = capsys.readouterr().out
-    assert "2048 tokens, 2 reports: default         3 runs  1.10 (1.00-1.30, 2 in)" in out
-    assert "noreadfirst     1 runs  1.50" in out
+    assert "2048 tokens, 2 reports: default         3 runs  0.65 (0.55-1.00, 3 in)" in out
+    assert "noreadfirst     1 runs  0.75" in out
+    assert module.main([str(p) for p in paths] + ["--at", "burst"]) == 0
+    assert "2048 tokens, 2 reports: default         3 runs  1.30 (1.10-2.00, 1 in)" in capsys.readouterr().out
 
 
-def test_roofline_shares_are_taken_again_at_the_best_random_trial(bench_path, tmp_path, capsys):
-    """A report whose 4-thread trial read faster than the ceiling it used: each decode run's share
-    of its roofline, and each streams run's of its batch roofline, scaled by used / best; reads in
-    sequence (a prefill's) do not count for a decode; a file that is no bench report is left out."""
+def test_roofline_shares_are_taken_again_at_the_sustained_rate_and_the_best_random_trial(bench_path, tmp_path, capsys):
+    """Each decode run's share of its roofline, and each streams run's of its batch roofline,
+    scaled by used / sustained and used / best trial; reads in sequence (a prefill's) do not count
+    for a decode; a file that is no bench report is left out."""
     module = load_script(BENCH / "roofline_shares.py")
     report = {"ceiling": {"gb_per_s": 1.5}, "ceiling_by_threads": {"4": 2.0, "16": 1.0},
+              "ceiling_trials": [{"gb_per_s": g} for g in (1.5, 1.0, 1.25, 1.25)],
               "ceiling_sequential_by_threads": {"8": 3.0},
               "cold": {"share_of_roofline": 0.9}, "warm": {"share_of_roofline": 0.8},
               "streams_cold": {"share_of_batch_roofline": 0.96}}
     rows = {r["run"]: r for r in module.shares(report)}
-    assert rows["cold"]["against_best"] == pytest.approx(0.675) and rows["warm"]["reported"] == 0.8
-    assert rows["streams_cold"]["against_best"] == pytest.approx(0.72)
+    assert rows["cold"]["at_burst"] == pytest.approx(0.675) and rows["warm"]["reported"] == 0.8
+    assert rows["cold"]["at_sustained"] == pytest.approx(1.08), "the mean trial is 1.25 GB/s"
+    assert rows["streams_cold"]["at_burst"] == pytest.approx(0.72)
+    new = {"ceiling_cells": [], "ceiling": {"gb_per_s": 1.5}, "ceiling_burst_gb_per_s": 2.0,
+           "prefill_ceiling": {"gb_per_s": 3.0}, "prefill_ceiling_burst_gb_per_s": 4.0, "cold": {"share_of_roofline": 0.9}}
+    assert module.shares(new)[0] == {"run": "cold", "reported": 0.9, "at_sustained": 0.9, "at_burst": pytest.approx(0.675)}
     good, other = tmp_path / "r.json", tmp_path / "serve.json"
     good.write_text(json.dumps(report))
     other.write_text(json.dumps({"rows": []}))
     assert module.main([str(good), str(other)]) == 0
     out = capsys.readouterr().out
-    assert "ceiling used 1.50 GB/s, best trial 2.00 GB/s" in out and "cold 0.90 -> 0.68" in out
+    assert "ceiling used 1.50 GB/s, sustained 1.25, best trial 2.00" in out and "cold 0.90 / 1.08 / 0.68" in out
     assert "serve.json: not a moestream bench report" in out

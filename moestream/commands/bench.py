@@ -37,7 +37,8 @@ def add_arguments(p) -> None:
                         "chunks); cache, only what the budget gives the expert cache; all, every free byte. "
                         "buffered:MODE in --compare picks it per run")
     p.add_argument("--ceiling-seconds", type=float, default=3.0,
-                   help="how long each of the four trials of the disk's read ceiling reads")
+                   help="how long each cell (thread count, read size, random or in sequence) of the disk's "
+                        "read ceiling reads, in three windows taking turns with the other cells'")
     p.add_argument("--io-threads", type=positive_int, default=None, help="reader threads (default: the runtime's)")
     p.add_argument("--reference", default=None,
                    help="source checkpoint: also run mlx-lm fully in memory, experts quantized like the bundle")

@@ -29,7 +29,7 @@ from ..io.pagecache import evict_page_cache
 from ..io.stores import cast_floats
 from ..model.load import IOOptions, load, plan_memory, runtime_of
 from ..model.streaming import PREFILL_ADMISSION
-from .ceiling import READ_PATTERNS, read_ceiling, read_extents
+from .ceiling import READ_PATTERNS, read_ceiling, read_ceiling_rounds, read_extents
 from .memhold import Held, leave_available
 
 
@@ -131,7 +131,7 @@ def prefill_read_alone(rt, routed: set, ttft_s: float) -> dict:
     """The prefill's distinct experts read once, in layout order, by a reader that does nothing else
     (the runtime's threads and sub-read size, O_DIRECT), just after the prefill, in each way of
     sharing them among the threads (READ_PATTERNS), the faster counting: its floor measured on the
-    disk as it is then, where the ceiling trials' best may catch the disk in a burst."""
+    disk as it is then, next to the run, where the ceiling cells are minutes away."""
     bundle = rt.store.bundle
     extents = sorted((bundle.extent(*key) for key in routed), key=lambda e: (e.file, e.offset))
     ranges = [(bundle.path(e.file), e.offset, e.nbytes) for e in extents]
@@ -143,19 +143,43 @@ def prefill_read_alone(rt, routed: set, ttft_s: float) -> dict:
             "ttft_over_read_alone": ttft_s / max(best["seconds"], 1e-12)}
 
 
-# A cold prefill's TTFT against its floor three ways: at the run's best ceiling trial, at the trial
+# A cold prefill's TTFT against its floor three ways: at the run's prefill ceiling, at the windows
 # just before it, and against its experts read alone just after it
 PREFILL_RATIOS = ("ttft_over_floor", "ttft_over_floor_before", "ttft_over_read_alone")
 
 
+def ceilings(cells: list[dict]) -> dict:
+    """A report's ceilings from its read_ceiling_rounds cells: `ceiling`, the random-read cell with
+    the best sustained rate (a decode's misses are random reads; its rooflines use it);
+    `prefill_ceiling`, the best cell either way (a prefill's floor); and, for reference, the best
+    single window of each kind, bursts that no run of many windows holds."""
+    random_cells = [c for c in cells if not c["sequential"]]
+    return {"ceiling": max(random_cells, key=lambda c: c["gb_per_s"]),
+            "prefill_ceiling": max(cells, key=lambda c: c["gb_per_s"]),
+            "ceiling_burst_gb_per_s": max(c["best_window_gb_per_s"] for c in random_cells),
+            "prefill_ceiling_burst_gb_per_s": max(c["best_window_gb_per_s"] for c in cells)}
+
+
 def best_trial(report: dict, sequential: bool = False) -> float:
-    """The best rate a report's ceiling trials measured: random reads at any thread count (a
-    decode's misses), and with `sequential` reads in sequence too (a prefill's). A report made
-    before the bench took these as its ceilings holds them among its trials all the same."""
+    """The best single trial (window) of a report's ceiling measurement: random reads at any thread
+    count (a decode's misses), and with `sequential` reads in sequence too (a prefill's). A burst,
+    given for comparison with reports made when the bench took it as the ceiling."""
+    if "ceiling_cells" in report:
+        return report["prefill_ceiling_burst_gb_per_s" if sequential else "ceiling_burst_gb_per_s"]
     rates = [report["ceiling"]["gb_per_s"], *report.get("ceiling_by_threads", {}).values()]
     if sequential:  # the prefill_ceiling is the best of these and the ones in sequence
         rates += report.get("ceiling_sequential_by_threads", {}).values()
     return max(rates)
+
+
+def sustained_rate(report: dict, sequential: bool = False) -> float:
+    """The disk's sustained rate a report measured: its ceiling (or prefill ceiling, `sequential`)
+    where it is a cell's sustained rate; in a report from before, the mean of its trials at the
+    runtime's thread count, the only cell it read more than twice."""
+    if "ceiling_cells" in report:
+        return report["prefill_ceiling" if sequential else "ceiling"]["gb_per_s"]
+    trials = report.get("ceiling_trials") or [report["ceiling"]]
+    return float(np.mean([t["gb_per_s"] for t in trials]))
 
 
 def prefill_summary(report: dict, within: float = 1.1) -> dict:
@@ -308,17 +332,7 @@ def print_report(r: dict) -> None:
           f"prompt {r['args']['prompt_tokens']} tok, greedy {r['args']['gen_tokens']} tok")
     p = r["platform"]
     print(f"platform: {p['machine']}, Python {p['python']}, MLX {p['mlx']}, {p['device']}")
-    c = r["ceiling"]
-    print(f"ceiling: {c['gb_per_s']:.2f} GB/s (O_DIRECT random reads, the best trial: {c['threads']} threads, "
-          f"{c['chunk_bytes'] / 1e6:.2f} MB; at the runtime's {r.get('settings', {}).get('io_threads', '?')} threads: "
-          + ", ".join(f"{t['chunk_bytes'] / 1e6:.2f} MB: {t['gb_per_s']:.2f}" for t in r.get("ceiling_trials", [c]))
-          + "; other thread counts: " + ", ".join(f"{t}: {g:.2f}" for t, g in r.get("ceiling_by_threads", {}).items())
-          + ")")
-    if "prefill_ceiling" in r:
-        pc = r["prefill_ceiling"]
-        print(f"prefill ceiling: {pc['gb_per_s']:.2f} GB/s (the best of those and reads in sequence, "
-              + ", ".join(f"{t} threads: {g:.2f}" for t, g in r.get("ceiling_sequential_by_threads", {}).items())
-              + f"; {'in sequence' if pc.get('sequential') else 'random'})")
+    print("\n".join(ceiling_lines(r)))
     print("settings: " + ", ".join(f"{k}={v}" for k, v in r.get("settings", {}).items()))
     print(f"warm-up (kernel compilation): {r.get('warmup_s', 0):.1f}s")
     print("\n== decode ==")
@@ -344,7 +358,7 @@ def print_report(r: dict) -> None:
               f"{x['prefill_hit_rate']:>8.1%}{x['hit_rate']:>8.1%}{x.get('prefill_read_s', 0):>8.2f}{rate:>6.2f}"
               f"{x.get('prefill_wait_s', 0):>8.2f}{x.get('prefill_route_sync_s', 0):>8.2f}"
               f"{x.get('prefill_expert_compute_s', 0):>7.2f}{x.get('prefill_staging_allocations', 0):>7}  {x['prefill_admission']}")
-    print("(before: the GB/s of the best of three ceiling trials just before a cold run, TTFT/bef: TTFT over the floor at that rate; "
+    print("(before: the GB/s of the best of three ceiling windows just before a cold run, TTFT/bef: TTFT over the floor at that rate; "
           "alone s: a cold run's distinct experts read again just after it, in layout order, by a reader doing "
           "nothing else (the faster of two ways: sub-reads taken in turn by its threads, or one contiguous share per thread); read s: the disk busy with the prefill pipeline's reads; GB/s: their rate; "
           "wait s: the layers waiting for them; sync s: at the routing's host sync, i.e. computing all before each MoE "
@@ -360,7 +374,7 @@ def print_report(r: dict) -> None:
                   + f"{x.get('prefill_speculated', 0):>7}{x.get('prefill_speculated_unused', 0):>7}")
     summary = r.get("prefill_summary", {})
     if summary:
-        print("\ncold runs by --compare entry, TTFT over: the floor at the best ceiling trial / at the trial just "
+        print("\ncold runs by --compare entry, TTFT over: the floor at the prefill ceiling / at the windows just "
               "before / the same experts read alone just after (median, least-most, runs within "
               f"{next(iter(summary.values()))['within']}x)")
         print("\n".join(prefill_summary_lines(summary)))
@@ -408,13 +422,30 @@ def print_report(r: dict) -> None:
 
 
 
+def ceiling_lines(r: dict) -> list[str]:
+    """The ceilings as text: each cell's sustained rate and windows, the two ceilings and the bursts."""
+    c, pc = r["ceiling"], r["prefill_ceiling"]
+
+    def cell(x: dict) -> str:
+        return (f"{x['threads']} threads, {x['chunk_bytes'] / 1e6:.2f} MB, {'in sequence' if x['sequential'] else 'random'}")
+
+    lines = [f"ceiling: {c['gb_per_s']:.2f} GB/s sustained (O_DIRECT, the best random-read cell: {cell(c)}; "
+             f"its best window {c['best_window_gb_per_s']:.2f}, the best of any random cell's {r['ceiling_burst_gb_per_s']:.2f})",
+             f"prefill ceiling: {pc['gb_per_s']:.2f} GB/s sustained (the best cell either way: {cell(pc)}; "
+             f"the best window of any cell {r['prefill_ceiling_burst_gb_per_s']:.2f})",
+             "ceiling cells, GB/s: sustained (each window in turn)"]
+    lines += [f"  {cell(x):<36}{x['gb_per_s']:>6.2f}  (" + " ".join(f"{w:.2f}" for w in x["windows"]) + ")"
+              for x in r["ceiling_cells"]]
+    return lines
+
+
 def _derive(run: dict, ceiling_gbs: float, n_moe: int, full_layers: int, prefill_gbs: float) -> None:
     # TTFT against reading every distinct expert of the prefill once at the disk's ceiling for it
     # (prefill_gbs: reads in sequence count too): what no prefill that reads them can beat (a warm
     # run reads fewer: its floor is still this one)
     run["prefill_read_floor_s"] = run["prefill_expert_bytes"] / (prefill_gbs * 1e9)
     run["ttft_over_floor"] = run["ttft_s"] / max(run["prefill_read_floor_s"], 1e-12)
-    if "ceiling_before_gb_per_s" in run:  # the same floor at the ceiling trial just before the run
+    if "ceiling_before_gb_per_s" in run:  # the same floor at the ceiling windows just before the run
         run["prefill_read_floor_before_s"] = run["prefill_expert_bytes"] / (run["ceiling_before_gb_per_s"] * 1e9)
         run["ttft_over_floor_before"] = run["ttft_s"] / max(run["prefill_read_floor_before_s"], 1e-12)
     run["bytes_read_per_token"] = run["bytes_read"] / max(run["decode_tokens"], 1)
@@ -563,7 +594,7 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
     the machine's is held): "equal", the same total as the budget; "cache", what the budget gives
     the expert cache; "all", every free byte (PAGE_CACHE_MEMORY; "buffered:MODE" picks per run).
     streams: also decode this many streams at once (mlx-lm's batching), cold then warm.
-    ceiling_seconds: how long each of the four read-ceiling trials reads."""
+    ceiling_seconds: how long each cell of the disk's read ceiling reads, in three windows."""
     if page_cache not in PAGE_CACHE_MEMORY:
         raise OptionsError(f"page_cache must be one of {PAGE_CACHE_MEMORY}, got {page_cache!r}")
     unknown = [c for c in compare if c != "naive" and _variant(c) is None]
@@ -617,9 +648,10 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
             for part, settings in ((rt.streamer, streamer_settings), (rt.reader, reader_settings)):
                 for key, value in settings.items():
                     setattr(part, key, value)
-            # the disk just before the cold run: ceiling trials next to it (random reads at the
-            # runtime's thread count and half it, reads in sequence at its count; the best), where
-            # the run's best trial may be minutes away, on a disk whose rate moves by tens of percent
+            # the disk just before the cold run: a window each of random reads at the runtime's
+            # thread count and half it and of reads in sequence at its count, the best of the
+            # three (a window, so a burst of its moment), where the run's ceiling cells may be
+            # minutes away, on a disk whose rate drifts by tens of percent
             n = rt.reader.threads
             before = max([read_ceiling(files, extent_size, t, seconds=ceiling_seconds / 3) for t in sorted({max(1, n // 2), n})]
                          + [read_ceiling(files, rt.reader.checked_read_bytes, n, seconds=ceiling_seconds / 3, sequential=True)],
@@ -644,30 +676,20 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
                 report["prefetch_stats"] = {k: s[k] for k in ("prefetch_issued", "prefetch_used", "prefetch_wasted")}
 
     cold_and_warm("", phases=True)
-    # The ceiling: the disk's best, for reads of the bundle's extent size and of the size the runtime
-    # actually issued (it splits a batch across its threads), two trials each at the runtime's thread
-    # count, then one each at half and twice it: the lent machines' disks vary by tens of percent from
-    # one second to the next, and from one machine to the next in which thread count reads fastest;
-    # the best trial of any is the ceiling, since an underestimated one would flatter every ratio below.
+    # The ceiling: the disk's sustained rate, for reads of the bundle's extent size and of the size
+    # the runtime actually issued (it splits a batch across its threads), at the runtime's thread
+    # count, half and twice it, random (a decode's misses) and, at its count and half it, in
+    # sequence in its sub-reads (a long prefill reads nearly every expert of a layer in layout
+    # order). Each cell reads in three windows, the cells taking turns; a cell's rate is all its
+    # bytes over all its seconds, and the best cell's is the ceiling. Not the best single window:
+    # the lent machines' disks move by tens of percent from one second to the next, so the best of
+    # N windows is a burst that grows with N, which no run lasting many windows can hold to.
     threads = report["settings"]["io_threads"]
-    read_size = int(report["cold"]["mean_read_bytes"]) or extent_size
-    trials = [read_ceiling(files, size, threads, seconds=ceiling_seconds)  # sizes interleaved: the first
-              for _ in range(2) for size in (extent_size, read_size)]  # trial after an idle spell may burst
-    others = [read_ceiling(files, size, t, seconds=ceiling_seconds * 2 / 3)
-              for t in sorted({max(1, threads // 2), threads * 2}) for size in {extent_size, read_size}]
-    # and reading on in sequence, in the runtime's sub-reads: a long prefill reads nearly every
-    # expert of a layer in layout order, which a disk may serve faster than random reads
-    piece = report["settings"]["checked_read_bytes"]
-    in_sequence = [read_ceiling(files, piece, t, seconds=ceiling_seconds * 2 / 3, sequential=True)
-                   for t in sorted({max(1, threads // 2), threads})]
-    # random reads are what a decode step's misses are: its rooflines use their best; a prefill's
-    # floor uses the best of either
-    report["ceiling"] = max(trials + others, key=lambda t: t["gb_per_s"])
-    report["prefill_ceiling"] = max(trials + others + in_sequence, key=lambda t: t["gb_per_s"])
-    report["ceiling_trials"] = [{k: t[k] for k in ("chunk_bytes", "threads", "gb_per_s")} for t in trials]
-    report["ceiling_by_threads"] = {t: max(x["gb_per_s"] for x in others if x["threads"] == t)
-                                    for t in sorted({x["threads"] for x in others})}
-    report["ceiling_sequential_by_threads"] = {x["threads"]: x["gb_per_s"] for x in in_sequence}
+    sizes = sorted({extent_size, int(report["cold"]["mean_read_bytes"]) or extent_size})
+    cells = [(size, t, False) for t in sorted({max(1, threads // 2), threads, threads * 2}) for size in sizes]
+    cells += [(report["settings"]["checked_read_bytes"], t, True) for t in sorted({max(1, threads // 2), threads})]
+    report["ceiling_cells"] = read_ceiling_rounds(files, cells, rounds=3, seconds=ceiling_seconds / 3)
+    report.update(ceilings(report["ceiling_cells"]))
     full = full_layers or n_moe
     for name in ("cold", "warm", "phases"):
         _derive(report[name], report["ceiling"]["gb_per_s"], n_moe, full, report["prefill_ceiling"]["gb_per_s"])

@@ -20,7 +20,9 @@ def read_ceiling(paths: list[Path], chunk: int, threads: int, seconds: float = 3
                  sequential: bool = False) -> dict:
     """Reads of `chunk` bytes (rounded up to 4 KiB) from `paths` for `seconds`: at random aligned
     offsets, or (sequential) each thread on through its own stretch of the files laid end to end,
-    from an evenly spaced start, wrapping around: how a long prefill reads its layers' experts."""
+    from evenly spaced starts, wrapping around: how a long prefill reads its layers' experts. Each
+    call reads other offsets than the last (fresh random ones, starts moved by a random amount), so
+    that a disk or host that caches what was just read cannot serve a repeated trial from memory."""
     chunk = max(ALIGN, (chunk + ALIGN - 1) // ALIGN * ALIGN)
     flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct else 0)
     files = []
@@ -34,12 +36,13 @@ def read_ceiling(paths: list[Path], chunk: int, threads: int, seconds: float = 3
     total = starts[-1]
     done = [0] * threads
     calls = [0] * threads
+    shift = random.randrange(total // ALIGN) * ALIGN
     deadline = time.perf_counter() + seconds
 
     def worker(i: int) -> None:
-        rng = random.Random(i)
+        rng = random.Random()
         buf = mmap.mmap(-1, chunk)
-        pos = total * i // threads // ALIGN * ALIGN
+        pos = (shift + total * i // threads // ALIGN * ALIGN) % total
         while time.perf_counter() < deadline:
             if sequential:
                 k = bisect.bisect_right(starts, pos) - 1
@@ -56,6 +59,28 @@ def read_ceiling(paths: list[Path], chunk: int, threads: int, seconds: float = 3
     elapsed = _run_threads(worker, threads, [fd for fd, _ in files])
     return {"chunk_bytes": chunk, "threads": threads, "direct": direct, "sequential": sequential, "seconds": elapsed,
             "bytes": sum(done), "reads": sum(calls), "gb_per_s": sum(done) / elapsed / 1e9}
+
+
+def read_ceiling_rounds(paths: list[Path], cells: list[tuple[int, int, bool]], rounds: int = 3,
+                        seconds: float = 1.0) -> list[dict]:
+    """Each cell, (chunk, threads, sequential), read for `seconds` once per round, the cells taking
+    turns within a round: a disk whose rate moves by tens of percent from one second to the next and
+    drifts over minutes then treats every cell alike. Per cell: its windows' rates, its sustained
+    rate (all its bytes over all its seconds), which is what a reader gets over a run of many
+    windows, and its best window, a burst that the best of more windows would only raise."""
+    out = [{"chunk_bytes": chunk, "threads": threads, "direct": True, "sequential": sequential, "windows": [],
+            "bytes": 0, "seconds": 0.0} for chunk, threads, sequential in cells]
+    for _ in range(rounds):
+        for (chunk, threads, sequential), cell in zip(cells, out, strict=True):
+            t = read_ceiling(paths, chunk, threads, seconds=seconds, sequential=sequential)
+            cell["chunk_bytes"] = t["chunk_bytes"]
+            cell["windows"].append(t["gb_per_s"])
+            cell["bytes"] += t["bytes"]
+            cell["seconds"] += t["seconds"]
+    for cell in out:
+        cell["gb_per_s"] = cell["bytes"] / max(cell["seconds"], 1e-12) / 1e9
+        cell["best_window_gb_per_s"] = max(cell["windows"], default=0.0)
+    return out
 
 
 # How read_extents shares the bytes among its threads: "pieces", piece-sized reads taken in turn
