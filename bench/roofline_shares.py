@@ -14,14 +14,14 @@ import argparse
 import json
 from pathlib import Path
 
-from moestream.runtime.measure.bench import best_trial, sustained_rate, table_runs
+from moestream.runtime.measure.bench import best_trial, streams_runs, sustained_rate, table_runs
 
 
 def shares(report: dict) -> list[dict]:
     """Per decode run and streams run: the share reported, at the sustained rate and at the burst."""
     used, sustained, burst = report["ceiling"]["gb_per_s"], sustained_rate(report), best_trial(report)
     runs = [(name, "share_of_roofline") for name in table_runs(report)]
-    runs += [(name, "share_of_batch_roofline") for name in ("streams_cold", "streams_warm") if name in report]
+    runs += [(name, "share_of_batch_roofline") for name in streams_runs(report)]
     return [{"run": name, "reported": report[name][key], "at_sustained": report[name][key] * used / sustained,
              "at_burst": report[name][key] * used / burst} for name, key in runs]
 

@@ -181,10 +181,28 @@ def moestream_minimum(bundle) -> int:
     return moestream.plan_memory(bundle).minimum_bytes
 
 
+def test_forget_makes_the_next_decode_as_cold_as_the_first(bundle_dir):
+    """After forget() the same prompt reads every byte the first, cold decode read, where without
+    it the cache would serve part of it (the bench's streams runs start cold this way)."""
+    import moestream
+    from moestream.runtime.measure import bench
+
+    bundle = bundle_dir("qwen3_moe")
+    with moestream.load(bundle, memory_budget=moestream.plan_memory(bundle).budget_bytes) as (model, _):
+        rt = moestream.runtime_of(model)
+        cold = bench.decode(model, [1, 2, 3, 4], 4)
+        warm = bench.decode(model, [1, 2, 3, 4], 4)
+        rt.streamer.forget()
+        again = bench.decode(model, [1, 2, 3, 4], 4)
+    assert warm["cache_hits"] > cold["cache_hits"], "the cache serves the same prompt again"
+    assert (again["bytes_read"], again["cache_hits"]) == (cold["bytes_read"], cold["cache_hits"]) and cold["bytes_read"] > 0
+
+
 def test_streams_decode_together_and_read_each_expert_once_per_layer_step(bundle_dir):
     """--streams: mlx-lm's BatchGenerator decodes the streams in one forward per step, so each MoE
     layer reads the union of the streams' missed experts once (a read never names an expert twice,
-    and never more than streams x top-k), and the report says how much they shared."""
+    and never more than streams x top-k), and the report says how much they shared; each --compare
+    entry decodes the streams too, from cold again, and the shares are summed up by entry."""
     import moestream
     from moestream.runtime.measure import bench
 
@@ -206,7 +224,8 @@ def test_streams_decode_together_and_read_each_expert_once_per_layer_step(bundle
 
     bench.load = load
     try:
-        r = bench.bench_bundle(bundle, prompt_tokens=6, gen_tokens=5, streams=3, ceiling_seconds=0.3)
+        r = bench.bench_bundle(bundle, prompt_tokens=6, gen_tokens=5, streams=3, ceiling_seconds=0.3,
+                               compare=("threads:2",))
     finally:
         bench.load = real_load
     k = moestream.inspect(bundle)["experts_per_token"]
@@ -216,9 +235,16 @@ def test_streams_decode_together_and_read_each_expert_once_per_layer_step(bundle
         assert x["streams"] == 3 and x["decode_tokens"] == 3 * 4 and x["decode_steps"] == 4
         assert 0 < x["sharing"] <= 1 and x["distinct_experts_per_layer_step"] <= 3 * k
         assert x["aggregate_tokens_per_s"] > 0 and x["batch_roofline_tokens_per_s"] > 0
-    for run in ("cold", "warm"):
-        x = r[f"streams_{run}"]
-        assert x["aggregate_over_one_stream"] == x["aggregate_tokens_per_s"] / r[run]["tokens_per_s"]
+    for prefix in ("", "threads_2_"):
+        for run in ("cold", "warm"):
+            x = r[f"{prefix}streams_{run}"]
+            assert x["aggregate_over_one_stream"] == x["aggregate_tokens_per_s"] / r[prefix + run]["tokens_per_s"]
+            assert x["batch_roofline_tokens_per_s"] == pytest.approx(r["ceiling"]["gb_per_s"] * 1e9 / x["bytes_read_per_step"] * 3)
+    assert r["threads_2_streams_cold"]["bytes_read"] > 0, "an entry's streams start cold, not on the runs before"
+    assert r["threads_2_streams_cold"]["cache_misses"] == r["streams_cold"]["cache_misses"], "same prompts, same cold cache"
+    summary = r["streams_summary"]
+    assert set(summary) == {"default", "threads:2"} and summary["threads:2"]["cold"]["runs"] == 1
+    assert summary["default"]["warm"]["median"] == r["streams_warm"]["share_of_batch_roofline"]
 
 
 @pytest.mark.slow

@@ -30,7 +30,8 @@ def add_arguments(p) -> None:
                    "prefill caches of what it reads); entries joined by + run together (readfirst+subread:8)")
     p.add_argument("--streams", type=positive_int, default=1,
                    help="also decode this many streams at once (mlx-lm's batching, as the server does): aggregate "
-                        "and per-stream tok/s, the batch roofline, how many experts the streams shared")
+                        "and per-stream tok/s, the batch roofline, how many experts the streams shared; with each --compare "
+                        "entry too, and summed up by entry")
     p.add_argument("--page-cache", choices=("equal", "cache", "all"), default="equal",
                    help="for --compare buffered, the OS page cache's memory (the machine's other memory is held): "
                         "equal, the same total as the budget (the expert cache and the room for long prefill "

@@ -214,11 +214,10 @@ def _disk_bytes(store, layer: int, expert: int) -> int:
     return bundle.extent(layer, expert).nbytes if bundle is not None else store.nbytes(layer, expert)
 
 
-def decode_streams(model, prompts: list[list[int]], gen_tokens: int, ceiling_gbs: float) -> dict:
+def decode_streams(model, prompts: list[list[int]], gen_tokens: int) -> dict:
     """Several streams decoded together by mlx-lm's own BatchGenerator (as mlx_lm.server batches
-    concurrent requests): aggregate and per-stream figures, the batch roofline (the ceiling over
-    the bytes missed per step, times the streams), and how much the streams shared experts
-    (distinct experts per layer and step over streams x top-k)."""
+    concurrent requests): aggregate and per-stream figures, the bytes missed per step, and how much
+    the streams shared experts (distinct experts per layer and step over streams x top-k)."""
     from mlx_lm.generate import BatchGenerator
 
     rt = runtime_of(model)
@@ -245,16 +244,45 @@ def decode_streams(model, prompts: list[list[int]], gen_tokens: int, ceiling_gbs
     d = {k: s[k] - p[k] for k in ("bytes_read", "reads", "io_wait_s", "moe_calls", "cache_hits", "cache_misses",
                                   "staging_allocations")}
     lookups = d["cache_hits"] + d["cache_misses"]
-    per_step = d["bytes_read"] / max(steps, 1)
-    roofline = ceiling_gbs * 1e9 / max(per_step, 1) * n
     aggregate = tokens / decode_s
     return {"streams": n, "ttft_s": max(firsts) - start, "decode_steps": steps, "decode_tokens": tokens,
             "aggregate_tokens_per_s": aggregate, "per_stream_tokens_per_s": aggregate / n,
             "p50_token_ms": float(np.percentile(gaps, 50) * 1e3), "p99_token_ms": float(np.percentile(gaps, 99) * 1e3),
-            **d, "hit_rate": d["cache_hits"] / lookups if lookups else 0.0, "bytes_read_per_step": per_step,
+            **d, "hit_rate": d["cache_hits"] / lookups if lookups else 0.0,
+            "bytes_read_per_step": d["bytes_read"] / max(steps, 1),
             "distinct_experts_per_layer_step": lookups / max(d["moe_calls"], 1),
-            "sharing": lookups / max(d["moe_calls"], 1) / (n * rt.experts_per_token),
-            "batch_roofline_tokens_per_s": roofline, "share_of_batch_roofline": aggregate / roofline}
+            "sharing": lookups / max(d["moe_calls"], 1) / (n * rt.experts_per_token)}
+
+
+def _derive_streams(run: dict, ceiling_gbs: float, one_stream: dict) -> None:
+    """The batch roofline (the ceiling over the bytes missed per step, times the streams), the share
+    of it reached, and the aggregate over one stream's run of the same kind (cold or warm: a warm
+    one may hit every expert)."""
+    run["batch_roofline_tokens_per_s"] = ceiling_gbs * 1e9 / max(run["bytes_read_per_step"], 1) * run["streams"]
+    run["share_of_batch_roofline"] = run["aggregate_tokens_per_s"] / run["batch_roofline_tokens_per_s"]
+    run["aggregate_over_one_stream"] = run["aggregate_tokens_per_s"] / one_stream["tokens_per_s"]
+
+
+def streams_runs(report: dict) -> list[str]:
+    """The names of a report's runs of several streams decoded together, in order."""
+    return [n for n, x in report.items() if isinstance(x, dict) and "share_of_batch_roofline" in x]
+
+
+def streams_summary(report: dict, target: float = 0.85) -> dict:
+    """The streams runs' shares of their batch roofline by --compare entry (repeats together), cold
+    and warm apart: how many runs, the median, the least and the most, and how many reached `target`."""
+    out: dict[str, dict] = {}
+    for name in streams_runs(report):
+        x = report[name]
+        kind = "cold" if name.endswith("cold") else "warm"
+        out.setdefault(x.get("variant", "default"), {"target": target}).setdefault(kind, []).append(x["share_of_batch_roofline"])
+    for group in out.values():
+        for kind in ("cold", "warm"):
+            if kind in group:
+                v = group[kind]
+                group[kind] = {"runs": len(v), "median": float(np.median(v)), "min": min(v), "max": max(v),
+                               "reached_count": sum(x >= target for x in v)}
+    return out
 
 
 def naive_run(bundle_path: Path, prompt: list[int], gen_tokens: int, budget: int) -> dict:
@@ -389,17 +417,21 @@ def print_report(r: dict) -> None:
                     "all": "every free byte"}[pc["memory"]]
             print(f"{run}: the OS page cache instead of the expert cache, on {fmt_bytes(pc['target_bytes'])} "
                   f"({what}): {how}")
-    for name in ("streams_cold", "streams_warm"):
-        if name in r:
-            x = r[name]
-            print(f"{name}: {x['streams']} streams, {x['aggregate_tokens_per_s']:.2f} tok/s in all "
-                  f"({x['per_stream_tokens_per_s']:.2f} each; p50 {x['p50_token_ms']:.0f} ms, p99 {x['p99_token_ms']:.0f} ms), "
-                  f"{x['bytes_read_per_step'] / 1e6:.1f} MB read per step, hit {x['hit_rate']:.1%}; batch roofline "
-                  f"{x['batch_roofline_tokens_per_s']:.2f}, share {x['share_of_batch_roofline']:.2f}; "
-                  f"{x['distinct_experts_per_layer_step']:.1f} distinct experts per layer step (sharing {x['sharing']:.2f}); "
-                  f"{x.get('staging_allocations', 0)} staging slots made"
-                  + (f"; {x['aggregate_over_one_stream']:.2f}x one stream's {name.split('_')[1]} run"
-                     if "aggregate_over_one_stream" in x else ""))
+    for name in streams_runs(r):
+        x = r[name]
+        print(f"{name}: {x['streams']} streams, {x['aggregate_tokens_per_s']:.2f} tok/s in all "
+              f"({x['per_stream_tokens_per_s']:.2f} each; p50 {x['p50_token_ms']:.0f} ms, p99 {x['p99_token_ms']:.0f} ms), "
+              f"{x['bytes_read_per_step'] / 1e6:.1f} MB read per step, hit {x['hit_rate']:.1%}; batch roofline "
+              f"{x['batch_roofline_tokens_per_s']:.2f}, share {x['share_of_batch_roofline']:.2f}; "
+              f"{x['distinct_experts_per_layer_step']:.1f} distinct experts per layer step (sharing {x['sharing']:.2f}); "
+              f"{x.get('staging_allocations', 0)} staging slots made; {x['aggregate_over_one_stream']:.2f}x one "
+              f"stream's {'cold' if name.endswith('cold') else 'warm'} run")
+    if r.get("streams_summary"):
+        target = next(iter(r["streams_summary"].values()))["target"]
+        print(f"streams by --compare entry, share of the batch roofline cold / warm (median, least-most, runs reaching {target}):")
+        print("\n".join(f"  {variant:<14}" + "  /  ".join(
+            f"{g[k]['runs']} runs {g[k]['median']:.2f} ({g[k]['min']:.2f}-{g[k]['max']:.2f}, {g[k]['reached_count']} reached)"
+            if k in g else "-" for k in ("cold", "warm")) for variant, g in r["streams_summary"].items()))
     if "naive" in r:
         print(f"naive loader (per-tensor buffered reads, no cache): {r['naive']['tokens_per_s']:.2f} tok/s; "
               f"moestream warm is {r['warm']['tokens_per_s'] / r['naive']['tokens_per_s']:.1f}x")
@@ -593,7 +625,8 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
     page_cache: for the "buffered" comparison, how much memory the OS page cache gets (the rest of
     the machine's is held): "equal", the same total as the budget; "cache", what the budget gives
     the expert cache; "all", every free byte (PAGE_CACHE_MEMORY; "buffered:MODE" picks per run).
-    streams: also decode this many streams at once (mlx-lm's batching), cold then warm.
+    streams: also decode this many streams at once (mlx-lm's batching), cold then warm, with the
+    first run's settings and each --compare entry's (streams_summary sums them up by entry).
     ceiling_seconds: how long each cell of the disk's read ceiling reads, in three windows."""
     if page_cache not in PAGE_CACHE_MEMORY:
         raise OptionsError(f"page_cache must be one of {PAGE_CACHE_MEMORY}, got {page_cache!r}")
@@ -623,6 +656,8 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
     rng = np.random.default_rng(0)
     vocab = bundle.config.get("text_config", bundle.config)["vocab_size"]
     prompt = rng.integers(0, min(vocab, 50_000), size=prompt_tokens).tolist()
+    stream_prompts = [rng.integers(0, min(vocab, 50_000), size=prompt_tokens).tolist()
+                      for _ in range(streams)] if streams > 1 else []
 
     # warm-up on a throwaway model: kernel compilation is not what "cold" measures
     with load(bundle_path, memory_budget=budget, **_options(base, {})) as (model, _):
@@ -671,6 +706,13 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
                 # the runtime's own decode
                 rt.streamer.split_phases = True
                 report["phases"] = decode(model, prompt, gen_tokens)
+                rt.streamer.split_phases = False
+            if stream_prompts:  # the same settings decoding several streams at once, from cold again
+                rt.streamer.forget()
+                evict_page_cache(files)
+                for run in ("cold", "warm"):
+                    report[f"{name}streams_{run}"] = decode_streams(model, stream_prompts, gen_tokens)
+                    report[f"{name}streams_{run}"]["variant"] = variant_name
             if variant.get("prefetch"):
                 s = rt.stats()
                 report["prefetch_stats"] = {k: s[k] for k in ("prefetch_issued", "prefetch_used", "prefetch_wasted")}
@@ -693,16 +735,10 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
     full = full_layers or n_moe
     for name in ("cold", "warm", "phases"):
         _derive(report[name], report["ceiling"]["gb_per_s"], n_moe, full, report["prefill_ceiling"]["gb_per_s"])
+    for run in ("cold", "warm"):
+        if f"streams_{run}" in report:
+            _derive_streams(report[f"streams_{run}"], report["ceiling"]["gb_per_s"], report[run])
 
-    if streams > 1:
-        prompts = [rng.integers(0, min(vocab, 50_000), size=prompt_tokens).tolist() for _ in range(streams)]
-        with load(bundle_path, memory_budget=budget, **_options(base, {})) as (model, _):
-            evict_page_cache(files)
-            for run in ("streams_cold", "streams_warm"):
-                report[run] = decode_streams(model, prompts, gen_tokens, report["ceiling"]["gb_per_s"])
-        for run in ("cold", "warm"):  # against one stream's run of the same kind (a warm one may hit every expert)
-            x = report[f"streams_{run}"]
-            x["aggregate_over_one_stream"] = x["aggregate_tokens_per_s"] / report[run]["tokens_per_s"]
     if "naive" in compare:
         report["naive"] = naive_run(bundle_path, prompt, gen_tokens, budget)
         n = report["naive"]
@@ -716,7 +752,11 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
         cold_and_warm(name, c, **_variant(c))
         for run in ("cold", "warm"):
             _derive(report[name + run], report["ceiling"]["gb_per_s"], n_moe, full, report["prefill_ceiling"]["gb_per_s"])
+            if f"{name}streams_{run}" in report:
+                _derive_streams(report[f"{name}streams_{run}"], report["ceiling"]["gb_per_s"], report[name + run])
     report["prefill_summary"] = prefill_summary(report)
+    if streams > 1:
+        report["streams_summary"] = streams_summary(report)
     if reference_checkpoint is not None:
         ref = reference_model(Path(reference_checkpoint), expert_quantization(bundle))
         report["mlx_lm_in_memory"] = decode(ref, prompt, gen_tokens)

@@ -202,6 +202,11 @@ class ExpertStreamer:
         self.prefill_read_bytes = 0
         self.speculated = self.speculated_unused = 0
 
+    def forget(self) -> None:
+        """Drop every cached expert and whole layer: the next call starts cold, as after loading."""
+        self.whole.clear()
+        self.cache.clear()
+
     def close(self) -> None:
         """Stop prefetching and drop every cached expert and whole layer."""
         if self._prefetch_pool is not None:
@@ -210,8 +215,7 @@ class ExpertStreamer:
             for future in futures:  # this model's prefetches finish before its reader closes
                 future.exception()
             self._prefetch_pool = None
-        self.whole.clear()
-        self.cache.clear()
+        self.forget()
 
     def prefetch(self, layer: int, experts) -> None:
         """Start reading experts of `layer` into the cache in the background (not pinned)."""
