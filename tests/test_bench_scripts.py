@@ -123,6 +123,12 @@ def test_reads_under_compute_runs_on_the_fixture(bench_path, tmp_path, capsys):
     assert "layers.0.self_attn over 32 tokens" in capsys.readouterr().out
 
 
+def cell(windows: list[float], sequential: bool = False) -> dict:
+    """A ceiling cell as `moestream bench` reports it (read_ceiling_rounds)."""
+    return {"threads": 8, "chunk_bytes": 1 << 20, "sequential": sequential, "windows": windows,
+            "gb_per_s": sum(windows) / len(windows), "best_window_gb_per_s": max(windows)}
+
+
 def test_prefill_runs_holds_every_report_to_the_sustained_rate_or_the_best_trial_it_holds(bench_path, tmp_path, capsys):
     """Each report's cold runs' TTFT is taken again over the floor at the disk's sustained rate (a
     report from before the ceiling cells: the mean of its trials at the runtime's threads), or with
@@ -138,7 +144,8 @@ def test_prefill_runs_holds_every_report_to_the_sustained_rate_or_the_best_trial
            "ceiling_trials": [{"gb_per_s": g} for g in (0.8, 1.2, 1.0, 1.0)],
            "cold": cold("default", 1.1), "warm": {"ttft_s": 0.5, "prefill_expert_bytes": 2e9},
            "default_cold": cold("default", 1.3), "noreadfirst_cold": cold("noreadfirst", 1.5)}
-    new = {"args": {"prompt_tokens": 2048}, "ceiling_cells": [], "ceiling": {"gb_per_s": 1.5},
+    new = {"args": {"prompt_tokens": 2048}, "ceiling_cells": [cell([1.8, 1.5, 1.2, 1.5]), cell([4.0, 2.0, 1.0, 2.0], True)],
+           "ceiling": {"gb_per_s": 1.5},
            "prefill_ceiling": {"gb_per_s": 2.0}, "ceiling_burst_gb_per_s": 1.8, "prefill_ceiling_burst_gb_per_s": 4.0,
            "cold": cold("default", 1.0)}
     paths = [tmp_path / "old.json", tmp_path / "new.json"]
@@ -172,7 +179,7 @@ def test_roofline_shares_are_taken_again_at_the_sustained_rate_and_the_best_rand
     assert rows["cold"]["at_burst"] == pytest.approx(0.675) and rows["warm"]["reported"] == 0.8
     assert rows["cold"]["at_sustained"] == pytest.approx(1.08), "the mean trial is 1.25 GB/s"
     assert rows["streams_cold"]["at_burst"] == pytest.approx(0.72)
-    new = {"ceiling_cells": [], "ceiling": {"gb_per_s": 1.5}, "ceiling_burst_gb_per_s": 2.0,
+    new = {"ceiling_cells": [cell([2.0, 1.5, 1.0, 1.5])], "ceiling": {"gb_per_s": 1.5}, "ceiling_burst_gb_per_s": 2.0,
            "prefill_ceiling": {"gb_per_s": 3.0}, "prefill_ceiling_burst_gb_per_s": 4.0, "cold": {"share_of_roofline": 0.9}}
     assert module.shares(new)[0] == {"run": "cold", "reported": 0.9, "at_sustained": 0.9, "at_burst": pytest.approx(0.675)}
     good, other = tmp_path / "r.json", tmp_path / "serve.json"

@@ -39,7 +39,7 @@ def add_arguments(p) -> None:
                         "buffered:MODE in --compare picks it per run")
     p.add_argument("--ceiling-seconds", type=float, default=3.0,
                    help="how long each cell (thread count, read size, random or in sequence) of the disk's "
-                        "read ceiling reads, in three windows taking turns with the other cells'")
+                        "read ceiling reads, in four windows taking turns with the other cells'")
     p.add_argument("--io-threads", type=positive_int, default=None, help="reader threads (default: the runtime's)")
     p.add_argument("--reference", default=None,
                    help="source checkpoint: also run mlx-lm fully in memory, experts quantized like the bundle")
