@@ -472,7 +472,8 @@ def print_report(r: dict) -> None:
 
 
 def ceiling_lines(r: dict) -> list[str]:
-    """The ceilings as text: each cell's sustained rate and windows, the two ceilings and the bursts."""
+    """The ceilings as text: the two ceilings, with the best cell over all its windows and the best
+    window beside them, then each cell's rate over all its windows, and the windows."""
     c, pc = r["ceiling"], r["prefill_ceiling"]
 
     def cell(x: dict) -> str:
