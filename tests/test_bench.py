@@ -36,6 +36,7 @@ def test_bench_cli_reports_ceiling_roofline_and_comparisons(tmp_path, bundle_dir
     random_cells = [c for c in cells if not c["sequential"]]
     assert {c["threads"] for c in random_cells} == {max(1, threads // 2), threads, threads * 2}
     assert all(len(c["windows"]) == 4 and c["seconds"] > 0 for c in cells)
+    assert len({(c["threads"], c["chunk_bytes"], c["sequential"]) for c in cells}) == len(cells), "no setting read twice"
     for c in cells:  # sustained: all its bytes over all its seconds, between its worst and best window
         assert c["gb_per_s"] == pytest.approx(c["bytes"] / c["seconds"] / 1e9)
         assert min(c["windows"]) * 0.999 <= c["gb_per_s"] <= max(c["windows"]) * 1.001

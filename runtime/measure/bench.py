@@ -26,6 +26,7 @@ from ...manifests.describe import describe_bundle
 from ...manifests.open import open_bundle
 from ..io import staging
 from ..io.pagecache import evict_page_cache
+from ..io.reader import ALIGN
 from ..io.stores import cast_floats
 from ..model.load import IOOptions, load, plan_memory, runtime_of
 from ..model.streaming import PREFILL_ADMISSION
@@ -477,7 +478,7 @@ def ceiling_lines(r: dict) -> list[str]:
     c, pc = r["ceiling"], r["prefill_ceiling"]
 
     def cell(x: dict) -> str:
-        return (f"{x['threads']} threads, {x['chunk_bytes'] / 1e6:.2f} MB, {'in sequence' if x['sequential'] else 'random'}")
+        return f"{x['threads']} threads, {fmt_bytes(x['chunk_bytes'])}, {'in sequence' if x['sequential'] else 'random'}"
 
     lines = [f"ceiling: {c['gb_per_s']:.2f} GB/s sustained (O_DIRECT; the best random-read cell on its even windows, "
              f"{cell(c)}, at its odd ones; over all its windows {c['all_windows_gb_per_s']:.2f}; the best cell over all "
@@ -747,7 +748,8 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
     # single window: the disks here move by tens of percent from one second to the next, so the
     # best of N windows is a burst that grows with N, which no run lasting many windows holds.
     threads = report["settings"]["io_threads"]
-    sizes = sorted({extent_size, int(report["cold"]["mean_read_bytes"]) or extent_size})
+    sizes = sorted({-(-size // ALIGN) * ALIGN  # as read_ceiling reads them: two sizes may round to one
+                    for size in (extent_size, int(report["cold"]["mean_read_bytes"]) or extent_size)})
     cells = [(size, t, False) for t in sorted({max(1, threads // 2), threads, threads * 2}) for size in sizes]
     cells += [(report["settings"]["checked_read_bytes"], t, True) for t in sorted({max(1, threads // 2), threads})]
     report["ceiling_cells"] = read_ceiling_rounds(files, cells, rounds=4, seconds=ceiling_seconds / 4)
