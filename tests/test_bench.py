@@ -47,6 +47,9 @@ def test_bench_cli_reports_ceiling_roofline_and_comparisons(tmp_path, bundle_dir
     assert {c["threads"] for c in cells if c["sequential"]} == {max(1, threads // 2), threads}
     assert any(r["prefill_ceiling"]["windows"] == x["windows"] for x in cells)
     cold = r["cold"]
+    # reads kept in flight: the time inside the reads over the time waited, at most the threads
+    assert 0 < cold["reads_in_flight"] <= threads and cold["reads_in_flight"] == cold["pread_s"] / cold["io_wait_s"]
+    assert cold["prefill_pread_s"] > 0 and "prefill_reads_in_flight" in cold
     assert cold["prefill_read_floor_s"] == pytest.approx(cold["prefill_expert_bytes"] / (r["prefill_ceiling"]["gb_per_s"] * 1e9))
     assert cold["roofline_tokens_per_s"] == pytest.approx(r["ceiling"]["gb_per_s"] * 1e9 / cold["bytes_read_per_token"])
     assert r["host_warm"]["bytes_read"] == r["warm"]["bytes_read"], "same reads, only where they land differs"

@@ -4,6 +4,7 @@ import fcntl
 import mmap
 import os
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -536,6 +537,26 @@ def test_check_time_and_its_tail_are_counted(disk_dir):
         r.reset_stats()
         r.read([req])  # unchecked
         assert r.stats()["check_s"] == r.stats()["check_tail_s"] == 0
+
+
+def test_time_inside_the_reads_is_counted_and_bounded_by_the_threads(disk_dir, monkeypatch):
+    """pread_s sums the time the threads spent inside the read syscalls: a read made slow by 20 ms
+    counts its 20 ms on each of the threads that made one, and the sum never exceeds the threads
+    times the time the caller waited, so pread_s / io_wait_s is how many reads were in flight."""
+    f = disk_dir / "inflight.bin"
+    _write(f, 4 << 20, seed=13)
+    real = os.preadv
+
+    def slow(fd, bufs, off, *rest):
+        time.sleep(0.02)
+        return real(fd, bufs, off, *rest)
+
+    monkeypatch.setattr(os, "preadv", slow)
+    with ExtentReader("direct", threads=4, split_min_bytes=256 << 10) as r:
+        r.read([_req(f, 0, 4 << 20, "expert 5")])
+        s = r.stats()
+    assert s["pread_s"] >= 0.02 * s["reads"] * 0.9
+    assert s["pread_s"] <= 4 * s["io_wait_s"] and s["pread_s"] / s["io_wait_s"] > 2, "the 4 threads overlapped"
 
 
 def test_a_checked_extent_is_read_in_sub_reads_of_the_readers_size(disk_dir):

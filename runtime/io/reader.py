@@ -141,11 +141,13 @@ class _Group:
 
 @dataclass
 class _CallTiming:
-    """When one read call's last read returned and its last check ended (perf_counter)."""
+    """When one read call's last read returned and its last check ended (perf_counter); the time
+    its threads spent checking, and inside the read syscalls (summed over threads)."""
 
     last_read_end: float = 0.0
     last_check_end: float = 0.0
     check_s: float = 0.0
+    pread_s: float = 0.0
 
 
 def plan_reads(spans: list[tuple[str, int, int]], coalesce_gap: int, max_read_bytes: int,
@@ -363,9 +365,11 @@ class ExtentReader:
 
     def reset_stats(self) -> None:
         # check_s: time spent checking blocks, summed over threads; check_tail_s: of that, the
-        # part after a call's last read returned (what checking adds to the call's time)
+        # part after a call's last read returned (what checking adds to the call's time);
+        # pread_s: time inside the reads themselves, summed over threads (over io_wait_s: how
+        # many reads the threads kept in flight, on average, while a caller waited)
         self._stats = {"bytes_read": 0, "reads": 0, "io_wait_s": 0.0, "requested_bytes": 0,
-                       "requests": 0, "check_s": 0.0, "check_tail_s": 0.0}
+                       "requests": 0, "check_s": 0.0, "check_tail_s": 0.0, "pread_s": 0.0}
 
     def close(self) -> None:
         if self._closed:
@@ -408,6 +412,7 @@ class ExtentReader:
                 results = [f.result() for f in futures]
             with self._lock:
                 self._stats["check_s"] += timing.check_s
+                self._stats["pread_s"] += timing.pread_s
                 self._stats["check_tail_s"] += max(0.0, timing.last_check_end - timing.last_read_end)
         finally:
             for g in groups:
@@ -516,9 +521,11 @@ class ExtentReader:
             while lo < b:
                 hi = min(b, lo + step)
                 try:
+                    t_read = time.perf_counter()
                     got = self._read_piece(g, lo, hi)
                     t0 = time.perf_counter()
                     with self._lock:
+                        timing.pread_s += t0 - t_read
                         g.got.append((lo, lo + got, hi))
                         complete = self._completed_blocks(g, lo, lo + got) if g.unread else []
                         timing.last_read_end = max(timing.last_read_end, t0)

@@ -86,6 +86,12 @@ def decode(model, prompt: list[int], gen_tokens: int, read_alone: bool = False) 
         # the pipeline's reads (the disk's busy time for them) and the layers' waits for them
         out.update({k: p[k] for k in ("prefill_read_s", "prefill_wait_s", "prefill_read_bytes",
                                       "prefill_speculated", "prefill_speculated_unused")})
+        # how many reads the reader's threads kept in flight while the disk was busy with the
+        # prefill (time inside the reads, summed over threads, over that busy time; the first
+        # token's own reads count in the sum too): fewer than its threads where the threads
+        # spend time checking and handing on what they read
+        out["prefill_pread_s"] = p["pread_s"]
+        out["prefill_reads_in_flight"] = p["pread_s"] / p["prefill_read_s"] if p["prefill_read_s"] else 0.0
         # where the prefill's time went, besides its reads: the routing's host sync (which waits for
         # everything before the MoE input: embedding, attention), fetching (waits for the reads,
         # stacking each group), the groups' matmuls; the staging arrays it made
@@ -94,8 +100,9 @@ def decode(model, prompt: list[int], gen_tokens: int, read_alone: bool = False) 
         out["staging_allocations"] = s["staging_allocations"] - p["staging_allocations"]  # decode only
         out.update(prefill_disk_idle(spans, start, times[0]))
         for k in ("bytes_read", "reads", "io_wait_s", "moe_calls", "route_sync_s", "attention_s", "expert_fetch_s", "expert_compute_s",
-                  "cache_hits", "cache_misses", "check_s", "check_tail_s"):
+                  "cache_hits", "cache_misses", "check_s", "check_tail_s", "pread_s"):
             out[k] = s[k] - p[k]  # decode only
+        out["reads_in_flight"] = reads_in_flight(out)
         lookups = out["cache_hits"] + out["cache_misses"]
         out["hit_rate"] = out["cache_hits"] / lookups if lookups else 0.0
         out["mean_read_bytes"] = out["bytes_read"] / out["reads"] if out["reads"] else 0.0
@@ -225,6 +232,12 @@ def prefill_summary_lines(summary: dict, label: str = "") -> list[str]:
         for k in PREFILL_RATIOS) for variant, g in summary.items()]
 
 
+def reads_in_flight(run: dict) -> float:
+    """How many reads the reader's threads kept in flight, on average, while the model waited for
+    them: the time inside the reads, summed over threads, over the time the model waited."""
+    return run["pread_s"] / run["io_wait_s"] if run["io_wait_s"] else 0.0
+
+
 def _disk_bytes(store, layer: int, expert: int) -> int:
     """The bytes an expert's read takes from disk: its extent (a bundle), else its size in memory."""
     bundle = getattr(store, "bundle", None)
@@ -259,7 +272,7 @@ def decode_streams(model, prompts: list[list[int]], gen_tokens: int) -> dict:
     decode_s = max(t[-1] for t in stamps.values()) - min(firsts)
     tokens = sum(len(t) - 1 for t in stamps.values())
     d = {k: s[k] - p[k] for k in ("bytes_read", "reads", "io_wait_s", "moe_calls", "cache_hits", "cache_misses",
-                                  "staging_allocations")}
+                                  "staging_allocations", "pread_s")}
     lookups = d["cache_hits"] + d["cache_misses"]
     aggregate = tokens / decode_s
     return {"streams": n, "ttft_s": max(firsts) - start, "decode_steps": steps, "decode_tokens": tokens,
@@ -268,7 +281,7 @@ def decode_streams(model, prompts: list[list[int]], gen_tokens: int) -> dict:
             **d, "hit_rate": d["cache_hits"] / lookups if lookups else 0.0,
             "bytes_read_per_step": d["bytes_read"] / max(steps, 1),
             "distinct_experts_per_layer_step": lookups / max(d["moe_calls"], 1),
-            "sharing": lookups / max(d["moe_calls"], 1) / (n * rt.experts_per_token)}
+            "sharing": lookups / max(d["moe_calls"], 1) / (n * rt.experts_per_token), "reads_in_flight": reads_in_flight(d)}
 
 
 def _derive_streams(run: dict, ceiling_gbs: float, one_stream: dict) -> None:
@@ -381,16 +394,16 @@ def print_report(r: dict) -> None:
     print("settings: " + ", ".join(f"{k}={v}" for k, v in r.get("settings", {}).items()))
     print(f"warm-up (kernel compilation): {r.get('warmup_s', 0):.1f}s")
     print("\n== decode ==")
-    print(f"{'run':<18}{'TTFT s':>8}{'tok/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'MB/tok':>8}{'hit':>7}{'GB/s io':>9}{'eff':>6}{'roof':>8}{'share':>7}")
+    print(f"{'run':<18}{'TTFT s':>8}{'tok/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'MB/tok':>8}{'hit':>7}{'GB/s io':>9}{'eff':>6}{'roof':>8}{'share':>7}{'flight':>7}")
     for name in table_runs(r):
         x = r[name]
         print(f"{name:<18}{x['ttft_s']:>8.2f}{x['tokens_per_s']:>8.2f}{x['p50_token_ms']:>8.0f}{x['p99_token_ms']:>8.0f}"
               f"{x['bytes_read_per_token'] / 1e6:>8.1f}{x['hit_rate']:>7.1%}{x['read_gb_per_s_during_io']:>9.2f}"
-              f"{x['io_efficiency']:>6.2f}{x['roofline_tokens_per_s']:>8.2f}{x['share_of_roofline']:>7.2f}")
+              f"{x['io_efficiency']:>6.2f}{x['roofline_tokens_per_s']:>8.2f}{x['share_of_roofline']:>7.2f}{x.get('reads_in_flight', 0):>7.1f}")
     print(f"\n== prefill ({r['args']['prompt_tokens']} tokens; floor: each distinct expert it routes to read once at "
           f"the prefill ceiling) ==")
     print(f"{'run':<18}{'TTFT s':>8}{'floor s':>9}{'TTFT/floor':>11}{'before':>7}{'TTFT/bef':>9}{'alone s':>8}{'t':>3}{'TTFT/alone':>11}{'experts':>9}{'MB':>9}{'chunk':>7}{'pf hit':>8}"
-          f"{'dec hit':>8}{'read s':>8}{'GB/s':>6}{'wait s':>8}{'sync s':>8}{'mm s':>7}{'allocs':>7}  admission")
+          f"{'dec hit':>8}{'read s':>8}{'GB/s':>6}{'flight':>7}{'wait s':>8}{'sync s':>8}{'mm s':>7}{'allocs':>7}  admission")
     for name in table_runs(r):
         x = r[name]
         rate = x.get("prefill_read_bytes", 0) / max(x.get("prefill_read_s", 0), 1e-9) / 1e9
@@ -401,12 +414,14 @@ def print_report(r: dict) -> None:
         print(f"{name:<18}{x['ttft_s']:>8.2f}{x['prefill_read_floor_s']:>9.3f}{x['ttft_over_floor']:>11.2f}{before}{alone}"
               f"{x['prefill_distinct_experts']:>9}{x['prefill_expert_bytes'] / 1e6:>9.1f}{x['prefill_step_size']:>7}"
               f"{x['prefill_hit_rate']:>8.1%}{x['hit_rate']:>8.1%}{x.get('prefill_read_s', 0):>8.2f}{rate:>6.2f}"
+              f"{x.get('prefill_reads_in_flight', 0):>7.1f}"
               f"{x.get('prefill_wait_s', 0):>8.2f}{x.get('prefill_route_sync_s', 0):>8.2f}"
               f"{x.get('prefill_expert_compute_s', 0):>7.2f}{x.get('prefill_staging_allocations', 0):>7}  {x['prefill_admission']}")
     print("(before: the GB/s of the best of three ceiling windows just before a cold run, TTFT/bef: TTFT over the floor at that rate; "
           "alone s: a cold run's distinct experts read again just after it, in layout order, by a reader doing "
           "nothing else (the fastest of: sub-reads taken in turn by its threads, or one contiguous share per thread; at the runtime's threads or half; "
           "t: that reader's threads); read s: the disk busy with the prefill pipeline's reads; GB/s: their rate; "
+          "flight: reads the reader's threads kept in flight meanwhile, on average (of its threads); "
           "wait s: the layers waiting for them; sync s: at the routing's host sync, i.e. computing all before each MoE "
           "input (embedding, attention); mm s: the groups' matmuls; allocs: staging slots made)")
     print(f"\n{'disk idle in TTFT, s':<22}{'before':>8}{'in layer':>9}{'between':>9}{'after':>8}{'early':>7}{'unused':>7}"
@@ -442,7 +457,8 @@ def print_report(r: dict) -> None:
               f"{x['bytes_read_per_step'] / 1e6:.1f} MB read per step, hit {x['hit_rate']:.1%}; batch roofline "
               f"{x['batch_roofline_tokens_per_s']:.2f}, share {x['share_of_batch_roofline']:.2f}; "
               f"{x['distinct_experts_per_layer_step']:.1f} distinct experts per layer step (sharing {x['sharing']:.2f}); "
-              f"{x.get('staging_allocations', 0)} staging slots made; {x['aggregate_over_one_stream']:.2f}x one "
+              f"{x.get('staging_allocations', 0)} staging slots made; {x.get('reads_in_flight', 0):.1f} reads in flight; "
+              f"{x['aggregate_over_one_stream']:.2f}x one "
               f"stream's {'cold' if name.endswith('cold') else 'warm'} run")
     if r.get("streams_summary"):
         target = next(iter(r["streams_summary"].values()))["target"]

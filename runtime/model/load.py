@@ -111,6 +111,7 @@ class StreamingRuntime:
             "io_wait_s": r["io_wait_s"],
             "check_s": r["check_s"],
             "check_tail_s": r["check_tail_s"],
+            "pread_s": r["pread_s"],
             "io_mode": self.reader.io_mode_in_use,
             "cache_hits": c["cache_hits"],
             "cache_misses": c["cache_misses"],
