@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from moestream.runtime.measure.bench import best_trial, prefill_summary, prefill_summary_lines, sustained_rate
+from moestream.runtime.measure.report import best_trial, prefill_summary, prefill_summary_lines, sustained_rate
 
 RATES = {"sustained": sustained_rate, "burst": best_trial}
 

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from moestream.runtime.measure.bench import best_trial, streams_runs, sustained_rate, table_runs
+from moestream.runtime.measure.report import best_trial, streams_runs, sustained_rate, table_runs
 
 
 def shares(report: dict) -> list[dict]:

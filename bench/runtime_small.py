@@ -123,7 +123,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    from moestream.runtime.measure.bench import bench_bundle, print_report
+    from moestream.runtime.measure.bench import bench_bundle
+    from moestream.runtime.measure.report import print_report
 
     load0 = os.getloadavg()
     print(common.setup_line(), flush=True)

@@ -40,7 +40,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    from moestream.runtime.measure.bench import bench_bundle, print_report
+    from moestream.runtime.measure.bench import bench_bundle
+    from moestream.runtime.measure.report import print_report
 
     inputs = common.make_inputs(args.workdir, args.family, args.preset, args.layers, args.bits)
     compare = tuple(c for c in args.compare.split(",") if c) + (("naive",) if args.compare_naive else ())

@@ -61,7 +61,7 @@ def test_bench_cli_reports_ceiling_roofline_and_comparisons(tmp_path, bundle_dir
     assert "roof" in text and "ceiling" in text and "TTFT/floor" in text and "sustained" in text
     assert "SCALED" not in text, "scaling to the layers it has is no figure"
     assert "{'" not in text, "no raw dicts in the report"
-    from moestream.runtime.measure.bench import table_runs
+    from moestream.runtime.measure.report import table_runs
 
     assert {"cold", "warm", "phases", "buffered_cold", "host_warm", "policy_lfu_warm"} <= set(table_runs(r))
 
@@ -309,7 +309,7 @@ def test_the_disk_idle_time_of_a_prefill_is_split_by_where_it_falls():
 def test_cold_runs_are_summed_up_by_compare_entry_repeats_together():
     """Each --compare entry's cold runs, repeats of it together: their count, and for each ratio the
     median, the least, the most and how many were within the target; warm runs are left out."""
-    from moestream.runtime.measure.bench import prefill_summary
+    from moestream.runtime.measure.report import prefill_summary
 
     def cold(variant, floor, alone):
         return {"variant": variant, "ttft_over_floor": floor, "ttft_over_read_alone": alone}
@@ -415,7 +415,7 @@ def test_the_best_cell_is_chosen_on_half_its_windows_and_measured_on_the_others(
     """A cell whose windows ran high by chance wins a choice made on all of them, and its mean over
     them leans high (the winner's curse): the ceiling takes the best cell on its even windows and
     its rate from its odd ones; the best cell over all windows and the best window stay beside it."""
-    from moestream.runtime.measure.bench import ceilings
+    from moestream.runtime.measure.report import ceilings
 
     def cell(threads, windows, sequential=False):
         return {"threads": threads, "chunk_bytes": 1 << 20, "sequential": sequential, "windows": windows,

@@ -54,7 +54,8 @@ def add_arguments(p) -> None:
 
 def run(args) -> None:
     from moestream.runtime.io.hub import resolve_bundle
-    from moestream.runtime.measure.bench import bench_bundle, plot_report, print_report
+    from moestream.runtime.measure.bench import bench_bundle
+    from moestream.runtime.measure.report import plot_report, print_report
 
     from .options import write_json
 
