@@ -137,11 +137,10 @@ def ceiling(files: Sequence[Path], chunk: int, threads: int, trials: int = 1, se
     """The disk's O_DIRECT read rate over `files` at this read size and thread count, random reads or
     (sequential) each thread reading on in sequence (runtime.measure.ceiling.read_ceiling): over
     `trials` windows, all their bytes over all their seconds (sustained, as `moestream bench` takes
-    its ceiling), with each window's rate beside it."""
+    its ceiling), with each window's rate beside it (`windows`)."""
     from moestream.runtime.measure.ceiling import read_ceiling_rounds
 
-    cell = read_ceiling_rounds(list(files), [(int(chunk), threads, sequential)], rounds=trials, seconds=seconds)[0]
-    return {**cell, "trials_gb_per_s": cell["windows"]}
+    return read_ceiling_rounds(list(files), [(int(chunk), threads, sequential)], rounds=trials, seconds=seconds)[0]
 
 
 # ---------------------------------------------------------------- reporting

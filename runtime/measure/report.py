@@ -61,6 +61,11 @@ def sustained_rate(report: dict, sequential: bool = False) -> float:
     return float(np.mean([t["gb_per_s"] for t in trials]))
 
 
+def _spread(values: list[float]) -> dict:
+    """A distribution of repeated runs' ratios: the median, the least and the most."""
+    return {"median": float(np.median(values)), "min": min(values), "max": max(values)}
+
+
 def prefill_summary(report: dict, within: float = 1.1) -> dict:
     """The cold runs' TTFT ratios by --compare entry (repeats together): how many runs, the median,
     the least and the most, and how many were within `within`; a distribution, where one run's ratio
@@ -75,8 +80,7 @@ def prefill_summary(report: dict, within: float = 1.1) -> dict:
         for key in PREFILL_RATIOS:
             values = [x[key] for x in runs if key in x]
             if values:
-                out[variant][key] = {"median": float(np.median(values)), "min": min(values), "max": max(values),
-                                     "within_count": sum(v <= within for v in values)}
+                out[variant][key] = {**_spread(values), "within_count": sum(v <= within for v in values)}
     return out
 
 
@@ -104,8 +108,7 @@ def streams_summary(report: dict, target: float = 0.85) -> dict:
         for kind in ("cold", "warm"):
             if kind in group:
                 v = group[kind]
-                group[kind] = {"runs": len(v), "median": float(np.median(v)), "min": min(v), "max": max(v),
-                               "reached_count": sum(x >= target for x in v)}
+                group[kind] = {"runs": len(v), **_spread(v), "reached_count": sum(x >= target for x in v)}
     return out
 
 
