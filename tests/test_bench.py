@@ -276,7 +276,7 @@ def test_a_long_prompts_prefill_is_reported_by_its_reads_waits_and_phases(bundle
     assert cold["ttft_over_read_alone"] == pytest.approx(cold["ttft_s"] / cold["prefill_read_alone_s"])
     assert cold["prefill_read_alone_s"] == min(cold["prefill_read_alone_by_pattern"].values())  # the faster way
     n = r["settings"]["io_threads"]
-    assert set(cold["prefill_read_alone_by_pattern"]) == {f"{p}@{t}" for p in ("pieces", "shares") for t in {n, max(1, n // 2)}}
+    assert set(cold["prefill_read_alone_by_pattern"]) == {f"{p}@{t}" for p in ("pieces", "shares", "shuffled") for t in {n, max(1, n // 2)}}
     assert cold["prefill_read_alone_threads"] in {n, max(1, n // 2)}
     # and against a ceiling trial just before each cold run
     assert cold["ceiling_before_gb_per_s"] > 0 and "ceiling_before_gb_per_s" not in r["warm"]
@@ -348,7 +348,7 @@ def test_read_extents_reads_each_range_once_joined_and_aligned(tmp_path):
     f = tmp_path / "experts.bin"
     f.write_bytes(bytes(10 << 20))
     ranges = [(f, 0, 3 << 20), (f, 3 << 20, 100), (f, (5 << 20) + 7, 1 << 20), (f, 5 << 20, 10)]
-    for pattern in ("pieces", "shares"):
+    for pattern in ("pieces", "shares", "shuffled"):
         r = read_extents(ranges, threads=3, piece=1 << 20, pattern=pattern)
         assert r["bytes"] == ((3 << 20) + 4096) + ((1 << 20) + 4096)  # the last range lies inside the one before
         assert r["seconds"] > 0 and r["threads"] == 3 and r["piece_bytes"] == 1 << 20 and r["pattern"] == pattern

@@ -85,8 +85,10 @@ def read_ceiling_rounds(paths: list[Path], cells: list[tuple[int, int, bool]], r
 
 # How read_extents shares the bytes among its threads: "pieces", piece-sized reads taken in turn
 # (neighbouring pieces on different threads); "shares", one contiguous share per thread, each read
-# in order (a sequential stream per thread, as the runtime splits a batch)
-READ_PATTERNS = ("pieces", "shares")
+# in order (a sequential stream per thread, as the runtime splits a batch); "shuffled", the same
+# pieces taken in a random order (the random-read ceiling's pattern, over exactly these bytes:
+# whether the disk reads a prefill's bytes faster out of order than in layout order)
+READ_PATTERNS = ("pieces", "shares", "shuffled")
 
 
 def read_extents(ranges: list[tuple[Path, int, int]], threads: int, piece: int = 1 << 20,
@@ -107,8 +109,11 @@ def read_extents(ranges: list[tuple[Path, int, int]], threads: int, piece: int =
             joined.append([path, start, end])
     flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
     fds = {p: os.open(p, flags) for p in {j[0] for j in joined}}
-    if pattern == "pieces":
-        taken = iter([(fds[p], off, min(piece, end - off)) for p, start, end in joined for off in range(start, end, piece)])
+    if pattern in ("pieces", "shuffled"):
+        pieces = [(fds[p], off, min(piece, end - off)) for p, start, end in joined for off in range(start, end, piece)]
+        if pattern == "shuffled":
+            random.shuffle(pieces)
+        taken = iter(pieces)
         work = [taken] * threads  # next() on a list iterator is atomic under the GIL
     else:
         work = [iter(share) for share in _shares([(fds[p], start, end) for p, start, end in joined], threads, piece)]

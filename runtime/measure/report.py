@@ -154,9 +154,9 @@ def print_report(r: dict) -> None:
               f"{x.get('prefill_wait_s', 0):>8.2f}{x.get('prefill_route_sync_s', 0):>8.2f}"
               f"{x.get('prefill_expert_compute_s', 0):>7.2f}{x.get('prefill_staging_allocations', 0):>7}  {x['prefill_admission']}")
     print("(before: the GB/s of the best of three ceiling windows just before a cold run, TTFT/bef: TTFT over the floor at that rate; "
-          "alone s: a cold run's distinct experts read again just after it, in layout order, by a reader doing "
-          "nothing else (the fastest of: sub-reads taken in turn by its threads, or one contiguous share per thread; at the runtime's threads or half; "
-          "t: that reader's threads); read s: the disk busy with the prefill pipeline's reads; GB/s: their rate; "
+          "alone s: a cold run's distinct experts read again just after it by a reader doing "
+          "nothing else (the fastest of: sub-reads in layout order taken in turn by its threads, one contiguous share per thread, "
+          "or the sub-reads in a random order; at the runtime's threads or half; t: that reader's threads); read s: the disk busy with the prefill pipeline's reads; GB/s: their rate; "
           "flight: reads the reader's threads kept in flight meanwhile, on average (of its threads); "
           "wait s: the layers waiting for them; sync s: at the routing's host sync, i.e. computing all before each MoE "
           "input (embedding, attention); mm s: the groups' matmuls; allocs: staging slots made)")
