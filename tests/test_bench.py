@@ -330,6 +330,8 @@ def test_compare_entries_joined_by_a_plus_are_applied_together():
     both = _variant("readfirst+subread:8+readsahead:1+threads:4")
     assert both == {"_streamer": {"prefill_speculate": True, "prefill_reads_ahead": 1},
                     "_reader": {"checked_read_bytes": 8 << 20}, "io": {"threads": 4}}
+    assert _variant("order:shuffled+threads:4") == {"io": {"read_order": "shuffled", "threads": 4}}
+    assert _variant("order:sideways") is None
     assert _variant("readfirst+nosuch") is None
     assert _variant("readfirst") == {"_streamer": {"prefill_speculate": True}}
 

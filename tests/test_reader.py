@@ -573,3 +573,57 @@ def test_a_checked_extent_is_read_in_sub_reads_of_the_readers_size(disk_dir):
             (view,) = r.read([dataclasses.replace(req, check=check)])
             assert r.stats()["reads"] == reads, size
         assert bytes(view) == data[: 6 << 20] and sorted(check.seen) == list(range(6))
+
+
+@pytest.mark.parametrize("order", ["pieces", "shuffled"])
+@pytest.mark.parametrize("targets", [False, True])
+def test_pieces_taken_in_turn_give_the_same_bytes_and_check_every_block_once(disk_dir, order, targets):
+    """With read_order "pieces" or "shuffled" a call's groups are cut into sub-read-sized pieces that
+    the threads take from one queue: every request still gets exactly its bytes, every block is
+    checked once, and a short file still names the extent it cut."""
+    f = disk_dir / "pieces.bin"
+    data = _write(f, 9 << 20, seed=14)
+    spans = [(12_345, 3_000_000), (3 << 20, 2_500_000), (6 << 20, 100), ((6 << 20) + 8192, 2_000_000)]
+    reqs = [_req(f, off, n, f"expert {k}") for k, (off, n) in enumerate(spans)]
+    checks = [_BlockCheck(data, q, 300_000) for q in reqs]
+    reqs = [dataclasses.replace(q, check=c) for q, c in zip(reqs, checks, strict=True)]
+    kept = []
+
+    def into(needs):
+        kept.extend(_aligned_targets(needs))
+        return kept[-len(needs):]
+
+    with ExtentReader("direct", threads=4) as r:
+        r.read_order = order
+        views = r.read(reqs, into=into if targets else None)
+        assert r.stats()["reads"] >= 8, "read in 1 MiB pieces"
+        for q, v, c in zip(reqs, views, checks, strict=True):
+            assert bytes(v) == data[q.offset : q.offset + q.nbytes]
+            assert sorted(c.seen) == list(range(-(-q.nbytes // c.block_bytes)))
+        with pytest.raises(ReadError, match="expert 9: short read"):
+            r.read([_req(f, 0, 1 << 20, "expert 8"), _req(f, 8 << 20, 2 << 20, "expert 9")])
+        r.read_order = "sideways"
+        with pytest.raises(ValueError, match="read_order"):
+            r.read([_req(f, 0, 10)])
+
+
+def test_shuffled_pieces_are_read_out_of_layout_order(disk_dir, monkeypatch):
+    """"pieces" reads a call's pieces in layout order (one thread: strictly ascending offsets);
+    "shuffled" does not."""
+    f = disk_dir / "order.bin"
+    _write(f, 16 << 20, seed=15)
+    offsets = []
+    real = os.preadv
+
+    def record(fd, bufs, off, *rest):
+        offsets.append(off)
+        return real(fd, bufs, off, *rest)
+
+    monkeypatch.setattr(os, "preadv", record)
+    for order in ("pieces", "shuffled"):
+        offsets.clear()
+        with ExtentReader("direct", threads=1) as r:
+            r.read_order = order
+            r.read([_req(f, 0, 16 << 20, "expert 0")])
+        assert len(offsets) == 16
+        assert (offsets == sorted(offsets)) == (order == "pieces")

@@ -26,7 +26,9 @@ def add_arguments(p) -> None:
                    "like the decode's: the runtime before prefill overlapped), readsahead:N (prefill group reads in flight "
                    "at once; 1: one at a time), readfirst / noreadfirst (a long prefill call's first group read before its routing, "
                    "while the attention before it computes, or not; on by default), subread:MIB (a checked extent read in sub-reads of MIB MiB; "
-                   "default 1), admission:recent|free|all|tail|none (what a "
+                   "default 1), order:shares|pieces|shuffled (how a read call's bytes are shared among the reader's threads: one "
+                   "contiguous share each, the default, or 1 MiB pieces taken in turn, in layout order or shuffled), "
+                   "admission:recent|free|all|tail|none (what a "
                    "prefill caches of what it reads); entries joined by + run together (readfirst+subread:8)")
     p.add_argument("--streams", type=positive_int, default=1,
                    help="also decode this many streams at once (mlx-lm's batching, as the server does): aggregate "

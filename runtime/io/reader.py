@@ -13,6 +13,10 @@ cache would silently hold the model (the memory budget would lie). So:
   side by side) are coalesced into one larger read;
 - a batch with extents larger than a fair share (one layer's few 7 MB experts on 8 threads) is cut
   into one equal share per thread, so that all threads read until the batch is done;
+- how a batch's bytes are shared among the threads is a setting (READ_ORDERS): one contiguous
+  share per thread (the default), or sub-read-sized pieces that the threads take in turn, in
+  layout order or shuffled, because a disk behind a network block store may read the same bytes
+  faster in one pattern than another (measure: `moestream bench --compare order:NAME`);
 - a caller may hand in its own memory (`into`): the bytes then go straight there (scatter reads, the
   padding between coalesced extents read into scratch), so expert bytes are never copied.
 
@@ -26,6 +30,7 @@ import errno
 import fcntl
 import mmap
 import os
+import random
 import sys
 import threading
 import time
@@ -49,6 +54,11 @@ DEFAULT_MAX_OPEN_FILES = 64
 DEFAULT_SPLIT_MIN_BYTES = 1 << 20
 # Reads of checked extents are issued in pieces of this size, each checked as soon as it is in.
 CHECKED_READ_BYTES = 1 << 20
+# How a batch is shared among the threads: "shares", one contiguous share per thread (see _split);
+# "pieces", pieces of checked_read_bytes taken in turn, in layout order; "shuffled", the same
+# pieces taken in a random order. The names are those of the bare reader's patterns in
+# runtime/measure/ceiling.py, so that the runtime can be set to what a bare reader measured.
+READ_ORDERS = ("shares", "pieces", "shuffled")
 _IOV_MAX = 512  # buffers per preadv (Linux allows 1024)
 # Idle read buffers kept for reuse. Counted in the memory budget ("buffers"); about two layers of
 # 8 routed 7 MB experts.
@@ -137,6 +147,21 @@ class _Group:
     unread: dict[tuple[int, int], int] = field(default_factory=dict)
     failed: bool = False
     finished: bool = False
+
+
+class _Taken:
+    """Items handed out one at a time to whichever thread asks next (one iterator, shared)."""
+
+    def __init__(self, items: list):
+        self._items = iter(items)
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self):
+        with self._lock:
+            return next(self._items)
 
 
 @dataclass
@@ -316,6 +341,7 @@ class ExtentReader:
         self.max_open_files = max_open_files
         self.split_min_bytes = split_min_bytes
         self.checked_read_bytes = CHECKED_READ_BYTES  # the sub-read of a checked extent (see _work)
+        self.read_order = "shares"  # READ_ORDERS
         self._pool = shared_pool(self.threads)
         self._lock = threading.Lock()  # guards the fd cache and the stats
         self._files: OrderedDict[str, _Handle] = OrderedDict()
@@ -480,14 +506,30 @@ class ExtentReader:
             h = self._files.get(g.path)
             return h is not None and h.direct
 
-    def _split(self, groups: list[_Group]) -> list[list[tuple[_Group, int, int]]]:
-        """Who reads what: one list of (group, start, end) pieces per worker thread.
+    def _split(self, groups: list[_Group]):
+        """Who reads what: one iterable of (group, start, end) pieces per worker thread.
+
+        With read_order "pieces" or "shuffled", every group is cut into pieces of
+        checked_read_bytes, which all workers take in turn from one shared iterator (in layout
+        order, or shuffled), so neighbouring pieces are in flight on different threads at once.
+        Otherwise (the default, "shares"):
 
         Where some group is larger than a fair share of the batch (a few 7 MB experts on 8
         threads), the groups are laid end to end and cut into one equal share per thread (at ALIGN
         boundaries, each at least split_min_bytes), so that every thread reads until the batch is
         done instead of a few large extents keeping a few threads busy while the others idle.
         Otherwise each group is one piece, and the pool balances them."""
+        if self.read_order not in READ_ORDERS:
+            raise ValueError(f"read_order must be one of {READ_ORDERS}, got {self.read_order!r}")
+        if self.read_order != "shares":
+            step = max(ALIGN, self.checked_read_bytes // ALIGN * ALIGN)
+            pieces = [(g, a, min(g.end, a + step)) for g in groups for a in range(g.start, g.end, step)]
+            if self.read_order == "shuffled":
+                random.shuffle(pieces)
+            for g, _, _ in pieces:
+                g.pieces += 1
+            taken = _Taken(pieces)
+            return [taken] * min(self.threads, len(pieces))
         total = sum(g.end - g.start for g in groups)
         n = min(self.threads, total // max(self.split_min_bytes, 1))
         if n < 2 or max(g.end - g.start for g in groups) * self.threads <= total:
@@ -510,7 +552,7 @@ class ExtentReader:
                 g.pieces += 1
         return [w for w in work if w]
 
-    def _work(self, pieces: list[tuple[_Group, int, int]], convert, timing: _CallTiming) -> list[tuple[int, object]]:
+    def _work(self, pieces, convert, timing: _CallTiming) -> list[tuple[int, object]]:
         """Read this thread's pieces; finish (views, convert) each group whose last piece it read."""
         out = []
         for g, a, b in pieces:

@@ -25,7 +25,7 @@ from ...manifests.describe import describe_bundle
 from ...manifests.open import open_bundle
 from ..io import staging
 from ..io.pagecache import evict_page_cache
-from ..io.reader import ALIGN
+from ..io.reader import ALIGN, READ_ORDERS
 from ..io.stores import cast_floats
 from ..model.load import IOOptions, load, plan_memory, runtime_of
 from ..model.streaming import PREFILL_ADMISSION
@@ -365,6 +365,9 @@ def _variant(name: str) -> dict | None:
         return {"_streamer": {"prefill_pipeline": False}}
     if name == "noadvice":  # staging without cudaMemAdvise (see runtime/io/staging.py)
         return {"io": {"stage_on_device": True}, "_no_cuda_advice": True}
+    if name.startswith("order:"):  # how a read call's bytes are shared among the threads (reader.READ_ORDERS)
+        order = name.split(":", 1)[1]
+        return {"io": {"read_order": order}} if order in READ_ORDERS else None
     if name.startswith("threads:"):
         return {"io": {"threads": int(name.split(":", 1)[1])}}
     return VARIANTS.get(name)
@@ -391,7 +394,7 @@ def _settings(model) -> dict:
     rt = runtime_of(model)
     r = rt.reader
     return {"io_mode": r.io_mode_in_use, "io_threads": r.threads, "split_min_bytes": r.split_min_bytes,
-            "checked_read_bytes": r.checked_read_bytes,
+            "checked_read_bytes": r.checked_read_bytes, "read_order": r.read_order,
             "coalesce_gap": r.coalesce_gap, "read_into": getattr(rt.store, "read_into", "host"),
             "stage_on_device": getattr(rt.store, "stage_on_device", False), "cache_policy": type(rt.cache.policy).__name__,
             "prefetch": rt.streamer.prefetching, "dtype": rt.dtype,
@@ -438,7 +441,7 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
     unknown = [c for c in compare if c != "naive" and _variant(c) is None]
     if unknown:
         raise OptionsError(f"unknown --compare entries {unknown}; known: naive, {', '.join(VARIANTS)}, policy:NAME, "
-                           f"threads:N, buffered:{'|'.join(PAGE_CACHE_MEMORY)}, plainprefill, readsahead:N, readfirst, noreadfirst, subread:MIB, admission:{'|'.join(PREFILL_ADMISSION)}; "+" joins entries")
+                           f"threads:N, buffered:{'|'.join(PAGE_CACHE_MEMORY)}, plainprefill, readsahead:N, readfirst, noreadfirst, subread:MIB, order:{'|'.join(READ_ORDERS)}, admission:{'|'.join(PREFILL_ADMISSION)}; "+" joins entries")
     bundle_path = Path(bundle_path)
     bundle = open_bundle(bundle_path)
     extents = list(bundle.extents.values())

@@ -31,7 +31,7 @@ from ...manifests.checkpoint import SourceCheckpoint
 from ...manifests.open import open_bundle
 from ..cache.expert_cache import ExpertCache
 from ..cache.policies import configure_policy, make_policy
-from ..io.reader import ALIGN, IO_MODES, ExtentReader, align_down, align_up
+from ..io.reader import ALIGN, IO_MODES, READ_ORDERS, ExtentReader, align_down, align_up
 from ..io.staging import mlx_uses_cuda
 from ..io.stores import READ_INTO, BundleStore, CheckpointStore
 from .budget import MemoryNeeds, MemoryPlan, memory_needs
@@ -58,6 +58,9 @@ class IOOptions:
     thread (None: on MLX's CUDA backend, where host-made arrays are managed memory).
     check_reads: check each expert's fast checksum on every read from disk (format 2 bundles), so
     damaged bytes are an error naming the expert, never a wrong token; off only to measure its cost.
+    read_order: how one read call's bytes are shared among the threads (reader.READ_ORDERS):
+    "shares", one contiguous share per thread; "pieces" or "shuffled", 1 MiB pieces the threads
+    take in turn, in layout order or in a random order.
     """
 
     mode: str = "direct"
@@ -65,6 +68,7 @@ class IOOptions:
     read_into: str = "arrays"
     stage_on_device: bool | None = None
     check_reads: bool = True
+    read_order: str = "shares"
 
     def __post_init__(self):
         if self.mode not in IO_MODES:
@@ -73,6 +77,8 @@ class IOOptions:
             raise OptionsError(f"io threads must be a positive integer, got {self.threads!r}")
         if self.read_into not in READ_INTO:
             raise OptionsError(f"read_into must be one of {', '.join(READ_INTO)}, got {self.read_into!r}")
+        if self.read_order not in READ_ORDERS:
+            raise OptionsError(f"read_order must be one of {', '.join(READ_ORDERS)}, got {self.read_order!r}")
 
     def staging(self) -> bool:
         if self.stage_on_device is None:
@@ -341,6 +347,7 @@ def load(
     path = _local(path, revision)
     compute_dtype = _resolve_dtype(dtype)
     reader = ExtentReader(io_mode=io.mode, threads=io.threads, coalesce_gap=COALESCE_GAP)
+    reader.read_order = io.read_order
     try:
         return _load(path, reader, memory_budget, experts_per_token, cache_policy, prefetch, max_kv_size,
                      compute_dtype, verify, profile, io)
