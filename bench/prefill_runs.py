@@ -8,6 +8,11 @@ sequence, as `moestream bench` takes its prefill ceiling today (a report from be
 of its trials at the runtime's thread count); with --at burst, the best single trial the report
 holds at any thread count, random or in sequence, as the bench took it before.
 
+Then the rates at which the cold prefills' bytes were read: by the prefill itself, and by each bare
+reader that read the same experts alone just after it (READ_PATTERNS at a thread count, e.g.
+"shuffled@4"), against the report's best ceiling cell over all its windows: whether any reader of
+these very bytes reaches the rate of the disk's best setting.
+
     python bench/prefill_runs.py REPORT.json [REPORT.json ...] [--at sustained|burst]
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 from moestream.runtime.measure.report import best_trial, prefill_summary, prefill_summary_lines, sustained_rate
@@ -32,6 +38,47 @@ def cold_runs(report: dict, at: str = "sustained") -> dict[str, dict]:
             floor_s = x["prefill_expert_bytes"] / (rate * 1e9)
             runs[name] = {**x, "ttft_over_floor": x["ttft_s"] / floor_s}
     return runs
+
+
+def read_rates(report: dict) -> dict[str, list[float]]:
+    """GB/s at which each cold prefill's experts were read: "prefill" by the run itself (its bytes over
+    the time the disk was busy with them), and by each bare reader that read them alone after it."""
+    rates: dict[str, list[float]] = {}
+    for x in report.values():
+        if not (isinstance(x, dict) and "variant" in x and "prefill_read_alone_by_pattern" in x):
+            continue
+        if x.get("prefill_read_s"):
+            rates.setdefault("prefill", []).append(x["prefill_read_bytes"] / x["prefill_read_s"] / 1e9)
+        for pattern, seconds in x["prefill_read_alone_by_pattern"].items():
+            rates.setdefault(pattern, []).append(x["prefill_expert_bytes"] / seconds / 1e9)
+    return rates
+
+
+def _spread_text(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def print_read_rates(paths: list[Path]) -> None:
+    """read_rates per report, and pooled as shares of each report's best cell over all its windows."""
+    print("read rates of the cold prefills' bytes, GB/s (median, least-most over the cold runs): by the prefill, "
+          "and by a bare reader of the same experts just after it (pattern@threads); the best ceiling cell over all its windows")
+    shares: dict[str, list[float]] = {}
+    for path in paths:
+        report = json.loads(path.read_text())
+        rates = read_rates(report)
+        if not rates:
+            continue
+        line = f"{path.name}: " + ", ".join(f"{k} {_spread_text(v)}" for k, v in rates.items())
+        if "ceiling_cells" in report:
+            cell = max(report["ceiling_cells"], key=lambda c: c["gb_per_s"])
+            kind = "in sequence" if cell["sequential"] else "random"
+            line += f"; best cell {cell['gb_per_s']:.2f} ({cell['threads']} threads, {cell['chunk_bytes'] / 1e6:.2f} MB, {kind})"
+            for k, v in rates.items():
+                shares.setdefault(k, []).extend(r / cell["gb_per_s"] for r in v)
+        print(line)
+    if shares:
+        print("pooled over the reports with cells, each rate over its report's best cell: "
+              + ", ".join(f"{k} {_spread_text(v)} ({len(v)} runs)" for k, v in shares.items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     for tokens, runs in sorted(pooled.items()):
         reports = len({name.split(":")[0] for name in runs})
         print("\n".join(prefill_summary_lines(prefill_summary(runs), f"{tokens} tokens, {reports} reports: ")))
+    print_read_rates(args.reports)
     return 0
 
 

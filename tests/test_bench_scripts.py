@@ -165,6 +165,27 @@ def test_prefill_runs_holds_every_report_to_the_sustained_rate_or_the_best_trial
     assert "2048 tokens, 2 reports: default         3 runs  1.30 (1.10-2.00, 1 in)" in capsys.readouterr().out
 
 
+def test_prefill_runs_gives_the_rate_each_reader_read_the_prefills_bytes_at_against_the_best_cell(bench_path, tmp_path, capsys):
+    """The prefill's own read rate (its bytes over the disk's busy time) and each bare reader's (the
+    experts' bytes over its seconds), per report, and pooled as shares of each report's best cell
+    over all its windows; reports without the bare readers' times are left out."""
+    module = load_script(BENCH / "prefill_runs.py")
+    run = {"variant": "default", "ttft_s": 2.0, "prefill_expert_bytes": 2e9, "prefill_read_bytes": 2e9,
+           "prefill_read_s": 1.0, "prefill_read_alone_by_pattern": {"pieces@8": 2.0, "shuffled@4": 1.0}}
+    report = {"args": {"prompt_tokens": 512}, "ceiling_cells": [cell([1.0, 1.0]), cell([4.0, 4.0], True)],
+              "cold": run, "default_cold": {**run, "prefill_read_s": 4.0}, "warm": {**run, "variant": None}}
+    del report["warm"]["variant"]
+    assert module.read_rates(report) == {"prefill": [2.0, 0.5], "pieces@8": [1.0, 1.0], "shuffled@4": [2.0, 2.0]}
+    path, older = tmp_path / "r.json", tmp_path / "older.json"
+    path.write_text(json.dumps(report))
+    older.write_text(json.dumps({"cold": {"variant": "default"}}))
+    module.print_read_rates([path, older])
+    out = capsys.readouterr().out
+    assert "r.json: prefill 1.25 (0.50-2.00), pieces@8 1.00 (1.00-1.00), shuffled@4 2.00 (2.00-2.00); best cell 4.00 (8 threads, 1.05 MB, in sequence)" in out
+    assert "older.json" not in out
+    assert "prefill 0.31 (0.12-0.50) (2 runs), pieces@8 0.25 (0.25-0.25) (2 runs), shuffled@4 0.50 (0.50-0.50) (2 runs)" in out
+
+
 def test_roofline_shares_are_taken_again_at_the_sustained_rate_and_the_best_random_trial(bench_path, tmp_path, capsys):
     """Each decode run's share of its roofline, and each streams run's of its batch roofline,
     scaled by used / sustained and used / best trial; reads in sequence (a prefill's) do not count
