@@ -332,6 +332,7 @@ def test_compare_entries_joined_by_a_plus_are_applied_together():
                     "_reader": {"checked_read_bytes": 8 << 20}, "io": {"threads": 4}}
     assert _variant("order:shuffled+threads:4") == {"io": {"read_order": "shuffled", "threads": 4}}
     assert _variant("order:sideways") is None
+    assert _variant("threads:8+depth:4") == {"io": {"threads": 8, "queue_depth": 4}}
     assert _variant("readfirst+nosuch") is None
     assert _variant("readfirst") == {"_streamer": {"prefill_speculate": True}}
 

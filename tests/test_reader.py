@@ -627,3 +627,49 @@ def test_shuffled_pieces_are_read_out_of_layout_order(disk_dir, monkeypatch):
             r.read([_req(f, 0, 16 << 20, "expert 0")])
         assert len(offsets) == 16
         assert (offsets == sorted(offsets)) == (order == "pieces")
+
+
+def test_queue_depth_caps_the_reads_in_the_disk_and_a_spare_thread_reads_while_one_checks(disk_dir, monkeypatch):
+    """With queue_depth 1 on 2 threads, never two reads are inside a read syscall at once, and while
+    one thread checks the block it read, the other thread's read is under way: the slot passes on
+    instead of the disk waiting on the check. The bytes and the checks are as without the cap."""
+    import threading
+
+    f = disk_dir / "depth.bin"
+    data = _write(f, 8 << 20, seed=16)
+    inside, most, lock = [0], [0], threading.Lock()
+    read_began = threading.Event()
+    real = os.preadv
+
+    def counted(fd, bufs, off, *rest):
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        read_began.set()
+        try:
+            time.sleep(0.002)
+            return real(fd, bufs, off, *rest)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    overlapped = []
+
+    class WaitingCheck(_BlockCheck):
+        def check(self, index, view):
+            if index == 0:  # the first block: wait for a read to begin while it is being checked
+                read_began.clear()
+                overlapped.append(read_began.wait(5))
+            super().check(index, view)
+
+    monkeypatch.setattr(os, "preadv", counted)
+    req = _req(f, 0, 6 << 20, "expert 6")
+    check = WaitingCheck(data, req, 1 << 20)
+    with ExtentReader("direct", threads=2) as r:
+        r.read_order, r.queue_depth = "pieces", 1
+        (view,) = r.read([dataclasses.replace(req, check=check)])
+        with pytest.raises(ValueError, match="queue_depth"):
+            r.queue_depth = 0
+    assert bytes(view) == data[: 6 << 20] and sorted(check.seen) == list(range(6))
+    assert most[0] == 1, "never more reads in the disk than the queue depth"
+    assert overlapped == [True], "the other thread read while this one checked"

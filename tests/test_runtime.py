@@ -148,13 +148,14 @@ def test_experts_are_read_straight_into_mlx_memory_and_every_path_is_exact(synth
     plan = moestream.runtime_of(moestream.load(bundle_dir("qwen3_moe"))[0]).plan
     budget = plan.resident_bytes + plan.kv_reserve_bytes + plan.buffer_bytes + 2 * plan.min_layer_bytes
     for kw in ({}, {"read_into": "host"}, {"stage_on_device": True}, {"read_into": "host", "stage_on_device": True},
-               {"read_order": "shuffled"}, {"read_order": "pieces", "read_into": "host"}):
+               {"read_order": "shuffled"}, {"read_order": "pieces", "read_into": "host", "queue_depth": 1, "threads": 3}):
         with monkeypatch.context() as m:
             if kw.get("read_into", "arrays") == "arrays":
                 m.setattr(stores, "unpack_extent", lambda *a: pytest.fail("expert bytes were copied"))
             model, _ = moestream.load(bundle_dir("qwen3_moe"), memory_budget=budget, io=moestream.IOOptions(**kw))
             moestream.runtime_of(model).streamer.prefill_admission = "all"  # the prompt's reads evict
-            assert moestream.runtime_of(model).reader.read_order == kw.get("read_order", "shares")
+            reader = moestream.runtime_of(model).reader
+            assert (reader.read_order, reader.queue_depth) == (kw.get("read_order", "shares"), kw.get("queue_depth"))
             got = model(mx.array([PROMPT * 3]))
             assert moestream.stats(model)["evictions"] > 0, kw
         assert float(mx.abs(want - got).max()) <= 1e-5 * float(mx.abs(want).max()), kw
@@ -162,6 +163,8 @@ def test_experts_are_read_straight_into_mlx_memory_and_every_path_is_exact(synth
         moestream.load(bundle_dir("qwen3_moe"), io=moestream.IOOptions(read_into="disk"))
     with pytest.raises(moestream.MoestreamError, match="read_order must be one of shares, pieces, shuffled"):
         moestream.IOOptions(read_order="random")
+    with pytest.raises(moestream.MoestreamError, match="queue_depth must be a positive integer"):
+        moestream.IOOptions(queue_depth=0)
 
 
 def test_tensors_read_into_arrays_are_views_of_one_aligned_buffer(bundle_dir):

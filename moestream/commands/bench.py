@@ -27,7 +27,9 @@ def add_arguments(p) -> None:
                    "at once; 1: one at a time), readfirst / noreadfirst (a long prefill call's first group read before its routing, "
                    "while the attention before it computes, or not; on by default), subread:MIB (a checked extent read in sub-reads of MIB MiB; "
                    "default 1), order:shares|pieces|shuffled (how a read call's bytes are shared among the reader's threads: one "
-                   "contiguous share each, the default, or 1 MiB pieces taken in turn, in layout order or shuffled), "
+                   "contiguous share each, the default, or 1 MiB pieces taken in turn, in layout order or shuffled), depth:N (at most "
+                   "N reads in the disk at once, spare threads taking the slot of one that checks what it read: "
+                   "threads:8+depth:4), "
                    "admission:recent|free|all|tail|none (what a "
                    "prefill caches of what it reads); entries joined by + run together (readfirst+subread:8)")
     p.add_argument("--streams", type=positive_int, default=1,

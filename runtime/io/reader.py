@@ -17,6 +17,10 @@ cache would silently hold the model (the memory budget would lie). So:
   share per thread (the default), or sub-read-sized pieces that the threads take in turn, in
   layout order or shuffled, because a disk behind a network block store may read the same bytes
   faster in one pattern than another (measure: `moestream bench --compare order:NAME`);
+- how many reads are in the disk at once can be capped below the threads (`queue_depth`): a thread
+  leaves its slot while it checks and hands off what it read, and a spare thread takes the slot,
+  so the disk sees a steady queue of that depth where one thread per read would leave it short
+  by the threads' own work;
 - a caller may hand in its own memory (`into`): the bytes then go straight there (scatter reads, the
   padding between coalesced extents read into scratch), so expert bytes are never copied.
 
@@ -37,6 +41,7 @@ import time
 import weakref
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Self
 
@@ -342,12 +347,27 @@ class ExtentReader:
         self.split_min_bytes = split_min_bytes
         self.checked_read_bytes = CHECKED_READ_BYTES  # the sub-read of a checked extent (see _work)
         self.read_order = "shares"  # READ_ORDERS
+        self.queue_depth = None  # reads in the disk at once (None: one per thread); see the property
         self._pool = shared_pool(self.threads)
         self._lock = threading.Lock()  # guards the fd cache and the stats
         self._files: OrderedDict[str, _Handle] = OrderedDict()
         self._buffers = _BufferPool(pool_bytes)
         self._closed = False
         self.reset_stats()
+
+    @property
+    def queue_depth(self) -> int | None:
+        """At most this many reads are inside a read syscall at once, whatever the threads (None:
+        one per thread). With more threads than this, a thread that checks or hands off what it
+        read has left its slot to another, so the disk is kept at this depth."""
+        return self._queue_depth
+
+    @queue_depth.setter
+    def queue_depth(self, depth: int | None) -> None:
+        if depth is not None and (not isinstance(depth, int) or depth < 1):
+            raise ValueError(f"queue_depth must be a positive integer or None, got {depth!r}")
+        self._queue_depth = depth
+        self._slots = threading.BoundedSemaphore(depth) if depth is not None else None
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -563,9 +583,10 @@ class ExtentReader:
             while lo < b:
                 hi = min(b, lo + step)
                 try:
-                    t_read = time.perf_counter()
-                    got = self._read_piece(g, lo, hi)
-                    t0 = time.perf_counter()
+                    with self._slots or nullcontext():
+                        t_read = time.perf_counter()
+                        got = self._read_piece(g, lo, hi)
+                        t0 = time.perf_counter()
                     with self._lock:
                         timing.pread_s += t0 - t_read
                         g.got.append((lo, lo + got, hi))

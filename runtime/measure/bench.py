@@ -368,6 +368,8 @@ def _variant(name: str) -> dict | None:
     if name.startswith("order:"):  # how a read call's bytes are shared among the threads (reader.READ_ORDERS)
         order = name.split(":", 1)[1]
         return {"io": {"read_order": order}} if order in READ_ORDERS else None
+    if name.startswith("depth:"):  # at most N reads in the disk at once, whatever the threads
+        return {"io": {"queue_depth": int(name.split(":", 1)[1])}}
     if name.startswith("threads:"):
         return {"io": {"threads": int(name.split(":", 1)[1])}}
     return VARIANTS.get(name)
@@ -394,7 +396,7 @@ def _settings(model) -> dict:
     rt = runtime_of(model)
     r = rt.reader
     return {"io_mode": r.io_mode_in_use, "io_threads": r.threads, "split_min_bytes": r.split_min_bytes,
-            "checked_read_bytes": r.checked_read_bytes, "read_order": r.read_order,
+            "checked_read_bytes": r.checked_read_bytes, "read_order": r.read_order, "queue_depth": r.queue_depth,
             "coalesce_gap": r.coalesce_gap, "read_into": getattr(rt.store, "read_into", "host"),
             "stage_on_device": getattr(rt.store, "stage_on_device", False), "cache_policy": type(rt.cache.policy).__name__,
             "prefetch": rt.streamer.prefetching, "dtype": rt.dtype,
@@ -441,7 +443,7 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
     unknown = [c for c in compare if c != "naive" and _variant(c) is None]
     if unknown:
         raise OptionsError(f"unknown --compare entries {unknown}; known: naive, {', '.join(VARIANTS)}, policy:NAME, "
-                           f"threads:N, buffered:{'|'.join(PAGE_CACHE_MEMORY)}, plainprefill, readsahead:N, readfirst, noreadfirst, subread:MIB, order:{'|'.join(READ_ORDERS)}, admission:{'|'.join(PREFILL_ADMISSION)}; "+" joins entries")
+                           f"threads:N, buffered:{'|'.join(PAGE_CACHE_MEMORY)}, plainprefill, readsahead:N, readfirst, noreadfirst, subread:MIB, order:{'|'.join(READ_ORDERS)}, depth:N, admission:{'|'.join(PREFILL_ADMISSION)}; "+" joins entries")
     bundle_path = Path(bundle_path)
     bundle = open_bundle(bundle_path)
     extents = list(bundle.extents.values())

@@ -61,6 +61,9 @@ class IOOptions:
     read_order: how one read call's bytes are shared among the threads (reader.READ_ORDERS):
     "shares", one contiguous share per thread; "pieces" or "shuffled", 1 MiB pieces the threads
     take in turn, in layout order or in a random order.
+    queue_depth: at most this many reads in the disk at once (None: one per thread). Below
+    `threads`, the spare threads take the slot of one that checks or hands off what it read, so the
+    disk sees a steady queue of this depth.
     """
 
     mode: str = "direct"
@@ -69,6 +72,7 @@ class IOOptions:
     stage_on_device: bool | None = None
     check_reads: bool = True
     read_order: str = "shares"
+    queue_depth: int | None = None
 
     def __post_init__(self):
         if self.mode not in IO_MODES:
@@ -77,6 +81,8 @@ class IOOptions:
             raise OptionsError(f"io threads must be a positive integer, got {self.threads!r}")
         if self.read_into not in READ_INTO:
             raise OptionsError(f"read_into must be one of {', '.join(READ_INTO)}, got {self.read_into!r}")
+        if self.queue_depth is not None and (not isinstance(self.queue_depth, int) or self.queue_depth < 1):
+            raise OptionsError(f"io queue_depth must be a positive integer, got {self.queue_depth!r}")
         if self.read_order not in READ_ORDERS:
             raise OptionsError(f"read_order must be one of {', '.join(READ_ORDERS)}, got {self.read_order!r}")
 
@@ -347,7 +353,7 @@ def load(
     path = _local(path, revision)
     compute_dtype = _resolve_dtype(dtype)
     reader = ExtentReader(io_mode=io.mode, threads=io.threads, coalesce_gap=COALESCE_GAP)
-    reader.read_order = io.read_order
+    reader.read_order, reader.queue_depth = io.read_order, io.queue_depth
     try:
         return _load(path, reader, memory_budget, experts_per_token, cache_policy, prefetch, max_kv_size,
                      compute_dtype, verify, profile, io)
