@@ -61,8 +61,8 @@ DEFAULT_SPLIT_MIN_BYTES = 1 << 20
 CHECKED_READ_BYTES = 1 << 20
 # How a batch is shared among the threads: "shares", one contiguous share per thread (see _split);
 # "pieces", pieces of checked_read_bytes taken in turn, in layout order; "shuffled", the same
-# pieces taken in a random order. The names are those of the bare reader's patterns in
-# runtime/measure/ceiling.py, so that the runtime can be set to what a bare reader measured.
+# pieces taken in a random order. runtime/measure/ceiling.py reads the same orders bare
+# (READ_PATTERNS), so that the runtime can be set to what a bare reader measured best.
 READ_ORDERS = ("shares", "pieces", "shuffled")
 _IOV_MAX = 512  # buffers per preadv (Linux allows 1024)
 # Idle read buffers kept for reuse. Counted in the memory budget ("buffers"); about two layers of
@@ -346,14 +346,25 @@ class ExtentReader:
         self.max_open_files = max_open_files
         self.split_min_bytes = split_min_bytes
         self.checked_read_bytes = CHECKED_READ_BYTES  # the sub-read of a checked extent (see _work)
-        self.read_order = "shares"  # READ_ORDERS
-        self.queue_depth = None  # reads in the disk at once (None: one per thread); see the property
+        self.read_order = "shares"  # see the property
+        self.queue_depth = None  # see the property
         self._pool = shared_pool(self.threads)
         self._lock = threading.Lock()  # guards the fd cache and the stats
         self._files: OrderedDict[str, _Handle] = OrderedDict()
         self._buffers = _BufferPool(pool_bytes)
         self._closed = False
         self.reset_stats()
+
+    @property
+    def read_order(self) -> str:
+        """How a read call's bytes are shared among the threads (READ_ORDERS; see _split)."""
+        return self._read_order
+
+    @read_order.setter
+    def read_order(self, order: str) -> None:
+        if order not in READ_ORDERS:
+            raise ValueError(f"read_order must be one of {READ_ORDERS}, got {order!r}")
+        self._read_order = order
 
     @property
     def queue_depth(self) -> int | None:
@@ -539,8 +550,6 @@ class ExtentReader:
         boundaries, each at least split_min_bytes), so that every thread reads until the batch is
         done instead of a few large extents keeping a few threads busy while the others idle.
         Otherwise each group is one piece, and the pool balances them."""
-        if self.read_order not in READ_ORDERS:
-            raise ValueError(f"read_order must be one of {READ_ORDERS}, got {self.read_order!r}")
         if self.read_order != "shares":
             step = max(ALIGN, self.checked_read_bytes // ALIGN * ALIGN)
             pieces = [(g, a, min(g.end, a + step)) for g in groups for a in range(g.start, g.end, step)]

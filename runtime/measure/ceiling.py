@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..io.reader import ALIGN
+from ..io.reader import ALIGN, READ_ORDERS
 
 
 def read_ceiling(paths: list[Path], chunk: int, threads: int, seconds: float = 3.0, direct: bool = True,
@@ -83,12 +83,12 @@ def read_ceiling_rounds(paths: list[Path], cells: list[tuple[int, int, bool]], r
     return out
 
 
-# How read_extents shares the bytes among its threads: "pieces", piece-sized reads taken in turn
-# (neighbouring pieces on different threads); "shares", one contiguous share per thread, each read
-# in order (a sequential stream per thread, as the runtime splits a batch); "shuffled", the same
-# pieces taken in a random order (the random-read ceiling's pattern, over exactly these bytes:
-# whether the disk reads a prefill's bytes faster out of order than in layout order)
-READ_PATTERNS = ("pieces", "shares", "shuffled")
+# How read_extents shares the bytes among its threads: the reader's own orders, read bare.
+# "shares", one contiguous share per thread, each read in order (a sequential stream per thread);
+# "pieces", piece-sized reads taken in turn (neighbouring pieces on different threads); "shuffled",
+# the same pieces taken in a random order (the random-read ceiling's pattern, over exactly these
+# bytes: whether the disk reads a prefill's bytes faster out of order than in layout order)
+READ_PATTERNS = READ_ORDERS
 
 
 def read_extents(ranges: list[tuple[Path, int, int]], threads: int, piece: int = 1 << 20,
