@@ -488,6 +488,20 @@ class _BlockCheck:
             raise ValueError(f"block {index} does not match")
 
 
+def _checked(f: Path, data: bytes, spans: list[tuple[int, int]]):
+    """Requests for (offset, nbytes) spans of f, each checked in 300,000-byte blocks; their checks;
+    and an `into` that hands out aligned targets (kept alive until the test ends)."""
+    reqs = [_req(f, off, n, f"expert {k}") for k, (off, n) in enumerate(spans)]
+    checks = [_BlockCheck(data, q, 300_000) for q in reqs]
+    kept = []
+
+    def into(needs):
+        kept.extend(_aligned_targets(needs))
+        return kept[-len(needs):]
+
+    return [dataclasses.replace(q, check=c) for q, c in zip(reqs, checks, strict=True)], checks, into
+
+
 @pytest.mark.parametrize("mode,targets", [("direct", False), ("buffered", False), ("direct", True)])
 def test_every_block_is_checked_once_as_its_bytes_arrive(disk_dir, mode, targets):
     """Blocks that a thread's share cuts in two are checked by whichever thread completes them,
@@ -495,16 +509,7 @@ def test_every_block_is_checked_once_as_its_bytes_arrive(disk_dir, mode, targets
     with reads split across threads and extents starting off the alignment."""
     f = disk_dir / "blocks.bin"
     data = _write(f, 8 << 20, seed=9)
-    reqs = [_req(f, off, n, f"expert {k}") for k, (off, n) in enumerate([(12_345, 3_000_000), (3 << 20, 2_500_000),
-                                                                          (6 << 20, 100)])]
-    checks = [_BlockCheck(data, q, 300_000) for q in reqs]
-    reqs = [dataclasses.replace(q, check=c) for q, c in zip(reqs, checks, strict=True)]
-    kept = []
-
-    def into(needs):
-        kept.extend(_aligned_targets(needs))
-        return kept[-len(needs):]
-
+    reqs, checks, into = _checked(f, data, [(12_345, 3_000_000), (3 << 20, 2_500_000), (6 << 20, 100)])
     with ExtentReader(mode, threads=4, split_min_bytes=256 << 10) as r:
         views = r.read(reqs, into=into if targets else None)
         assert r.stats()["reads"] >= 4
@@ -584,15 +589,7 @@ def test_pieces_taken_in_turn_give_the_same_bytes_and_check_every_block_once(dis
     f = disk_dir / "pieces.bin"
     data = _write(f, 9 << 20, seed=14)
     spans = [(12_345, 3_000_000), (3 << 20, 2_500_000), (6 << 20, 100), ((6 << 20) + 8192, 2_000_000)]
-    reqs = [_req(f, off, n, f"expert {k}") for k, (off, n) in enumerate(spans)]
-    checks = [_BlockCheck(data, q, 300_000) for q in reqs]
-    reqs = [dataclasses.replace(q, check=c) for q, c in zip(reqs, checks, strict=True)]
-    kept = []
-
-    def into(needs):
-        kept.extend(_aligned_targets(needs))
-        return kept[-len(needs):]
-
+    reqs, checks, into = _checked(f, data, spans)
     with ExtentReader("direct", threads=4) as r:
         r.read_order = order
         views = r.read(reqs, into=into if targets else None)
