@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
-from moestream.runtime.measure.report import best_trial, prefill_summary, prefill_summary_lines, sustained_rate
+from moestream.runtime.measure.report import best_trial, prefill_summary, prefill_summary_lines, spread, sustained_rate
 
 RATES = {"sustained": sustained_rate, "burst": best_trial}
 
@@ -55,7 +54,8 @@ def read_rates(report: dict) -> dict[str, list[float]]:
 
 
 def _spread_text(values: list[float]) -> str:
-    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+    s = spread(values)
+    return f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
 
 
 def print_read_rates(paths: list[Path]) -> None:

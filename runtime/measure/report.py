@@ -61,7 +61,7 @@ def sustained_rate(report: dict, sequential: bool = False) -> float:
     return float(np.mean([t["gb_per_s"] for t in trials]))
 
 
-def _spread(values: list[float]) -> dict:
+def spread(values: list[float]) -> dict:
     """A distribution of repeated runs' ratios: the median, the least and the most."""
     return {"median": float(np.median(values)), "min": min(values), "max": max(values)}
 
@@ -80,7 +80,7 @@ def prefill_summary(report: dict, within: float = 1.1) -> dict:
         for key in PREFILL_RATIOS:
             values = [x[key] for x in runs if key in x]
             if values:
-                out[variant][key] = {**_spread(values), "within_count": sum(v <= within for v in values)}
+                out[variant][key] = {**spread(values), "within_count": sum(v <= within for v in values)}
     return out
 
 
@@ -108,7 +108,7 @@ def streams_summary(report: dict, target: float = 0.85) -> dict:
         for kind in ("cold", "warm"):
             if kind in group:
                 v = group[kind]
-                group[kind] = {"runs": len(v), **_spread(v), "reached_count": sum(x >= target for x in v)}
+                group[kind] = {"runs": len(v), **spread(v), "reached_count": sum(x >= target for x in v)}
     return out
 
 
