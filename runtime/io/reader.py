@@ -64,6 +64,20 @@ CHECKED_READ_BYTES = 1 << 20
 # pieces taken in a random order. runtime/measure/ceiling.py reads the same orders bare
 # (READ_PATTERNS), so that the runtime can be set to what a bare reader measured best.
 READ_ORDERS = ("shares", "pieces", "shuffled")
+
+
+def read_order_problem(order: str) -> str | None:
+    """What is wrong with a read order (None: nothing): one wording for the reader and its options."""
+    if order not in READ_ORDERS:
+        return f"read_order must be one of {', '.join(READ_ORDERS)}, got {order!r}"
+    return None
+
+
+def queue_depth_problem(depth: int | None) -> str | None:
+    """What is wrong with a queue depth (None: nothing): one wording for the reader and its options."""
+    if depth is not None and (not isinstance(depth, int) or depth < 1):
+        return f"queue_depth must be a positive integer or None, got {depth!r}"
+    return None
 _IOV_MAX = 512  # buffers per preadv (Linux allows 1024)
 # Idle read buffers kept for reuse. Counted in the memory budget ("buffers"); about two layers of
 # 8 routed 7 MB experts.
@@ -362,8 +376,8 @@ class ExtentReader:
 
     @read_order.setter
     def read_order(self, order: str) -> None:
-        if order not in READ_ORDERS:
-            raise ValueError(f"read_order must be one of {READ_ORDERS}, got {order!r}")
+        if problem := read_order_problem(order):
+            raise ValueError(problem)
         self._read_order = order
 
     @property
@@ -375,8 +389,8 @@ class ExtentReader:
 
     @queue_depth.setter
     def queue_depth(self, depth: int | None) -> None:
-        if depth is not None and (not isinstance(depth, int) or depth < 1):
-            raise ValueError(f"queue_depth must be a positive integer or None, got {depth!r}")
+        if problem := queue_depth_problem(depth):
+            raise ValueError(problem)
         self._queue_depth = depth
         self._slots = threading.BoundedSemaphore(depth) if depth is not None else None
 

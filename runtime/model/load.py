@@ -31,7 +31,7 @@ from ...manifests.checkpoint import SourceCheckpoint
 from ...manifests.open import open_bundle
 from ..cache.expert_cache import ExpertCache
 from ..cache.policies import configure_policy, make_policy
-from ..io.reader import ALIGN, IO_MODES, READ_ORDERS, ExtentReader, align_down, align_up
+from ..io.reader import ALIGN, IO_MODES, ExtentReader, align_down, align_up, queue_depth_problem, read_order_problem
 from ..io.staging import mlx_uses_cuda
 from ..io.stores import READ_INTO, BundleStore, CheckpointStore
 from .budget import MemoryNeeds, MemoryPlan, memory_needs
@@ -81,10 +81,8 @@ class IOOptions:
             raise OptionsError(f"io threads must be a positive integer, got {self.threads!r}")
         if self.read_into not in READ_INTO:
             raise OptionsError(f"read_into must be one of {', '.join(READ_INTO)}, got {self.read_into!r}")
-        if self.queue_depth is not None and (not isinstance(self.queue_depth, int) or self.queue_depth < 1):
-            raise OptionsError(f"io queue_depth must be a positive integer, got {self.queue_depth!r}")
-        if self.read_order not in READ_ORDERS:
-            raise OptionsError(f"read_order must be one of {', '.join(READ_ORDERS)}, got {self.read_order!r}")
+        if problem := read_order_problem(self.read_order) or queue_depth_problem(self.queue_depth):
+            raise OptionsError(f"io {problem}")
 
     def staging(self) -> bool:
         if self.stage_on_device is None:
