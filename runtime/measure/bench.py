@@ -138,9 +138,10 @@ def prefill_disk_idle(spans: list[tuple[int, float, float]], start: float, first
 def prefill_read_alone(rt, routed: set, ttft_s: float) -> dict:
     """The prefill's distinct experts read once by a reader that does nothing else (the runtime's
     sub-read size, O_DIRECT), just after the prefill, in each way of sharing and ordering them
-    among the threads (READ_PATTERNS: in layout order two ways, and shuffled), at the runtime's thread count and half it, the fastest
-    counting: its floor measured on the disk as it is then, next to the run, where the ceiling cells
-    are minutes away; and whether a reader with fewer threads would read these very bytes faster."""
+    among the threads (READ_PATTERNS: in layout order two ways, and shuffled), at the runtime's
+    thread count and half it, the fastest counting: its floor measured on the disk as it is then,
+    next to the run, where the ceiling cells are minutes away; and whether a reader with fewer
+    threads, or another order, would read these very bytes faster."""
     bundle = rt.store.bundle
     extents = sorted((bundle.extent(*key) for key in routed), key=lambda e: (e.file, e.offset))
     ranges = [(bundle.path(e.file), e.offset, e.nbytes) for e in extents]
