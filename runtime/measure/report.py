@@ -86,7 +86,8 @@ def prefill_summary(report: dict, within: float = 1.1) -> dict:
 
 def prefill_summary_lines(summary: dict, label: str = "") -> list[str]:
     """prefill_summary as text: a line per --compare entry, each ratio as median (least-most, count within)."""
-    return [f"  {label}{variant:<14}{g['runs']:>3} runs  " + "  /  ".join(
+    width = max([14] + [len(v) + 2 for v in summary])
+    return [f"  {label}{variant:<{width}}{g['runs']:>3} runs  " + "  /  ".join(
         f"{g[k]['median']:.2f} ({g[k]['min']:.2f}-{g[k]['max']:.2f}, {g[k]['within_count']} in)" if k in g else "-"
         for k in PREFILL_RATIOS) for variant, g in summary.items()]
 
@@ -199,7 +200,8 @@ def print_report(r: dict) -> None:
     if r.get("streams_summary"):
         target = next(iter(r["streams_summary"].values()))["target"]
         print(f"streams by --compare entry, share of the batch roofline cold / warm (median, least-most, runs reaching {target}):")
-        print("\n".join(f"  {variant:<14}" + "  /  ".join(
+        width = max([14] + [len(v) + 2 for v in r["streams_summary"]])
+        print("\n".join(f"  {variant:<{width}}" + "  /  ".join(
             f"{g[k]['runs']} runs {g[k]['median']:.2f} ({g[k]['min']:.2f}-{g[k]['max']:.2f}, {g[k]['reached_count']} reached)"
             if k in g else "-" for k in ("cold", "warm")) for variant, g in r["streams_summary"].items()))
     if "naive" in r:
