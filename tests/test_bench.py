@@ -447,3 +447,22 @@ def test_shares_give_each_thread_one_contiguous_run_of_the_bytes_in_order():
     read = sorted((fd, off, n) for s in shares for fd, off, n in s)
     assert all(off % 4096 == 0 and n % 4096 == 0 for _, off, n in read)
     assert len(_shares(ranges, threads=8, piece=1 << 20)) == 8, "more threads than bytes: some shares are empty"
+
+
+def test_the_report_gives_no_roofline_to_a_run_that_read_nothing_and_fits_long_compare_names(capsys):
+    """A warm run whose every expert was a hit read no bytes: the disk bounds nothing, so its roofline
+    and share are '-', not a ceiling over one byte; and a --compare entry's long name (several
+    settings joined by '+') keeps its own column instead of running into the figures."""
+    from pathlib import Path
+
+    from moestream.runtime.measure.report import print_report
+
+    results = Path(__file__).resolve().parents[1] / "bench" / "results"
+    print_report(json.loads((results / "h200_a397b_l2_streams8_depth.json").read_text()))
+    lines = capsys.readouterr().out.splitlines()
+    warm = next(line for line in lines if line.startswith("warm "))
+    assert warm.split()[-3:] == ["-", "-", "0.0"], warm
+    named = next(line for line in lines if line.startswith("threads_8+depth_4+order_shuffled_cold "))
+    assert len(named.split()) == len(warm.split()), named
+    summary = next(line for line in lines if line.startswith("  threads:8+depth:4+order:shuffled "))
+    assert summary.split()[1:3] == ["1", "runs"], summary

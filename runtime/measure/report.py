@@ -131,15 +131,19 @@ def print_report(r: dict) -> None:
     print("settings: " + ", ".join(f"{k}={v}" for k, v in r.get("settings", {}).items()))
     print(f"warm-up (kernel compilation): {r.get('warmup_s', 0):.1f}s")
     print("\n== decode ==")
-    print(f"{'run':<18}{'TTFT s':>8}{'tok/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'MB/tok':>8}{'hit':>7}{'GB/s io':>9}{'eff':>6}{'roof':>8}{'share':>7}{'flight':>7}")
+    width = max([18] + [len(n) + 1 for n in table_runs(r)])
+    print(f"{'run':<{width}}{'TTFT s':>8}{'tok/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'MB/tok':>8}{'hit':>7}{'GB/s io':>9}{'eff':>6}{'roof':>8}{'share':>7}{'flight':>7}")
     for name in table_runs(r):
         x = r[name]
-        print(f"{name:<18}{x['ttft_s']:>8.2f}{x['tokens_per_s']:>8.2f}{x['p50_token_ms']:>8.0f}{x['p99_token_ms']:>8.0f}"
+        # a run that read nothing (every expert a hit) is bound by compute, not the disk: no roofline
+        read = x["bytes_read_per_token"] > 0
+        roof, share = (f"{x['roofline_tokens_per_s']:>8.2f}", f"{x['share_of_roofline']:>7.2f}") if read else (f"{'-':>8}", f"{'-':>7}")
+        print(f"{name:<{width}}{x['ttft_s']:>8.2f}{x['tokens_per_s']:>8.2f}{x['p50_token_ms']:>8.0f}{x['p99_token_ms']:>8.0f}"
               f"{x['bytes_read_per_token'] / 1e6:>8.1f}{x['hit_rate']:>7.1%}{x['read_gb_per_s_during_io']:>9.2f}"
-              f"{x['io_efficiency']:>6.2f}{x['roofline_tokens_per_s']:>8.2f}{x['share_of_roofline']:>7.2f}{x.get('reads_in_flight', 0):>7.1f}")
+              f"{x['io_efficiency']:>6.2f}{roof}{share}{x.get('reads_in_flight', 0):>7.1f}")
     print(f"\n== prefill ({r['args']['prompt_tokens']} tokens; floor: each distinct expert it routes to read once at "
           f"the prefill ceiling) ==")
-    print(f"{'run':<18}{'TTFT s':>8}{'floor s':>9}{'TTFT/floor':>11}{'before':>7}{'TTFT/bef':>9}{'alone s':>8}{'t':>3}{'TTFT/alone':>11}{'experts':>9}{'MB':>9}{'chunk':>7}{'pf hit':>8}"
+    print(f"{'run':<{width}}{'TTFT s':>8}{'floor s':>9}{'TTFT/floor':>11}{'before':>7}{'TTFT/bef':>9}{'alone s':>8}{'t':>3}{'TTFT/alone':>11}{'experts':>9}{'MB':>9}{'chunk':>7}{'pf hit':>8}"
           f"{'dec hit':>8}{'read s':>8}{'GB/s':>6}{'flight':>7}{'wait s':>8}{'sync s':>8}{'mm s':>7}{'allocs':>7}  admission")
     for name in table_runs(r):
         x = r[name]
@@ -148,7 +152,7 @@ def print_report(r: dict) -> None:
                  if "prefill_read_alone_s" in x else f"{'-':>8}{'-':>3}{'-':>11}")
         before = (f"{x['ceiling_before_gb_per_s']:>7.2f}{x['ttft_over_floor_before']:>9.2f}" if "ttft_over_floor_before" in x
                   else f"{'-':>7}{'-':>9}")
-        print(f"{name:<18}{x['ttft_s']:>8.2f}{x['prefill_read_floor_s']:>9.3f}{x['ttft_over_floor']:>11.2f}{before}{alone}"
+        print(f"{name:<{width}}{x['ttft_s']:>8.2f}{x['prefill_read_floor_s']:>9.3f}{x['ttft_over_floor']:>11.2f}{before}{alone}"
               f"{x['prefill_distinct_experts']:>9}{x['prefill_expert_bytes'] / 1e6:>9.1f}{x['prefill_step_size']:>7}"
               f"{x['prefill_hit_rate']:>8.1%}{x['hit_rate']:>8.1%}{x.get('prefill_read_s', 0):>8.2f}{rate:>6.2f}"
               f"{x.get('prefill_reads_in_flight', 0):>7.1f}"
@@ -167,7 +171,7 @@ def print_report(r: dict) -> None:
     for name in table_runs(r):
         x = r[name]
         if "prefill_idle_before_s" in x:
-            print(f"{name:<22}" + "".join(f"{x[f'prefill_idle_{k}_s']:>{w}.3f}" for k, w in
+            print(f"{name:<{max(22, width)}}" + "".join(f"{x[f'prefill_idle_{k}_s']:>{w}.3f}" for k, w in
                                          (("before", 8), ("within_layers", 9), ("between_layers", 9), ("after", 8)))
                   + f"{x.get('prefill_speculated', 0):>7}{x.get('prefill_speculated_unused', 0):>7}")
     summary = r.get("prefill_summary", {})
