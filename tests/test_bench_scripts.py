@@ -210,3 +210,17 @@ def test_roofline_shares_are_taken_again_at_the_sustained_rate_and_the_best_rand
     out = capsys.readouterr().out
     assert "ceiling used 1.50 GB/s, sustained 1.25, best trial 2.00" in out and "cold 0.90 / 1.08 / 0.68" in out
     assert "serve.json: not a moestream bench report" in out
+    assert "reports with ceiling cells" not in out, "a report from before the cells is not pooled"
+    # the streams runs of reports with cells, pooled by --compare entry at the sustained rate (1.5 GB/s
+    # here, as used: their shares as reported), two reports of the same runs
+    new.update({"streams_cold": {"share_of_batch_roofline": 0.9, "variant": "default"},
+                "default_streams_warm": {"share_of_batch_roofline": 0.6, "variant": "default"},
+                "threads_4_streams_cold": {"share_of_batch_roofline": 0.8, "variant": "threads:4"}})
+    again = tmp_path / "again.json"
+    good.write_text(json.dumps(new))
+    again.write_text(json.dumps(new))
+    assert module.main([str(good), str(again)]) == 0
+    out = capsys.readouterr().out
+    assert "streams runs of the 2 reports with ceiling cells" in out
+    assert "  default       2 runs 0.90 (0.90-0.90, 2 reached)  /  2 runs 0.60 (0.60-0.60, 0 reached)" in out
+    assert "  threads:4     2 runs 0.80 (0.80-0.80, 0 reached)  /  -" in out

@@ -97,7 +97,11 @@ def streams_runs(report: dict) -> list[str]:
     return [n for n, x in report.items() if isinstance(x, dict) and "share_of_batch_roofline" in x]
 
 
-def streams_summary(report: dict, target: float = 0.85) -> dict:
+# The share of its batch roofline that several streams decoded together should reach
+STREAMS_TARGET = 0.85
+
+
+def streams_summary(report: dict, target: float = STREAMS_TARGET) -> dict:
     """The streams runs' shares of their batch roofline by --compare entry (repeats together), cold
     and warm apart: how many runs, the median, the least and the most, and how many reached `target`."""
     out: dict[str, dict] = {}
@@ -111,6 +115,14 @@ def streams_summary(report: dict, target: float = 0.85) -> dict:
                 v = group[kind]
                 group[kind] = {"runs": len(v), **spread(v), "reached_count": sum(x >= target for x in v)}
     return out
+
+
+def streams_summary_lines(summary: dict) -> list[str]:
+    """streams_summary as text: a line per --compare entry, cold / warm as runs, median (least-most, count reached)."""
+    width = max([14] + [len(v) + 2 for v in summary])
+    return [f"  {variant:<{width}}" + "  /  ".join(
+        f"{g[k]['runs']} runs {g[k]['median']:.2f} ({g[k]['min']:.2f}-{g[k]['max']:.2f}, {g[k]['reached_count']} reached)"
+        if k in g else "-" for k in ("cold", "warm")) for variant, g in summary.items()]
 
 
 def print_report(r: dict) -> None:
@@ -204,10 +216,7 @@ def print_report(r: dict) -> None:
     if r.get("streams_summary"):
         target = next(iter(r["streams_summary"].values()))["target"]
         print(f"streams by --compare entry, share of the batch roofline cold / warm (median, least-most, runs reaching {target}):")
-        width = max([14] + [len(v) + 2 for v in r["streams_summary"]])
-        print("\n".join(f"  {variant:<{width}}" + "  /  ".join(
-            f"{g[k]['runs']} runs {g[k]['median']:.2f} ({g[k]['min']:.2f}-{g[k]['max']:.2f}, {g[k]['reached_count']} reached)"
-            if k in g else "-" for k in ("cold", "warm")) for variant, g in r["streams_summary"].items()))
+        print("\n".join(streams_summary_lines(r["streams_summary"])))
     if "naive" in r:
         print(f"naive loader (per-tensor buffered reads, no cache): {r['naive']['tokens_per_s']:.2f} tok/s; "
               f"moestream warm is {r['warm']['tokens_per_s'] / r['naive']['tokens_per_s']:.1f}x")
