@@ -1,7 +1,9 @@
 """The cold prefills of several `moestream bench --json` reports, each file alone and pooled by prompt
 length: TTFT over the floor (each distinct expert read once at the disk's rate), over the floor at the
-ceiling windows just before the run, and over the same experts read alone just after it; the median,
-the least, the most and how many runs were within 1.1x, per --compare entry.
+ceiling windows just before the run, and over the same experts read alone just after it; and the
+time the first token was known (before mlx-lm's loop ran the next token's step) over the floor, in
+reports that hold it; the median, the least, the most and how many runs were within 1.1x, per
+--compare entry.
 
 The floor's rate is, with --at sustained (the default), the disk's sustained rate, random or in
 sequence, as `moestream bench` takes its prefill ceiling today (a report from before holds the mean
@@ -36,6 +38,8 @@ def cold_runs(report: dict, at: str = "sustained") -> dict[str, dict]:
         if isinstance(x, dict) and "variant" in x and "prefill_expert_bytes" in x:
             floor_s = x["prefill_expert_bytes"] / (rate * 1e9)
             runs[name] = {**x, "ttft_over_floor": x["ttft_s"] / floor_s}
+            if "first_token_known_s" in x:
+                runs[name]["first_token_known_over_floor"] = x["first_token_known_s"] / floor_s
     return runs
 
 
@@ -89,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     pooled: dict[int, dict] = {}
     what = {"sustained": "the sustained rate", "burst": "the best trial (any thread count)"}[args.at]
     print(f"cold runs, TTFT over: the floor at {what}, random or in sequence / at the windows just "
-          "before the run / the same experts read alone just after (median, least-most, runs within 1.1x)")
+          "before the run / the same experts read alone just after; the first token known over the floor, where the "
+          "report has it (median, least-most, runs within 1.1x)")
     for path in args.reports:
         report = json.loads(path.read_text())
         runs = cold_runs(report, args.at)

@@ -50,6 +50,9 @@ def test_bench_cli_reports_ceiling_roofline_and_comparisons(tmp_path, bundle_dir
     # reads kept in flight: the time inside the reads over the time waited, at most the threads
     assert 0 < cold["reads_in_flight"] <= threads and cold["reads_in_flight"] == cold["pread_s"] / cold["io_wait_s"]
     assert cold["prefill_pread_s"] > 0 and "prefill_reads_in_flight" in cold
+    # the first token is known before mlx-lm's loop hands it out, after the next token's step
+    assert 0 < cold["first_token_known_s"] < cold["ttft_s"]
+    assert cold["first_token_known_over_floor"] == pytest.approx(cold["first_token_known_s"] / cold["prefill_read_floor_s"])
     assert cold["prefill_read_floor_s"] == pytest.approx(cold["prefill_expert_bytes"] / (r["prefill_ceiling"]["gb_per_s"] * 1e9))
     assert cold["roofline_tokens_per_s"] == pytest.approx(r["ceiling"]["gb_per_s"] * 1e9 / cold["bytes_read_per_token"])
     assert r["host_warm"]["bytes_read"] == r["warm"]["bytes_read"], "same reads, only where they land differs"
@@ -466,3 +469,37 @@ def test_the_report_gives_no_roofline_to_a_run_that_read_nothing_and_fits_long_c
     assert len(named.split()) == len(warm.split()), named
     summary = next(line for line in lines if line.startswith("  threads:8+depth:4+order:shuffled "))
     assert summary.split()[1:3] == ["1", "runs"], summary
+
+
+def test_the_first_token_is_known_one_step_before_mlx_lms_loop_hands_it_out():
+    """mlx-lm's generate_step gives the model the next token's step before it yields the first
+    token: a model that reads on each call (as ours does) has run that step by the hand-out. The
+    clock notes the call after the prompt's last token, whatever the chunks the prompt came in."""
+    import time
+
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    from moestream.runtime.measure.first_token import FirstTokenClock
+
+    class Model:  # logits that always pick token 0; no KV cache
+        def __init__(self):
+            self.calls: list[tuple[int, float]] = []
+
+        def make_cache(self):
+            return []
+
+        def __call__(self, inputs, cache=None):
+            self.calls.append((inputs.shape[-1], time.perf_counter()))
+            return mx.zeros((1, inputs.shape[-1], 5))
+
+    for prompt, step in ((9, 4), (10, 4), (3, 512)):
+        model = Model()
+        clock = FirstTokenClock(model, prompt)
+        tokens = generate_step(mx.array(list(range(prompt))), clock, max_tokens=3, prefill_step_size=step)
+        next(tokens)
+        sizes = [n for n, _ in model.calls]
+        assert sum(sizes[:-1]) == prompt and sizes[-1] == 1, "the next token's step ran before the first hand-out"
+        assert model.calls[-2][1] < clock.known_at <= model.calls[-1][1], (prompt, step)
+        list(tokens)
+        assert clock.make_cache() == [], "everything else is the model's"

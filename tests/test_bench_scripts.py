@@ -147,7 +147,7 @@ def test_prefill_runs_holds_every_report_to_the_sustained_rate_or_the_best_trial
     new = {"args": {"prompt_tokens": 2048}, "ceiling_cells": [cell([1.8, 1.5, 1.2, 1.5]), cell([4.0, 2.0, 1.0, 2.0], True)],
            "ceiling": {"gb_per_s": 1.5},
            "prefill_ceiling": {"gb_per_s": 2.0}, "ceiling_burst_gb_per_s": 1.8, "prefill_ceiling_burst_gb_per_s": 4.0,
-           "cold": cold("default", 1.0)}
+           "cold": {**cold("default", 1.0), "first_token_known_s": 0.9}}
     paths = [tmp_path / "old.json", tmp_path / "new.json"]
     for path, report in zip(paths, (old, new), strict=True):
         path.write_text(json.dumps(report))
@@ -157,6 +157,8 @@ def test_prefill_runs_holds_every_report_to_the_sustained_rate_or_the_best_trial
     assert module.cold_runs(old, "burst")["cold"]["ttft_over_floor"] == pytest.approx(1.1), "at 2.0 GB/s (4 threads): 1 s"
     assert module.cold_runs(new)["cold"]["ttft_over_floor"] == pytest.approx(1.0), "the prefill ceiling, sustained"
     assert module.cold_runs(new, "burst")["cold"]["ttft_over_floor"] == pytest.approx(2.0), "its best window"
+    assert module.cold_runs(new, "burst")["cold"]["first_token_known_over_floor"] == pytest.approx(1.8), "the same floor"
+    assert "first_token_known_over_floor" not in module.cold_runs(old)["cold"], "a report without the clock"
     assert module.main([str(p) for p in paths]) == 0
     out = capsys.readouterr().out
     assert "2048 tokens, 2 reports: default         3 runs  0.65 (0.55-1.00, 3 in)" in out

@@ -30,6 +30,7 @@ from ..io.stores import cast_floats
 from ..model.load import IOOptions, load, plan_memory, runtime_of
 from ..model.streaming import PREFILL_ADMISSION
 from .ceiling import READ_PATTERNS, read_ceiling, read_ceiling_rounds, read_extents
+from .first_token import FirstTokenClock
 from .memhold import Held, leave_available
 from .report import ceilings, prefill_summary, streams_summary
 
@@ -55,9 +56,10 @@ def decode(model, prompt: list[int], gen_tokens: int, read_alone: bool = False) 
         options["prefill_step_size"] = rt.plan.prefill_tokens_for(len(prompt))
         rt.streamer.prefill_routed = routed = set()
         rt.streamer.prefill_spans = spans = []
+    clock = FirstTokenClock(model, len(prompt))
     times, start, after_prefill = [], time.perf_counter(), None
     try:
-        for _ in generate_step(mx.array(prompt), model, max_tokens=gen_tokens, **options):
+        for _ in generate_step(mx.array(prompt), clock, max_tokens=gen_tokens, **options):
             times.append(time.perf_counter())
             if streaming and after_prefill is None:
                 after_prefill = rt.stats()  # prefill + first token: kept out of decode figures
@@ -69,6 +71,8 @@ def decode(model, prompt: list[int], gen_tokens: int, read_alone: bool = False) 
     decode_s = times[-1] - times[0]
     out = {
         "ttft_s": times[0] - start,
+        # the first token known; until it is yielded, mlx-lm's loop runs the next token's step (first_token.py)
+        "first_token_known_s": (clock.known_at if clock.known_at is not None else times[0]) - start,
         "tokens_per_s": (len(times) - 1) / decode_s,
         "p50_token_ms": float(np.percentile(gaps, 50) * 1e3),
         "p99_token_ms": float(np.percentile(gaps, 99) * 1e3),
@@ -283,6 +287,8 @@ def _derive(run: dict, ceiling_gbs: float, n_moe: int, full_layers: int, prefill
     # run reads fewer: its floor is still this one)
     run["prefill_read_floor_s"] = run["prefill_expert_bytes"] / (prefill_gbs * 1e9)
     run["ttft_over_floor"] = run["ttft_s"] / max(run["prefill_read_floor_s"], 1e-12)
+    if "first_token_known_s" in run:  # were the first token handed out when known
+        run["first_token_known_over_floor"] = run["first_token_known_s"] / max(run["prefill_read_floor_s"], 1e-12)
     if "ceiling_before_gb_per_s" in run:  # the same floor at the ceiling windows just before the run
         run["prefill_read_floor_before_s"] = run["prefill_expert_bytes"] / (run["ceiling_before_gb_per_s"] * 1e9)
         run["ttft_over_floor_before"] = run["ttft_s"] / max(run["prefill_read_floor_before_s"], 1e-12)

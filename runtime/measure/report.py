@@ -11,7 +11,9 @@ from ...common.units import fmt_bytes
 
 # A cold prefill's TTFT against its floor three ways: at the run's prefill ceiling, at the windows
 # just before it, and against its experts read alone just after it
-PREFILL_RATIOS = ("ttft_over_floor", "ttft_over_floor_before", "ttft_over_read_alone")
+# TTFT over the floor, over the floor at the windows just before, over the experts read alone after;
+# and the first token known (before mlx-lm's loop runs the next token's step) over the floor
+PREFILL_RATIOS = ("ttft_over_floor", "ttft_over_floor_before", "ttft_over_read_alone", "first_token_known_over_floor")
 
 
 def ceilings(cells: list[dict]) -> dict:
@@ -177,19 +179,21 @@ def print_report(r: dict) -> None:
           "flight: reads the reader's threads kept in flight meanwhile, on average (of its threads); "
           "wait s: the layers waiting for them; sync s: at the routing's host sync, i.e. computing all before each MoE "
           "input (embedding, attention); mm s: the groups' matmuls; allocs: staging slots made)")
-    print(f"\n{'disk idle in TTFT, s':<22}{'before':>8}{'in layer':>9}{'between':>9}{'after':>8}{'early':>7}{'unused':>7}"
+    print(f"\n{'disk idle in TTFT, s':<22}{'before':>8}{'in layer':>9}{'between':>9}{'after':>8}{'early':>7}{'unused':>7}{'next':>7}"
           "  (before the first read / between one layer's groups / between layers / after the last read;"
-          " experts read before their call's routing, of them not routed to)")
+          " experts read before their call's routing, of them not routed to; next: of the TTFT, from the first"
+          " token known to its hand-out, the next token's step that mlx-lm's loop runs first)")
     for name in table_runs(r):
         x = r[name]
         if "prefill_idle_before_s" in x:
             print(f"{name:<{max(22, width)}}" + "".join(f"{x[f'prefill_idle_{k}_s']:>{w}.3f}" for k, w in
                                          (("before", 8), ("within_layers", 9), ("between_layers", 9), ("after", 8)))
-                  + f"{x.get('prefill_speculated', 0):>7}{x.get('prefill_speculated_unused', 0):>7}")
+                  + f"{x.get('prefill_speculated', 0):>7}{x.get('prefill_speculated_unused', 0):>7}"
+                  + (f"{x['ttft_s'] - x['first_token_known_s']:>7.3f}" if "first_token_known_s" in x else f"{'-':>7}"))
     summary = r.get("prefill_summary", {})
     if summary:
         print("\ncold runs by --compare entry, TTFT over: the floor at the prefill ceiling / at the windows just "
-              "before / the same experts read alone just after (median, least-most, runs within "
+              "before / the same experts read alone just after; the first token known over the floor (median, least-most, runs within "
               f"{next(iter(summary.values()))['within']}x)")
         print("\n".join(prefill_summary_lines(summary)))
     for name, settings in r.items():
