@@ -243,6 +243,11 @@ def test_streams_decode_together_and_read_each_expert_once_per_layer_step(bundle
         assert x["streams"] == 3 and x["decode_tokens"] == 3 * 4 and x["decode_steps"] == 4
         assert 0 < x["sharing"] <= 1 and x["distinct_experts_per_layer_step"] <= 3 * k
         assert x["aggregate_tokens_per_s"] > 0 and x["batch_roofline_tokens_per_s"] > 0
+        # a step's time split: the parts add up to it, the MoE layers' syncs and matmuls took some
+        ms = x["step_ms"]
+        assert sum(v for k, v in ms.items() if k != "step") == pytest.approx(ms["step"])
+        assert ms["step"] == pytest.approx(x["decode_tokens"] / x["aggregate_tokens_per_s"] / x["decode_steps"] * 1e3)
+        assert ms["route_sync"] > 0 and ms["expert_compute"] > 0 and min(ms.values()) >= 0, ms
     for prefix in ("", "threads_2_"):
         for run in ("cold", "warm"):
             x = r[f"{prefix}streams_{run}"]

@@ -198,8 +198,11 @@ def decode_streams(model, prompts: list[list[int]], gen_tokens: int) -> dict:
     gaps = np.concatenate([np.diff(np.array(t)) for t in stamps.values()])
     decode_s = max(t[-1] for t in stamps.values()) - min(firsts)
     tokens = sum(len(t) - 1 for t in stamps.values())
+    # where a step's time goes besides the reads: the routing's host syncs (which wait for all
+    # before each MoE input), the fetch beyond the wait (hits, stacking), building the matmuls
     d = {k: s[k] - p[k] for k in ("bytes_read", "reads", "io_wait_s", "moe_calls", "cache_hits", "cache_misses",
-                                  "staging_allocations", "pread_s")}
+                                  "staging_allocations", "pread_s", "route_sync_s", "expert_fetch_s",
+                                  "expert_compute_s", "check_tail_s")}
     lookups = d["cache_hits"] + d["cache_misses"]
     aggregate = tokens / decode_s
     return {"streams": n, "ttft_s": max(firsts) - start, "decode_steps": steps, "decode_tokens": tokens,
@@ -208,7 +211,19 @@ def decode_streams(model, prompts: list[list[int]], gen_tokens: int) -> dict:
             **d, "hit_rate": d["cache_hits"] / lookups if lookups else 0.0,
             "bytes_read_per_step": d["bytes_read"] / max(steps, 1),
             "distinct_experts_per_layer_step": lookups / max(d["moe_calls"], 1),
-            "sharing": lookups / max(d["moe_calls"], 1) / (n * rt.experts_per_token), "reads_in_flight": reads_in_flight(d)}
+            "sharing": lookups / max(d["moe_calls"], 1) / (n * rt.experts_per_token), "reads_in_flight": reads_in_flight(d),
+            "step_ms": step_phases(d, decode_s, steps)}
+
+
+def step_phases(d: dict, decode_s: float, steps: int) -> dict:
+    """A decode step's wall time, ms, split: waiting for reads, the routing's host syncs, the rest of
+    the fetch (hits, stacking), building the expert matmuls, and the rest (outside the MoE layers:
+    embedding, lm head, sampling, the batch generator's own work)."""
+    per = 1e3 / max(steps, 1)
+    parts = {"io_wait": d["io_wait_s"] * per, "route_sync": d["route_sync_s"] * per,
+             "fetch_beyond_wait": max(d["expert_fetch_s"] - d["io_wait_s"], 0.0) * per,
+             "expert_compute": d["expert_compute_s"] * per}
+    return {"step": decode_s * per, **parts, "rest": decode_s * per - sum(parts.values())}
 
 
 def _derive_streams(run: dict, ceiling_gbs: float, one_stream: dict) -> None:

@@ -217,6 +217,9 @@ def print_report(r: dict) -> None:
               f"{x.get('staging_allocations', 0)} staging slots made; {x.get('reads_in_flight', 0):.1f} reads in flight; "
               f"{x['aggregate_over_one_stream']:.2f}x one "
               f"stream's {'cold' if name.endswith('cold') else 'warm'} run")
+        if "step_ms" in x:
+            ms = x["step_ms"]
+            print(f"  a step, {ms['step']:.1f} ms: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in ms.items() if k != "step"))
     if r.get("streams_summary"):
         target = next(iter(r["streams_summary"].values()))["target"]
         print(f"streams by --compare entry, share of the batch roofline cold / warm (median, least-most, runs reaching {target}):")
