@@ -3,7 +3,7 @@ length: TTFT over the floor (each distinct expert read once at the disk's rate),
 ceiling windows just before the run, and over the same experts read alone just after it; and the
 time the first token was known (before mlx-lm's loop ran the next token's step) over the floor, in
 reports that hold it; the median, the least, the most and how many runs were within 1.1x, per
---compare entry.
+--compare entry; pooled again over only the reports that read the ceiling cells.
 
 The floor's rate is, with --at sustained (the default), the disk's sustained rate, random or in
 sequence, as `moestream bench` takes its prefill ceiling today (a report from before holds the mean
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--at", choices=tuple(RATES), default="sustained", help="the disk's rate the floor is read at")
     args = ap.parse_args(argv)
     pooled: dict[int, dict] = {}
+    with_cells: dict[int, dict] = {}  # the reports that read the ceiling cells: the disk's best setting
     what = {"sustained": "the sustained rate", "burst": "the best trial (any thread count)"}[args.at]
     print(f"cold runs, TTFT over: the floor at {what}, random or in sequence / at the windows just "
           "before the run / the same experts read alone just after; the first token known over the floor, where the "
@@ -103,11 +104,17 @@ def main(argv: list[str] | None = None) -> int:
         tokens = report["args"]["prompt_tokens"]
         print(f"{path.name} ({tokens} tokens, floor at {RATES[args.at](report, sequential=True):.2f} GB/s):")
         print("\n".join(prefill_summary_lines(prefill_summary(runs))))
-        pooled.setdefault(tokens, {}).update({f"{path.name}:{name}": x for name, x in runs.items()})
-    print("pooled by prompt length:")
-    for tokens, runs in sorted(pooled.items()):
-        reports = len({name.split(":")[0] for name in runs})
-        print("\n".join(prefill_summary_lines(prefill_summary(runs), f"{tokens} tokens, {reports} reports: ")))
+        named = {f"{path.name}:{name}": x for name, x in runs.items()}
+        pooled.setdefault(tokens, {}).update(named)
+        if "ceiling_cells" in report:
+            with_cells.setdefault(tokens, {}).update(named)
+    for title, groups in (("pooled by prompt length:", pooled),
+                          ("pooled by prompt length, only the reports with ceiling cells:", with_cells)):
+        if groups:
+            print(title)
+        for tokens, runs in sorted(groups.items()):
+            reports = len({name.split(":")[0] for name in runs})
+            print("\n".join(prefill_summary_lines(prefill_summary(runs), f"{tokens} tokens, {reports} reports: ")))
     print_read_rates(args.reports)
     return 0
 

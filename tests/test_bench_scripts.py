@@ -163,6 +163,8 @@ def test_prefill_runs_holds_every_report_to_the_sustained_rate_or_the_best_trial
     out = capsys.readouterr().out
     assert "2048 tokens, 2 reports: default         3 runs  0.65 (0.55-1.00, 3 in)" in out
     assert "noreadfirst     1 runs  0.75" in out
+    cells_part = out.split("only the reports with ceiling cells:")[1]
+    assert "2048 tokens, 1 reports: default         1 runs  1.00 (1.00-1.00, 1 in)" in cells_part
     assert module.main([str(p) for p in paths] + ["--at", "burst"]) == 0
     assert "2048 tokens, 2 reports: default         3 runs  1.30 (1.10-2.00, 1 in)" in capsys.readouterr().out
 
