@@ -10,9 +10,8 @@ import numpy as np
 from ...common.units import fmt_bytes
 
 # A cold prefill's TTFT against its floor three ways: at the run's prefill ceiling, at the windows
-# just before it, and against its experts read alone just after it
-# TTFT over the floor, over the floor at the windows just before, over the experts read alone after;
-# and the first token known (before mlx-lm's loop runs the next token's step) over the floor
+# just before it, and against its experts read alone just after it; and the time its first token was
+# known (before mlx-lm's loop ran the next token's step) against the floor at the prefill ceiling
 PREFILL_RATIOS = ("ttft_over_floor", "ttft_over_floor_before", "ttft_over_read_alone", "first_token_known_over_floor")
 
 
