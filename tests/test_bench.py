@@ -340,6 +340,14 @@ def test_compare_entries_joined_by_a_plus_are_applied_together():
                     "_reader": {"checked_read_bytes": 8 << 20}, "io": {"threads": 4}}
     assert _variant("order:shuffled+threads:4") == {"io": {"read_order": "shuffled", "threads": 4}}
     assert _variant("order:sideways") is None
+    # a number that is none makes the entry unknown, for the bench to name (not a ValueError)
+    assert [_variant(e) for e in ("depth:x", "threads:four", "readsahead:", "subread:big", "threads:8+depth:x")] == [None] * 5
+    assert _variant("subread:0.5") == {"_reader": {"checked_read_bytes": 1 << 19}}
+    from moestream.common.errors import OptionsError
+    from moestream.runtime.measure.bench import bench_bundle
+
+    with pytest.raises(OptionsError, match=r"unknown --compare entries \['depth:x'\]; known: .*depth:N.*; \+ joins entries$"):
+        bench_bundle("no-bundle-needed", compare=["depth:x"])
     assert _variant("threads:8+depth:4") == {"io": {"threads": 8, "queue_depth": 4}}
     assert _variant("readfirst+nosuch") is None
     assert _variant("readfirst") == {"_streamer": {"prefill_speculate": True}}

@@ -378,11 +378,13 @@ def _variant(name: str) -> dict | None:
         rule = name.split(":", 1)[1]
         return {"_streamer": {"prefill_admission": rule}} if rule in PREFILL_ADMISSION else None
     if name.startswith("subread:"):  # a checked extent read in sub-reads of N MiB (default 1)
-        return {"_reader": {"checked_read_bytes": int(float(name.split(":", 1)[1]) * (1 << 20))}}
+        mib = _number(name, float)
+        return None if mib is None else {"_reader": {"checked_read_bytes": int(mib * (1 << 20))}}
     if name in ("readfirst", "noreadfirst"):  # a long prefill call's first group read before its routing is known, or not
         return {"_streamer": {"prefill_speculate": name == "readfirst"}}
     if name.startswith("readsahead:"):  # prefill group reads in flight at once (1: one at a time)
-        return {"_streamer": {"prefill_reads_ahead": int(name.split(":", 1)[1])}}
+        n = _number(name)
+        return None if n is None else {"_streamer": {"prefill_reads_ahead": n}}
     if name == "plainprefill":  # a prefill as the decode runs it: read every group, then compute it, all cached
         return {"_streamer": {"prefill_pipeline": False}}
     if name == "noadvice":  # staging without cudaMemAdvise (see runtime/io/staging.py)
@@ -391,10 +393,21 @@ def _variant(name: str) -> dict | None:
         order = name.split(":", 1)[1]
         return {"io": {"read_order": order}} if order in READ_ORDERS else None
     if name.startswith("depth:"):  # at most N reads in the disk at once, whatever the threads
-        return {"io": {"queue_depth": int(name.split(":", 1)[1])}}
+        n = _number(name)
+        return None if n is None else {"io": {"queue_depth": n}}
     if name.startswith("threads:"):
-        return {"io": {"threads": int(name.split(":", 1)[1])}}
+        n = _number(name)
+        return None if n is None else {"io": {"threads": n}}
     return VARIANTS.get(name)
+
+
+def _number(name: str, kind=int):
+    """The number after a --compare entry's colon ("depth:4" -> 4); None where it is none, which
+    makes the entry unknown (named in the bench's error, not a traceback)."""
+    try:
+        return kind(name.split(":", 1)[1])
+    except ValueError:
+        return None
 
 
 def _merged(variants: list[dict]) -> dict:
@@ -465,7 +478,7 @@ def bench_bundle(bundle_path, budget_fraction: float = 0.25, prompt_tokens: int 
     unknown = [c for c in compare if c != "naive" and _variant(c) is None]
     if unknown:
         raise OptionsError(f"unknown --compare entries {unknown}; known: naive, {', '.join(VARIANTS)}, policy:NAME, "
-                           f"threads:N, buffered:{'|'.join(PAGE_CACHE_MEMORY)}, plainprefill, readsahead:N, readfirst, noreadfirst, subread:MIB, order:{'|'.join(READ_ORDERS)}, depth:N, admission:{'|'.join(PREFILL_ADMISSION)}; "+" joins entries")
+                           f"threads:N, buffered:{'|'.join(PAGE_CACHE_MEMORY)}, plainprefill, readsahead:N, readfirst, noreadfirst, subread:MIB, order:{'|'.join(READ_ORDERS)}, depth:N, admission:{'|'.join(PREFILL_ADMISSION)}; + joins entries")
     bundle_path = Path(bundle_path)
     bundle = open_bundle(bundle_path)
     extents = list(bundle.extents.values())
