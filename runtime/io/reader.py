@@ -64,6 +64,11 @@ CHECKED_READ_BYTES = 1 << 20
 # pieces taken in a random order. runtime/measure/ceiling.py reads the same orders bare
 # (READ_PATTERNS), so that the runtime can be set to what a bare reader measured best.
 READ_ORDERS = ("shares", "pieces", "shuffled")
+_IOV_MAX = 512  # buffers per preadv (Linux allows 1024)
+# Idle read buffers kept for reuse. Counted in the memory budget ("buffers"); about two layers of
+# 8 routed 7 MB experts.
+DEFAULT_POOL_BYTES = 128 << 20
+IO_MODES = ("direct", "buffered")
 
 
 def read_order_problem(order: str) -> str | None:
@@ -78,11 +83,6 @@ def queue_depth_problem(depth: int | None) -> str | None:
     if depth is not None and (not isinstance(depth, int) or depth < 1):
         return f"queue_depth must be a positive integer or None, got {depth!r}"
     return None
-_IOV_MAX = 512  # buffers per preadv (Linux allows 1024)
-# Idle read buffers kept for reuse. Counted in the memory budget ("buffers"); about two layers of
-# 8 routed 7 MB experts.
-DEFAULT_POOL_BYTES = 128 << 20
-IO_MODES = ("direct", "buffered")
 
 
 _POOLS: dict[tuple[str, int], ThreadPoolExecutor] = {}
@@ -168,8 +168,9 @@ class _Group:
     finished: bool = False
 
 
-class _Taken:
-    """Items handed out one at a time to whichever thread asks next (one iterator, shared)."""
+class TakenInTurn:
+    """Items handed out one at a time to whichever thread asks next (one iterator, shared by the
+    threads; the lock keeps two threads from taking the same item)."""
 
     def __init__(self, items: list):
         self._items = iter(items)
@@ -571,7 +572,7 @@ class ExtentReader:
                 random.shuffle(pieces)
             for g, _, _ in pieces:
                 g.pieces += 1
-            taken = _Taken(pieces)
+            taken = TakenInTurn(pieces)
             return [taken] * min(self.threads, len(pieces))
         total = sum(g.end - g.start for g in groups)
         n = min(self.threads, total // max(self.split_min_bytes, 1))

@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..io.reader import ALIGN, READ_ORDERS
+from ..io.reader import ALIGN, READ_ORDERS, TakenInTurn
 
 
 def read_ceiling(paths: list[Path], chunk: int, threads: int, seconds: float = 3.0, direct: bool = True,
@@ -113,8 +113,7 @@ def read_extents(ranges: list[tuple[Path, int, int]], threads: int, piece: int =
         pieces = [(fds[p], off, min(piece, end - off)) for p, start, end in joined for off in range(start, end, piece)]
         if pattern == "shuffled":
             random.shuffle(pieces)
-        taken = iter(pieces)
-        work = [taken] * threads  # next() on a list iterator is atomic under the GIL
+        work = [TakenInTurn(pieces)] * threads
     else:
         work = [iter(share) for share in _shares([(fds[p], start, end) for p, start, end in joined], threads, piece)]
     done = [0] * threads
