@@ -62,17 +62,17 @@ def _spread_text(values: list[float]) -> str:
     return f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
 
 
-def print_read_rates(paths: list[Path]) -> None:
-    """read_rates per report, and pooled as shares of each report's best cell over all its windows."""
+def print_read_rates(reports: dict[str, dict]) -> None:
+    """read_rates per report (file name -> report), and pooled as shares of each report's best cell
+    over all its windows."""
     print("read rates of the cold prefills' bytes, GB/s (median, least-most over the cold runs): by the prefill, "
           "and by a bare reader of the same experts just after it (pattern@threads); the best ceiling cell over all its windows")
     shares: dict[str, list[float]] = {}
-    for path in paths:
-        report = json.loads(path.read_text())
+    for name, report in reports.items():
         rates = read_rates(report)
         if not rates:
             continue
-        line = f"{path.name}: " + ", ".join(f"{k} {_spread_text(v)}" for k, v in rates.items())
+        line = f"{name}: " + ", ".join(f"{k} {_spread_text(v)}" for k, v in rates.items())
         if "ceiling_cells" in report:
             cell = max(report["ceiling_cells"], key=lambda c: c["gb_per_s"])
             kind = "in sequence" if cell["sequential"] else "random"
@@ -96,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cold runs, TTFT over: the floor at {what}, random or in sequence / at the windows just "
           "before the run / the same experts read alone just after; the first token known over the floor, where the "
           "report has it (median, least-most, runs within 1.1x)")
+    loaded = {path.name: json.loads(path.read_text()) for path in args.reports}
     for path in args.reports:
-        report = json.loads(path.read_text())
+        report = loaded[path.name]
         runs = cold_runs(report, args.at)
         if not runs:
             raise SystemExit(f"{path}: no cold run names its --compare entry (a report older than the repeat summary)")
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         for tokens, runs in sorted(groups.items()):
             reports = len({name.split(":")[0] for name in runs})
             print("\n".join(prefill_summary_lines(prefill_summary(runs), f"{tokens} tokens, {reports} reports: ")))
-    print_read_rates(args.reports)
+    print_read_rates(loaded)
     return 0
 
 

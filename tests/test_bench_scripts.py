@@ -180,10 +180,7 @@ def test_prefill_runs_gives_the_rate_each_reader_read_the_prefills_bytes_at_agai
               "cold": run, "default_cold": {**run, "prefill_read_s": 4.0}, "warm": {**run, "variant": None}}
     del report["warm"]["variant"]
     assert module.read_rates(report) == {"prefill": [2.0, 0.5], "pieces@8": [1.0, 1.0], "shuffled@4": [2.0, 2.0]}
-    path, older = tmp_path / "r.json", tmp_path / "older.json"
-    path.write_text(json.dumps(report))
-    older.write_text(json.dumps({"cold": {"variant": "default"}}))
-    module.print_read_rates([path, older])
+    module.print_read_rates({"r.json": report, "older.json": {"cold": {"variant": "default"}}})
     out = capsys.readouterr().out
     assert "r.json: prefill 1.25 (0.50-2.00), pieces@8 1.00 (1.00-1.00), shuffled@4 2.00 (2.00-2.00); best cell 4.00 (8 threads, 1.05 MB, in sequence)" in out
     assert "older.json" not in out
