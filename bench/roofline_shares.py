@@ -46,14 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(report, dict) or "ceiling" not in report or "cold" not in report:
             print(f"{path.name}: not a moestream bench report (no ceiling or cold run), left out")
             continue
+        rows = shares(report)
         print(f"{path.name}: ceiling used {report['ceiling']['gb_per_s']:.2f} GB/s, sustained "
               f"{sustained_rate(report):.2f}, best trial {best_trial(report):.2f}; share of roofline, "
               "reported / at the sustained rate / at the best trial: "
-              + ", ".join(f"{r['run']} {r['reported']:.2f} / {r['at_sustained']:.2f} / {r['at_burst']:.2f}"
-                          for r in shares(report)))
+              + ", ".join(f"{r['run']} {r['reported']:.2f} / {r['at_sustained']:.2f} / {r['at_burst']:.2f}" for r in rows))
         if "ceiling_cells" in report:
+            streams = set(streams_runs(report))
             pooled.update({f"{path.name}:{r['run']}": {**report[r["run"]], "share_of_batch_roofline": r["at_sustained"]}
-                           for r in shares(report) if r["run"] in streams_runs(report)})
+                           for r in rows if r["run"] in streams})
     if pooled:
         reports = len({name.split(":")[0] for name in pooled})
         print(f"streams runs of the {reports} reports with ceiling cells, by --compare entry: share of the batch roofline "
