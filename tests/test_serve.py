@@ -246,17 +246,25 @@ def test_stats_show_concurrent_requests_decoded_in_one_batch(served):
     assert after["model"]["budget_bytes"] == moestream.stats(model)["budget_bytes"]
 
 
-def test_shutdown_frees_the_port(bundle_dir):
+def test_shutdown_frees_the_port_and_the_generation_threads_mlx_state(bundle_dir, monkeypatch):
+    """After shutdown nobody listens, and the generation thread released its MLX state in its own
+    thread before it ended (io/workers.py: else a stop just before exit may abort the process)."""
     import socket
 
     import moestream
     from moestream.runtime.frontends.serve import start_server
 
+    released = []
+    clear_streams = mx.clear_streams
+    monkeypatch.setattr(mx, "clear_streams", lambda: (released.append(threading.get_ident()), clear_streams()))
     model, tokenizer = moestream.load(bundle_dir("qwen3_moe"), dtype="float32")
     with start_server(model, tokenizer, host="127.0.0.1", port=0) as handle:
         port = int(handle.url.rsplit(":", 1)[1])
         assert get(handle.url + "/health") == {"status": "ok"}
+        post(handle.url, {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        generation_thread = handle.generator._generation_thread.ident
     assert not handle.thread.is_alive() and not handle.generator.generation_available()
+    assert generation_thread in released
     with pytest.raises(ConnectionRefusedError):  # nobody listens there any more
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
@@ -470,12 +478,18 @@ def test_serve_stops_on_sigterm_in_the_middle_of_a_generation():
 
     with serve_process(FIXTURE) as (proc, _, url):
         eos = json.loads((FIXTURE / "generation_config.json").read_text())["eos_token_id"]
+        added = json.loads((FIXTURE / "tokenizer.json").read_text())["added_tokens"]
+        tool_call = [t["id"] for t in added if t["content"] == "<tool_call>"]  # a tool call streams nothing till its end
+        assert tool_call, "the fixture names its tool-call token"
+        suppressed = (eos if isinstance(eos, list) else [eos]) + tool_call
         body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hello " * 40}],
-                           "max_tokens": 2000, "stream": True,  # eos suppressed: it generates until stopped
-                           "logit_bias": {str(e): -100 for e in (eos if isinstance(eos, list) else [eos])}}).encode()
+                           "max_tokens": 2000, "stream": True,  # it generates text until stopped
+                           "logit_bias": {str(t): -100 for t in suppressed}}).encode()
         reply = urllib.request.urlopen(urllib.request.Request(url + "/v1/chat/completions", body,
                                                               {"Content-Type": "application/json"}), timeout=TIMEOUT)
         while not reply.readline().startswith(b"data: "):  # keep-alive comments until the first token
             pass
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(TIMEOUT) == 0, proc.stderr.read()[-2000:]
+        rest = reply.read()  # the stream ended early, not at max_tokens
+        assert rest.count(b"data: ") < 1000, len(rest)

@@ -74,6 +74,7 @@ from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache
 
 from ...common.errors import MoestreamError
 from ...common.units import fmt_bytes
+from ..io.workers import release_mlx_thread_state
 from ..model.load import runtime_of
 from .prompt import parse_tool_call
 
@@ -639,6 +640,14 @@ class StreamingResponseGenerator(mlx_server.ResponseGenerator):
             return item
 
     # -- the generation thread's side
+
+    def _run_generate(self):
+        """mlx-lm's generation thread, which releases its MLX state as it ends (see io/workers.py):
+        a server stopped by a signal joins it just before the process exits."""
+        try:
+            super()._run_generate()
+        finally:
+            release_mlx_thread_state()
 
     def _tokenize(self, tokenizer, request, args):
         ticket = getattr(request, "moestream_ticket", None)

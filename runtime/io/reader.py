@@ -40,7 +40,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import wait
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Self
@@ -48,6 +48,7 @@ from typing import Self
 import numpy as np
 
 from ...common.errors import MoestreamError
+from .workers import shared_pool
 
 ALIGN = 4096  # O_DIRECT needs 512; 4096 covers 4K-sector drives and is the page size
 # One coalesced read is capped: a single huge syscall serialises on one thread and Linux
@@ -83,22 +84,6 @@ def queue_depth_problem(depth: int | None) -> str | None:
     if depth is not None and (not isinstance(depth, int) or depth < 1):
         return f"queue_depth must be a positive integer or None, got {depth!r}"
     return None
-
-
-_POOLS: dict[tuple[str, int], ThreadPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
-
-
-def shared_pool(threads: int, name: str = "moestream-io") -> ThreadPoolExecutor:
-    """A thread pool shared by every reader of the process, kept for its lifetime. MLX keeps
-    native resources per thread that runs MLX work (the readers turn bytes into arrays in their
-    threads), and no API releases them: a pool made and shut down per load leaked a native thread
-    per reader thread per load. Shared pools make them once."""
-    with _POOLS_LOCK:
-        pool = _POOLS.get((name, threads))
-        if pool is None:
-            pool = _POOLS[(name, threads)] = ThreadPoolExecutor(threads, thread_name_prefix=name)
-        return pool
 
 
 def default_threads() -> int:

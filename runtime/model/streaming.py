@@ -40,8 +40,8 @@ import numpy as np
 from mlx_lm.models.switch_layers import _gather_sort, _scatter_unsort
 
 from ..cache.expert_cache import CacheFullError, ExpertCache
-from ..io.reader import shared_pool
 from ..io.stores import ProjectionQuant
+from ..io.workers import shared_pool
 
 # the pipeline's rules: the plan counts by them
 from .budget import PREFILL_GROUPS_HELD, prefill_group_bytes, prefill_path
