@@ -22,12 +22,10 @@ _POOLS_LOCK = threading.Lock()
 
 def release_mlx_thread_state() -> None:
     """Drop the calling thread's MLX streams and compile cache (call it last in a thread that ran
-    MLX work). An MLX without `clear_streams` cleans up at thread exit by itself."""
-    import mlx.core as mx
+    MLX work)."""
+    import mlx.core as mx  # here, not above: the reader imports this module and needs no MLX itself
 
-    clear = getattr(mx, "clear_streams", None)
-    if clear is not None:
-        clear()
+    mx.clear_streams()
 
 
 class _AtThreadEnd:
